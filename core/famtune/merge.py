@@ -1,0 +1,201 @@
+"""``famtune merge``: fold a LoRA adapter into its base and write a model plain transformers loads.
+
+A QLoRA adapter learned a correction to the NF4-quantized base, not to the original weights, so
+by default it is merged into the dequantized NF4 weights it was trained against. The output
+carries famtune's chat template, stop ids and sampling defaults, so ``apply_chat_template`` and
+``generate`` reproduce the training format without famtune installed.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from famtune.errors import FamtuneError
+from famtune.metadata import META_FILE, read_metadata, write_metadata
+
+BASE_PRECISIONS = ("trained", "original")
+LAYOUTS = ("native", "original")
+# Files that layout "original" never copies from the base: the plugin writes config and weights.
+_NOT_COPIED = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".index.json")
+
+
+def merge(adapter_dir: str, out_dir: str, *, max_shard_size: str = "2GB", base: str | None = None,
+          base_precision: str = "trained", layout: str = "native", dtype: str | None = None,
+          trust_remote_code: bool = False, log=print) -> dict:
+    """Merge the adapter in ``adapter_dir`` into its base and write the result to ``out_dir``."""
+    from famtune.checkpoint import open_checkpoint
+
+    if base_precision not in BASE_PRECISIONS:
+        raise FamtuneError(f"base precision {base_precision!r} is unknown; expected trained or original")
+    if layout not in LAYOUTS:
+        raise FamtuneError(f"layout {layout!r} is unknown; expected native or original")
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", str(max_shard_size), flags=re.IGNORECASE):
+        raise FamtuneError(f"max shard size {max_shard_size!r} is invalid; use a number and a unit, e.g. 2GB or 500MB")
+    meta = read_metadata(adapter_dir)
+    spec = base or (meta["base_path"] if meta.get("base_path") and os.path.isdir(meta["base_path"]) else meta["base_model"])
+    ckpt = open_checkpoint(spec, family=meta["family"], trust_remote_code=trust_remote_code)
+    for other, what in ((adapter_dir, "adapter"), (ckpt.path, "base")):
+        if os.path.abspath(out_dir) == os.path.abspath(other):
+            raise FamtuneError(f"output {out_dir!r} is the {what} directory; choose a new directory for the merged model")
+    out_dtype = _output_dtype(dtype, ckpt.config, log)
+    report: dict[str, Any] = {"out_dir": str(out_dir), "base": ckpt.path, "family": ckpt.family.name,
+                              "dtype": _dtype_name(out_dtype), "layout": layout}
+
+    if meta.get("quantization") == "nf4" and base_precision == "trained":
+        log(f"famtune: loading {spec} as NF4, as the adapter was trained, and dequantizing it")
+        model = ckpt.load_model(quantization="nf4", compute_dtype=meta.get("compute_dtype", "auto"))
+        replace_linear4bit(model)
+        report["base_precision"] = "trained (dequantized NF4)"
+    else:
+        log(f"famtune: loading {spec} in {_dtype_name(out_dtype)}")
+        model = ckpt.load_model(quantization="none", compute_dtype=_dtype_name(out_dtype))
+        report["base_precision"] = "original"
+        if meta.get("quantization") == "nf4":
+            diff = nf4_weight_difference(ckpt, model, meta.get("compute_dtype", "auto"))
+            report["max_abs_weight_diff"] = diff
+            log(f"famtune: the adapter was trained against NF4 weights; they differ from the original weights "
+                f"by up to {diff:.4g} (max abs); merging into the original weights anyway")
+
+    import torch
+    from peft import PeftModel
+
+    with torch.no_grad():
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        model = model.to(out_dtype)
+    tokenizer = ckpt.load_tokenizer()
+    tokenizer.chat_template = ckpt.family.chat_template()
+
+    os.makedirs(out_dir, exist_ok=True)
+    if layout == "native":
+        _write_native(model, tokenizer, ckpt, meta, out_dir, max_shard_size)
+    else:
+        # Build the native layout next to the output (same filesystem, no copy of gigabytes through /tmp).
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out_dir)), prefix=".famtune-merge-") as tmp:
+            _write_native(model, tokenizer, ckpt, meta, tmp, max_shard_size)
+            if not ckpt.family.write_original_layout(tmp, str(out_dir), dict(ckpt.config)):
+                raise FamtuneError(f"family {ckpt.family.name!r} has no layout other than the native one; "
+                                   "run famtune merge without --layout original")
+            _copy_base_extras(ckpt.path, out_dir)
+            for name in ("generation_config.json", META_FILE):
+                shutil.copy2(os.path.join(tmp, name), os.path.join(out_dir, name))
+    report["files"] = sorted(p.name for p in Path(out_dir).iterdir())
+    report["shards"] = sum(1 for n in report["files"] if n.endswith(".safetensors"))
+    log(f"famtune: wrote the merged model to {out_dir} ({report['shards']} safetensors file(s), {report['dtype']})")
+    return report
+
+
+def replace_linear4bit(model: Any) -> int:
+    """Swap every bitsandbytes ``Linear4bit`` for a ``torch.nn.Linear`` holding its dequantized weight.
+
+    PEFT then attaches plain LoRA layers whose merge is exact, and transformers stops treating the
+    model as quantized (so it saves as ordinary full-precision weights).
+    """
+    import bitsandbytes as bnb
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+
+    count = 0
+    with torch.no_grad():
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, bnb.nn.Linear4bit):
+                    continue
+                weight = dequantize_4bit(child.weight.data, child.weight.quant_state)
+                linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                         device="meta")
+                linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+                if child.bias is not None:
+                    linear.bias = torch.nn.Parameter(child.bias.data.to(weight.dtype), requires_grad=False)
+                setattr(parent, name, linear)
+                count += 1
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    for attr in ("quantization_config", "_is_quantized"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.is_quantized = False
+    return count
+
+
+def nf4_weight_difference(ckpt: Any, original: Any, compute_dtype: str) -> float:
+    """Max abs difference between the original weights and the dequantized NF4 ones training saw."""
+    import bitsandbytes as bnb
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+
+    quantized = ckpt.load_model(quantization="nf4", compute_dtype=compute_dtype)
+    weights = dict(original.named_modules())
+    worst = 0.0
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit) and name in weights:
+                deq = dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+                ref = weights[name].weight.detach().to(deq.device).float()
+                worst = max(worst, (deq - ref).abs().max().item())
+    del quantized
+    return worst
+
+
+def generation_config_dict(base_dir: str, stop_ids: list[int], sampling: dict[str, Any],
+                           pad_id: int | None) -> dict[str, Any]:
+    """The base's generation_config.json (family keys kept) with famtune's stop ids and sampling."""
+    from famtune.checkpoint import read_json
+
+    path = Path(base_dir, "generation_config.json")
+    gen = read_json(path) if path.exists() else {}
+    gen.pop("transformers_version", None)
+    gen.update(sampling)
+    gen["eos_token_id"] = list(stop_ids)
+    gen["pad_token_id"] = pad_id if pad_id is not None else stop_ids[0]
+    return gen
+
+
+def _write_native(model: Any, tokenizer: Any, ckpt: Any, meta: dict[str, Any], out_dir: str,
+                  max_shard_size: str) -> None:
+    from transformers import GenerationConfig
+
+    stop_ids = list(meta.get("stop_ids") or [])
+    sampling = dict(meta.get("generation") or {})
+    if not stop_ids:
+        defaults = ckpt.family.generation_defaults(tokenizer)
+        stop_ids, sampling = list(defaults.stop_ids), {**defaults.sampling, **sampling}
+    gen = generation_config_dict(ckpt.path, stop_ids, sampling, tokenizer.pad_token_id)
+    # Validate before anything is written: a bad sampling key must not leave a half-written model.
+    model.generation_config = GenerationConfig.from_dict(gen)
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(out_dir)
+    write_metadata(out_dir, {**meta, "merged": True})
+
+
+def _copy_base_extras(base_dir: str, out_dir: str) -> None:
+    """Tokenizer files and the family's own code, which the original layout needs beside its weights."""
+    for entry in os.scandir(base_dir):
+        if not entry.is_file() or entry.name.endswith(_NOT_COPIED) or entry.name == META_FILE:
+            continue
+        target = os.path.join(out_dir, entry.name)
+        if not os.path.exists(target):
+            shutil.copy2(entry.path, target)
+
+
+def _output_dtype(dtype: str | None, base_config: dict[str, Any], log) -> Any:
+    import torch
+
+    from famtune.checkpoint import resolve_dtype
+
+    if dtype is not None:
+        return resolve_dtype(dtype)
+    stored = base_config.get("torch_dtype") or base_config.get("dtype")
+    try:
+        return resolve_dtype(stored) if isinstance(stored, str) and stored != "auto" else torch.float32
+    except FamtuneError:
+        log(f"famtune: the base config's dtype {stored!r} is not bf16, fp16 or fp32; writing float32 (use --dtype)")
+        return torch.float32
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).split(".")[-1]

@@ -1,0 +1,159 @@
+"""Training recipes: a YAML file of keys, overridable from the command line.
+
+Every key has a default here; unknown keys and wrongly typed values are errors that name the
+file and the key. The resolved recipe is written beside the adapter so a run can be repeated.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from famtune.errors import FamtuneError
+
+
+@dataclass
+class Recipe:
+    # what to train
+    model: str = ""
+    data: str = ""
+    output_dir: str = "famtune-out"
+    family: str | None = None  # force a family instead of the plugin's claim
+    data_format: str = "auto"
+    eval_data: str | None = None
+    eval_split: float = 0.0  # fraction of `data` held out when `eval_data` is not given
+    skip_bad_records: bool = False
+    max_length: int = 1024
+    masking: str | None = None  # None: the family's default policy
+    system: str | None = None  # system prompt for samples that have none (None: the family's default)
+    trust_remote_code: bool = False
+    # QLoRA / LoRA
+    quantization: str = "nf4"  # nf4 (QLoRA) or none (LoRA on the full-precision base)
+    compute_dtype: str = "auto"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: Any = "default"  # "default", "all-linear" or a list of module names
+    # optimisation
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    epochs: float = 1.0
+    max_steps: int = 0  # >0 overrides epochs
+    batch_size: int = 1
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    # logging, evaluation, checkpoints
+    logging_steps: int = 1
+    eval_steps: int = 0  # 0: only at the end
+    save_steps: int = 0  # 0: only at the end
+    evaluation_inputs: list[str] = field(default_factory=list)
+    max_new_tokens: int = 64
+    progress: bool = True
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(name: str, value: Any, default: Any, where: str) -> Any:
+    """Check a value against the default's type; strings from the command line are YAML-parsed."""
+    if value is None or default is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        if name == "lora_targets" and isinstance(value, list):
+            return value
+    elif isinstance(default, list):
+        if isinstance(value, list):
+            return value
+        if isinstance(value, str):
+            return [value]
+    else:
+        return value
+    raise FamtuneError(f"{where}: {name} is {value!r} ({type(value).__name__}); expected {type(default).__name__}")
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``--key value`` / ``--key=value`` pairs into a dict; values are parsed as YAML scalars."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise FamtuneError(f"unexpected argument {arg!r}; recipe overrides look like --key value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                value = "true"  # a bare flag turns a boolean on
+            else:
+                i += 1
+                value = args[i]
+        out[key.replace("-", "_")] = yaml.safe_load(value) if value != "" else ""
+        i += 1
+    return out
+
+
+def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Recipe:
+    import yaml
+
+    raw: dict[str, Any] = {}
+    where = "command line"
+    if path is not None:
+        where = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise FamtuneError(f"{path}: cannot read recipe ({exc.strerror})") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise FamtuneError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        if not isinstance(raw, dict):
+            raise FamtuneError(f"{path}: a recipe is a mapping of keys to values, got {type(raw).__name__}")
+        # relative data/model paths are relative to the recipe file
+        base = Path(path).resolve().parent
+        for key in ("data", "eval_data", "model", "output_dir"):
+            v = raw.get(key)
+            if isinstance(v, str) and v and not Path(v).is_absolute() and (base / v).exists():
+                raw[key] = str(base / v)
+    defaults = Recipe()
+    values: dict[str, Any] = {}
+    known = set(Recipe.keys())
+    for source, items in ((where, raw), ("command line", overrides or {})):
+        for key, value in items.items():
+            if key not in known:
+                close = [k for k in known if k.startswith(key[:4])]
+                hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+                raise FamtuneError(f"{source}: unknown recipe key {key!r}{hint}; see `famtune train --help`")
+            values[key] = _coerce(key, value, getattr(defaults, key), source)
+    recipe = dataclasses.replace(defaults, **values)
+    if not recipe.model:
+        raise FamtuneError(f"{where}: no model given; set `model:` to a directory, Org/Name or modelscope:Org/Name")
+    if not recipe.data:
+        raise FamtuneError(f"{where}: no data given; set `data:` to a JSON or JSONL file")
+    if recipe.quantization not in ("nf4", "none"):
+        raise FamtuneError(f"{where}: quantization is {recipe.quantization!r}; expected nf4 or none")
+    if not 0 <= recipe.eval_split < 1:
+        raise FamtuneError(f"{where}: eval_split is {recipe.eval_split}; expected a fraction in [0, 1)")
+    return recipe

@@ -1,0 +1,40 @@
+"""Small, locally trained tokenizers for the tiny random-weight checkpoints that plugins build
+for ``famtune demo`` and for tests. Nothing here is downloaded."""
+from __future__ import annotations
+
+from typing import Any
+
+# GPT-style pre-tokenization: words with an optional leading non-letter, single digits,
+# punctuation runs, newlines and other whitespace.
+PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+def train_tokenizer(corpus: list[str], special_tokens: list[str], vocab_size: int = 2000, **special_roles: str) -> Any:
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``corpus``.
+
+    ``special_tokens`` get the first ids, in order. ``special_roles`` name them for transformers,
+    e.g. ``eos_token="<|im_end|>", pad_token="<|endoftext|>"``. Deterministic for a given corpus.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer, length=len(corpus))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **special_roles)
+    fast.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    return fast

@@ -1,0 +1,321 @@
+"""QLoRA / LoRA supervised fine-tuning on accelerate, with the family plugin making every
+family-specific decision (template, labels, targets, stop ids, loading).
+
+The batch order is a pure function of (seed, epoch), so a checkpoint's data position is two
+integers and ``--resume`` continues exactly where the run stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from famtune import checkpoint as ckpt_mod
+from famtune import run_state
+from famtune.encoding import IGNORE_INDEX
+from famtune.errors import FamtuneError
+from famtune.metadata import build_metadata, write_metadata
+from famtune.recipe import Recipe
+from famtune.samples import Sample, prepare_samples
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    order = list(range(n))
+    random.Random(seed * 100003 + epoch).shuffle(order)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def collate(samples: list[Sample], pad_id: int, device) -> dict[str, Any]:
+    import torch
+
+    width = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = len(s.input_ids)
+        ids[i, :n] = torch.tensor(s.input_ids)
+        labels[i, :n] = torch.tensor(s.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+def supervised_count(batch: dict[str, Any]) -> int:
+    # The causal-LM loss shifts labels by one: position 0's label is never predicted.
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, resume: str | bool | None = None, log=print) -> None:
+        self.recipe = recipe
+        self.resume = resume
+        self.log = log
+        self.out = Path(recipe.output_dir)
+
+    # -- setup ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        import torch
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        r = self.recipe
+        self.accelerator = Accelerator()
+        set_seed(r.seed)
+        self.ckpt = ckpt_mod.open_checkpoint(r.model, family=r.family, trust_remote_code=r.trust_remote_code)
+        self.family = self.ckpt.family
+        self.tokenizer = self.ckpt.load_tokenizer()
+        policies = self.family.masking_policies()
+        self.masking = r.masking or policies[0]
+        if self.masking not in policies:
+            raise FamtuneError(f"masking {self.masking!r} is not offered by {self.family.info.describe()} for "
+                               f"{self.family.name}; choose one of {', '.join(policies)}")
+        self.conversation = self.family.conversation_template()
+        self.generation = self.family.generation_defaults(self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.generation.stop_ids[0]
+        self.log(f"model: {r.model} -> {self.family.info.describe()}, family {self.family.name}, "
+                 f"template {self.conversation.name}, masking {self.masking}")
+
+        self.train_samples, self.eval_samples, self.report = prepare_samples(r, self.family, self.tokenizer, self.masking)
+        for line in self.report.lines():
+            self.log(line)
+
+        self.model = self._build_model()
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=r.learning_rate, weight_decay=r.weight_decay)
+        world = self.accelerator.num_processes
+        batches_per_epoch = math.ceil(len(self.train_samples) / r.batch_size)
+        self.micro_per_epoch = math.ceil(batches_per_epoch / world)
+        self.steps_per_epoch = max(1, math.ceil(self.micro_per_epoch / r.grad_accum))
+        self.total_steps = r.max_steps if r.max_steps > 0 else max(1, math.ceil(r.epochs * self.steps_per_epoch))
+        from transformers import get_cosine_schedule_with_warmup
+
+        self.scheduler = get_cosine_schedule_with_warmup(
+            self.optimizer, math.ceil(r.warmup_ratio * self.total_steps), self.total_steps)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, self.optimizer, self.scheduler)
+
+    def _build_model(self):
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        from famtune.plugins import validate_targets
+
+        r = self.recipe
+        model = self.ckpt.load_model(r.quantization, r.compute_dtype, device=self.accelerator.device)
+        model.config.use_cache = False
+        for module in model.modules():
+            # bitsandbytes (0.50) repacks 4-bit weights for CPU inference the first time a layer runs
+            # in eval mode, and the repacked path breaks backward once training resumes; evaluation
+            # inside a run must leave the weights as training uses them.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+        if r.quantization == "nf4":
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=r.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif r.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        if isinstance(r.lora_targets, str) and r.lora_targets in ("default", "all-linear"):
+            targets = self.family.lora_target_modules(model, r.lora_targets)
+        else:
+            targets = r.lora_targets if isinstance(r.lora_targets, list) else [r.lora_targets]
+            validate_targets(targets, model, lambda why: FamtuneError(f"recipe lora_targets: {why}"))
+        self.targets = targets
+        config = LoraConfig(r=r.lora_r, lora_alpha=r.lora_alpha, lora_dropout=r.lora_dropout,
+                            target_modules=targets, bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in model.parameters())
+        self.param_counts = {"trainable": n_train, "total": n_all}
+        self.log(f"lora: r={r.lora_r} alpha={r.lora_alpha} on {', '.join(targets)}; "
+                 f"{n_train:,} trainable of {n_all:,} parameters ({r.quantization} base)")
+        return model
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def eval_loss(self) -> float | None:
+        import torch
+
+        if not self.eval_samples:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(self.eval_samples), self.recipe.batch_size):
+                batch = collate(self.eval_samples[i:i + self.recipe.batch_size], self.pad_id, self.accelerator.device)
+                n = supervised_count(batch)
+                out = self.model(**batch, num_items_in_batch=torch.tensor(n, device=self.accelerator.device))
+                total += float(out.loss) * n
+                count += n
+        self.model.train()
+        return total / max(count, 1)
+
+    def generate(self, prompts: list[str]) -> list[dict[str, str]]:
+        import torch
+
+        if not prompts:
+            return []
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        model.config.use_cache = True
+        answers = []
+        with torch.no_grad():
+            for prompt in prompts:
+                messages = [{"role": "user", "content": prompt}]
+                if self.recipe.system is not None:
+                    messages.insert(0, {"role": "system", "content": self.recipe.system})
+                enc = self.family.encode(self.tokenizer, messages, "all_assistant", add_generation_prompt=True)
+                ids = torch.tensor([enc.input_ids], device=self.accelerator.device)
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=self.recipe.max_new_tokens, eos_token_id=self.generation.stop_ids,
+                                     pad_token_id=self.pad_id)
+                new = [t for t in out[0, ids.shape[1]:].tolist() if t not in self.generation.stop_ids]
+                answers.append({"input": prompt, "output": self.tokenizer.decode(new, skip_special_tokens=True)})
+        model.config.use_cache = False
+        model.train()
+        return answers
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        import torch
+        from tqdm.auto import tqdm
+
+        r = self.recipe
+        self.setup()
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics = run_state.MetricsLog(self.out / "metrics.jsonl")
+        step, epoch, micro_in_epoch = 0, 0, 0
+        if self.resume:
+            state_dir = run_state.find_checkpoint(self.out, self.resume)
+            step, epoch, micro_in_epoch = run_state.load_checkpoint(
+                state_dir, self.model, self.optimizer, self.scheduler, self.accelerator)
+            metrics.truncate_after(step)
+            self.log(f"resumed from {state_dir} at step {step} (epoch {epoch}, batch {micro_in_epoch})")
+        else:
+            metrics.reset()
+            before = self.generate(r.evaluation_inputs)
+            if before:
+                metrics.write({"step": 0, "generations": before})
+                for g in before:
+                    self.log(f"[step 0] {g['input']!r} -> {g['output']!r}")
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not (r.progress and self.accelerator.is_local_main_process))
+        t_start, tokens_seen, last_loss = time.perf_counter(), 0, float("nan")
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        try:
+            while step < self.total_steps:
+                batches = epoch_batches(len(self.train_samples), r.batch_size, r.seed, epoch)[rank::world]
+                while micro_in_epoch < len(batches) and step < self.total_steps:
+                    group = batches[micro_in_epoch:micro_in_epoch + r.grad_accum]
+                    step_loss, step_tokens = self._optimizer_step(group)
+                    micro_in_epoch += len(group)
+                    step += 1
+                    tokens_seen += step_tokens
+                    last_loss = step_loss
+                    elapsed = time.perf_counter() - t_start
+                    lr = self.scheduler.get_last_lr()[0]
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / elapsed:.0f}")
+                    if step % max(r.logging_steps, 1) == 0 or step == self.total_steps:
+                        metrics.write({"step": step, "epoch": epoch, "loss": step_loss, "lr": lr,
+                                       "grad_norm": self.last_grad_norm, "tokens_per_s": tokens_seen / elapsed,
+                                       "elapsed_s": elapsed})
+                    if r.eval_steps and step % r.eval_steps == 0 and step < self.total_steps:
+                        self._evaluate(step, metrics, bar)
+                    if r.save_steps and step % r.save_steps == 0 and step < self.total_steps:
+                        run_state.save_checkpoint(self.out, step, epoch, micro_in_epoch, self.model, self.optimizer,
+                                                  self.scheduler, self.accelerator)
+                if micro_in_epoch >= len(batches):
+                    epoch, micro_in_epoch = epoch + 1, 0
+        except KeyboardInterrupt:
+            bar.close()
+            path = run_state.save_checkpoint(self.out, step, epoch, micro_in_epoch, self.model, self.optimizer,
+                                             self.scheduler, self.accelerator)
+            raise FamtuneError(f"interrupted at step {step}/{self.total_steps}; state saved in {path}; "
+                               f"continue with: famtune train RECIPE --resume") from None
+        bar.close()
+        final = self._evaluate(step, metrics, None)
+        wall = time.perf_counter() - t_start
+        self._save_final(metrics)
+        summary = {"steps": step, "final_loss": last_loss, "eval_loss": final.get("eval_loss"),
+                   "train_wall_s": wall, "tokens_per_s": tokens_seen / wall if wall else None,
+                   "parameters": self.param_counts, "data": self.report.to_dict(), "output_dir": str(self.out)}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.log(f"done: {step} steps, final loss {last_loss:.4f}"
+                 + (f", eval loss {final['eval_loss']:.4f}" if final.get("eval_loss") is not None else "")
+                 + f"; adapter in {self.out}")
+        return summary
+
+    def _optimizer_step(self, group: list[list[int]]) -> tuple[float, int]:
+        import torch
+
+        r = self.recipe
+        batches = [collate([self.train_samples[i] for i in b], self.pad_id, self.accelerator.device) for b in group]
+        # Weight every supervised token equally across the accumulated micro-batches.
+        n_items = sum(supervised_count(b) for b in batches)
+        n_items_t = torch.tensor(max(n_items, 1), device=self.accelerator.device)
+        total_loss, tokens = 0.0, 0
+        for k, batch in enumerate(batches):
+            sync = k == len(batches) - 1
+            ctx = self.accelerator.no_sync(self.model) if not sync else _null()
+            with ctx:
+                out = self.model(**batch, num_items_in_batch=n_items_t)
+                self.accelerator.backward(out.loss)
+            total_loss += float(out.loss)
+            tokens += int(batch["attention_mask"].sum())
+        self.last_grad_norm = float(self.accelerator.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad], r.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total_loss, tokens
+
+    def _evaluate(self, step: int, metrics, bar) -> dict[str, Any]:
+        record: dict[str, Any] = {"step": step}
+        loss = self.eval_loss()
+        if loss is not None:
+            record["eval_loss"] = loss
+        gens = self.generate(self.recipe.evaluation_inputs)
+        if gens:
+            record["generations"] = gens
+        if len(record) > 1:
+            metrics.write(record)
+            write = bar.write if bar is not None else self.log
+            if loss is not None:
+                write(f"[step {step}] eval loss {loss:.4f}")
+            for g in gens:
+                write(f"[step {step}] {g['input']!r} -> {g['output']!r}")
+        return record
+
+    def _save_final(self, metrics) -> None:
+        import yaml
+
+        if not self.accelerator.is_main_process:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        model.save_pretrained(self.out)
+        meta = build_metadata(
+            family=self.family, template_name=self.conversation.name, generation=self.generation,
+            base_model=self.recipe.model, base_path=self.ckpt.path, quantization=self.recipe.quantization,
+            compute_dtype=self.recipe.compute_dtype, masking=self.masking, max_length=self.recipe.max_length,
+            system=self.recipe.system)
+        meta["lora_targets"] = list(self.targets)
+        write_metadata(self.out, meta)
+        (self.out / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False, allow_unicode=True))
+        run_state.plot_losses(metrics.path, self.out / "loss.png")
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train(recipe: Recipe, resume: str | bool | None = None, log=print) -> dict[str, Any]:
+    return Trainer(recipe, resume=resume, log=log).run()

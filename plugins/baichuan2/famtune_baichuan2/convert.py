@@ -1,0 +1,248 @@
+"""Baichuan2's original layout <-> famtune's native layout (config and weights, both ways).
+
+Original (``BaichuanForCausalLM``, remote code): q/k/v fused in ``self_attn.W_pack`` (rows: all of
+q, then k, then v) and ``lm_head`` a NormHead whose rows the model L2-normalises at run time; the
+released files hold them un-normalised. 7B uses RoPE (it has ``max_position_embeddings``), 13B
+uses ALiBi (it has only ``model_max_length``).
+
+Native: 7B is transformers' ``LlamaForCausalLM``; 13B is famtune's ALiBi model
+(``modeling_alibi``). Both use Llama's module names, ``W_pack`` split into ``q_proj``/``k_proj``/
+``v_proj``, and ``lm_head`` a plain Linear holding the normalised rows.
+
+The head's row norms do not survive normalisation, so the un-normalised head is kept next to the
+native weights in ``HEAD_FILE``. Writing the original layout uses it whenever the native head still
+equals its normalisation bit for bit (an unmodified head), which makes original -> native ->
+original exact; otherwise the normalised rows are written, which is a valid NormHead checkpoint
+too (the model normalises them again at run time).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Iterator
+
+from famtune.errors import FamtuneError
+
+FAMILY_7B = "baichuan2-7b"
+FAMILY_13B = "baichuan2-13b"
+FAMILIES = (FAMILY_7B, FAMILY_13B)
+MARKER_KEY = "famtune_family"
+ALIBI_MODEL_TYPE = "famtune_baichuan2_alibi"
+ORIGINAL_MODEL_TYPE = "baichuan"
+ORIGINAL_CLASS = "BaichuanForCausalLM"
+# Baichuan (v1) shares model_type "baichuan" and the class name but has a 64000-token vocabulary,
+# no NormHead and another chat format: it is not this family.
+BAICHUAN1_VOCAB = 64000
+HEAD_FILE = os.path.join("famtune_baichuan2", "lm_head_unnormalised.safetensors")
+HEAD = "lm_head.weight"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+SAFETENSORS_METADATA = {"format": "pt"}
+
+_W_PACK = re.compile(r"^(model\.layers\.\d+\.self_attn\.)W_pack\.weight$")
+_QKV = re.compile(r"^(model\.layers\.\d+\.self_attn\.)([qkv])_proj\.weight$")
+
+
+# -- configs ------------------------------------------------------------------------------------
+def is_original(config: dict[str, Any]) -> bool:
+    """An original-layout Baichuan2 ``config.json`` (remote-code ``BaichuanForCausalLM``)."""
+    if config.get("model_type") != ORIGINAL_MODEL_TYPE or config.get("vocab_size") == BAICHUAN1_VOCAB:
+        return False
+    auto = str((config.get("auto_map") or {}).get("AutoModelForCausalLM", ""))
+    return ORIGINAL_CLASS in (config.get("architectures") or []) or auto.endswith("." + ORIGINAL_CLASS)
+
+
+def original_variant(config: dict[str, Any]) -> str:
+    # The 13B code has no rotary embedding and therefore no max_position_embeddings.
+    return FAMILY_7B if "max_position_embeddings" in config else FAMILY_13B
+
+
+def native_config(original: dict[str, Any]) -> dict[str, Any]:
+    """The native ``config.json`` for an original Baichuan2 config."""
+    family = original_variant(original)
+    common = {
+        key: original[key]
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "hidden_act", "rms_norm_eps", "initializer_range", "bos_token_id", "eos_token_id",
+                    "pad_token_id", "use_cache")
+        if key in original
+    }
+    common["tie_word_embeddings"] = False
+    dtype = original.get("torch_dtype", original.get("dtype"))
+    if dtype is not None:
+        common["dtype"] = dtype
+    if family == FAMILY_7B:
+        native = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            **common,
+            "num_key_value_heads": original["num_attention_heads"],
+            "max_position_embeddings": original["max_position_embeddings"],
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+            "attention_bias": False,
+            "mlp_bias": False,
+        }
+    else:
+        native = {
+            "architectures": ["BaichuanAlibiForCausalLM"],
+            "model_type": ALIBI_MODEL_TYPE,
+            **common,
+            "model_max_length": original.get("model_max_length", 4096),
+        }
+    native[MARKER_KEY] = family
+    return native
+
+
+# -- tensors ------------------------------------------------------------------------------------
+def normalise_head(weight):
+    """NormHead's row L2-normalisation, computed in float32 like the original's fp32 forward."""
+    import torch
+
+    return torch.nn.functional.normalize(weight.float(), dim=-1).to(weight.dtype)
+
+
+def to_native(name: str, tensor) -> list[tuple[str, Any]]:
+    """Native tensors for one original tensor."""
+    m = _W_PACK.match(name)
+    if m:
+        q, k, v = tensor.chunk(3, dim=0)
+        return [(f"{m.group(1)}{p}_proj.weight", t.contiguous()) for p, t in zip("qkv", (q, k, v))]
+    if name == HEAD:
+        return [(name, normalise_head(tensor))]
+    return [(name, tensor)]
+
+
+class ToOriginal:
+    """Maps native tensors back to original names; q/k/v may arrive in different shards."""
+
+    def __init__(self, raw_head=None) -> None:
+        self.raw_head = raw_head
+        self.pending: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, name: str, tensor) -> list[tuple[str, Any]]:
+        import torch
+
+        m = _QKV.match(name)
+        if m:
+            parts = self.pending.setdefault(m.group(1), {})
+            parts[m.group(2)] = tensor
+            if len(parts) < 3:
+                return []
+            del self.pending[m.group(1)]
+            return [(f"{m.group(1)}W_pack.weight", torch.cat([parts["q"], parts["k"], parts["v"]], dim=0))]
+        if name == HEAD and self.raw_head is not None and self.raw_head.dtype == tensor.dtype \
+                and torch.equal(normalise_head(self.raw_head), tensor):
+            return [(name, self.raw_head)]
+        return [(name, tensor)]
+
+    def check_done(self, where: str) -> None:
+        if self.pending:
+            prefix, parts = next(iter(self.pending.items()))
+            raise FamtuneError(
+                f"{where}: {prefix}q/k/v_proj incomplete (found only {sorted(parts)}); "
+                "the native checkpoint is damaged, re-run the merge"
+            )
+
+
+# -- files --------------------------------------------------------------------------------------
+def weight_files(path: str) -> list[str]:
+    """The safetensors files of a checkpoint, in shard order."""
+    index = os.path.join(path, INDEX)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map", {})
+        return [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+    single = os.path.join(path, WEIGHTS)
+    if os.path.isfile(single):
+        return [single]
+    pickled = [n for n in sorted(os.listdir(path)) if n.endswith((".bin", ".pt", ".pth"))]
+    if pickled:
+        raise FamtuneError(
+            f"{path}: holds only pickled weights ({pickled[0]}, ...); famtune loads safetensors only, "
+            "download the model's safetensors files or convert them with safetensors' convert script first"
+        )
+    raise FamtuneError(f"{path}: no {WEIGHTS} or {INDEX}; pass a complete checkpoint directory")
+
+
+def _iter_tensors(file: str) -> Iterator[tuple[str, Any]]:
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as f:
+        for name in f.keys():
+            yield name, f.get_tensor(name)
+
+
+def _read_tensor(files: list[str], wanted: str):
+    from safetensors import safe_open
+
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            if wanted in f.keys():
+                return f.get_tensor(wanted)
+    return None
+
+
+def _convert_files(files: list[str], out_dir: str, mapper) -> None:
+    """Streams shard by shard: output shard i holds what input shard i maps to."""
+    from safetensors.torch import save_file
+
+    names = [WEIGHTS] if len(files) == 1 else [
+        f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))
+    ]
+    weight_map: dict[str, str] = {}
+    total = 0
+    for file, out_name in zip(files, names):
+        out: dict[str, Any] = {}
+        for name, tensor in _iter_tensors(file):
+            for new_name, new_tensor in mapper(name, tensor):
+                out[new_name] = new_tensor.contiguous()
+                weight_map[new_name] = out_name
+                total += new_tensor.numel() * new_tensor.element_size()
+        save_file(out, os.path.join(out_dir, out_name), metadata=SAFETENSORS_METADATA)
+    if len(files) > 1:
+        with open(os.path.join(out_dir, INDEX), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def _copy_generation_config(src: str, dst: str) -> None:
+    gen = os.path.join(src, "generation_config.json")
+    if os.path.isfile(gen):
+        with open(gen, "rb") as f_in, open(os.path.join(dst, "generation_config.json"), "wb") as f_out:
+            f_out.write(f_in.read())
+
+
+def write_native(original_dir: str, out_dir: str, original: dict[str, Any]) -> None:
+    """Writes the native layout of the original checkpoint in ``original_dir`` to ``out_dir``."""
+    from safetensors.torch import save_file
+
+    files = weight_files(original_dir)
+    os.makedirs(os.path.join(out_dir, os.path.dirname(HEAD_FILE)), exist_ok=True)
+    raw_head = _read_tensor(files, HEAD)
+    if raw_head is None:
+        raise FamtuneError(f"{original_dir}: no {HEAD} in the weights; pass a complete Baichuan2 checkpoint")
+    save_file({HEAD: raw_head.contiguous()}, os.path.join(out_dir, HEAD_FILE), metadata=SAFETENSORS_METADATA)
+    _convert_files(files, out_dir, to_native)
+    _write_json(os.path.join(out_dir, "config.json"), native_config(original))
+    _copy_generation_config(original_dir, out_dir)
+
+
+def write_original(native_dir: str, out_dir: str, original_config: dict[str, Any]) -> bool:
+    """Writes the original layout (``original_config`` and original names) of a native checkpoint."""
+    from safetensors.torch import load_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    head_file = os.path.join(native_dir, HEAD_FILE)
+    raw_head = load_file(head_file)[HEAD] if os.path.isfile(head_file) else None
+    mapper = ToOriginal(raw_head)
+    _convert_files(weight_files(native_dir), out_dir, mapper)
+    mapper.check_done(native_dir)
+    _write_json(os.path.join(out_dir, "config.json"), original_config)
+    _copy_generation_config(native_dir, out_dir)
+    return True

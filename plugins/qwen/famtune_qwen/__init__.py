@@ -1,0 +1,1 @@
+"""famtune plugin for the Qwen chat model families."""

@@ -1,0 +1,328 @@
+"""The Baichuan2 plugin against the original code's own outputs (../shared/fixtures/reference).
+
+Both variants: 7B (RoPE, loaded as LlamaForCausalLM) and 13B (ALiBi, famtune's own model).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from famtune.checkpoint import open_checkpoint
+from famtune.encoding import IGNORE_INDEX
+from famtune.errors import FamtuneError
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference"
+LAYOUTS = {"baichuan2_7b": "baichuan2-7b", "baichuan2_13b": "baichuan2-13b"}
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    # The fixtures are read-only: conversions go to a per-test cache.
+    monkeypatch.setenv("FAMTUNE_CACHE", str(tmp_path / "cache"))
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def reference(layout: str):
+    return read_json(REFERENCE / layout / "reference.json")
+
+
+def reference_logits(layout: str):
+    return load_file(REFERENCE / layout / "reference_logits.safetensors")
+
+
+def load(path: Path, **kwargs):
+    ckpt = open_checkpoint(str(path))
+    return ckpt, ckpt.load_model(**kwargs)
+
+
+def max_logit_diff(model, layout: str) -> float:
+    logits = reference_logits(layout)
+    worst = 0.0
+    for seq in reference(layout)["sequences"]:
+        with torch.no_grad():
+            out = model(torch.tensor([seq["input_ids"]]))
+        worst = max(worst, (out.logits[0] - logits[f"seq{seq['index']}.logits"]).abs().max().item())
+    return worst
+
+
+def tokenizer_of(layout: str):
+    ckpt = open_checkpoint(str(REFERENCE / layout / "tiny"))
+    return ckpt.family, ckpt.family.load_tokenizer(str(REFERENCE / layout / "tokenizer"), False)
+
+
+# -- claims ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_original_checkpoint_is_claimed_as_its_variant(layout):
+    assert open_checkpoint(str(REFERENCE / layout / "tiny")).family.name == LAYOUTS[layout]
+
+
+def test_baichuan1_and_plain_llama_are_not_claimed():
+    from famtune_baichuan2.plugin import famtune_claim_checkpoint
+
+    config = read_json(REFERENCE / "baichuan2_13b" / "tiny" / "config.json")
+    assert famtune_claim_checkpoint({**config, "vocab_size": 64000}, "x") is None  # Baichuan (v1)
+    assert famtune_claim_checkpoint({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "x") is None
+    assert famtune_claim_checkpoint({"model_type": "llama", "famtune_family": "qwen2"}, "x") is None
+
+
+# -- model parity -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_logits_and_cached_greedy_match_the_original(layout, record_property):
+    _, model = load(REFERENCE / layout / "tiny")
+    assert type(model).__name__ == ("LlamaForCausalLM" if layout == "baichuan2_7b" else "BaichuanAlibiForCausalLM")
+    assert type(model.lm_head) is torch.nn.Linear
+    diff = max_logit_diff(model, layout)
+    record_property("max_abs_logit_diff", diff)
+    print(f"{layout}: max abs logit diff {diff:.3g}")
+    assert diff <= TOLERANCE
+    for seq in reference(layout)["sequences"]:
+        ids = torch.tensor([seq["input_ids"]])
+        out = model.generate(ids, max_new_tokens=5, do_sample=False, repetition_penalty=1.0,
+                             eos_token_id=None, use_cache=True)
+        assert out[0, ids.shape[1]:].tolist() == seq["greedy_next_5"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_padding_masks_keys_and_keeps_each_sequence_exact(layout):
+    _, model = load(REFERENCE / layout / "tiny")
+    seqs = reference(layout)["sequences"][:2]
+    logits = reference_logits(layout)
+    short, long_ = seqs[0]["input_ids"], seqs[1]["input_ids"]
+    pad = [0] * (len(long_) - len(short))
+    mask = torch.tensor([[1] * len(short) + [0] * len(pad), [1] * len(long_)])
+    with torch.no_grad():
+        out = model(torch.tensor([short + pad, long_]), attention_mask=mask).logits
+    assert (out[0, :len(short)] - logits["seq0.logits"]).abs().max() <= TOLERANCE
+    assert (out[1] - logits["seq1.logits"]).abs().max() <= TOLERANCE
+    assert torch.isfinite(out).all()
+    # Batched generation pads on the left; the cache then carries the padding mask along.
+    left_mask = torch.tensor([[0] * len(pad) + [1] * len(short), [1] * len(long_)])
+    gen = model.generate(torch.tensor([pad + short, long_]), attention_mask=left_mask, max_new_tokens=5,
+                         do_sample=False, repetition_penalty=1.0, eos_token_id=None, pad_token_id=0)
+    assert gen[0, len(long_):].tolist() == seqs[0]["greedy_next_5"]
+    assert gen[1, len(long_):].tolist() == seqs[1]["greedy_next_5"]
+
+
+def test_alibi_slopes_follow_the_published_series():
+    from famtune_baichuan2.modeling_alibi import alibi_slopes
+
+    # 8 heads: 1/2 ... 1/256 (ALiBi paper). 12 heads: the 8-head series, then every other slope of
+    # the 16-head series 2^-0.5, 2^-1, ..., i.e. 2^-0.5, 2^-1.5, 2^-2.5, 2^-3.5.
+    assert alibi_slopes(8) == pytest.approx([2.0 ** -k for k in range(1, 9)])
+    assert alibi_slopes(12) == pytest.approx([2.0 ** -k for k in range(1, 9)] + [2.0 ** -k for k in (0.5, 1.5, 2.5, 3.5)])
+    assert alibi_slopes(40)[:32] == pytest.approx([2.0 ** (-k / 4) for k in range(1, 33)])
+    assert alibi_slopes(40)[32:] == pytest.approx([2.0 ** (-k / 8) for k in range(1, 16, 2)])
+
+
+def test_remote_code_in_the_checkpoint_is_never_run(tmp_path):
+    copy = tmp_path / "baichuan2-13b-copy"
+    shutil.copytree(REFERENCE / "baichuan2_13b" / "tiny", copy)
+    for name in ("modeling_baichuan.py", "configuration_baichuan.py"):
+        (copy / name).write_text("raise RuntimeError('remote code was imported')\n")
+    _, model = load(copy)
+    assert max_logit_diff(model, "baichuan2_13b") <= TOLERANCE
+    assert not (copy / "__pycache__").exists()
+
+
+def test_alibi_model_saves_and_reloads_as_a_claimed_native_checkpoint(tmp_path):
+    _, model = load(REFERENCE / "baichuan2_13b" / "tiny")
+    model.save_pretrained(tmp_path / "native")
+    ckpt, reloaded = load(tmp_path / "native")
+    assert ckpt.family.name == "baichuan2-13b"
+    assert type(reloaded).__name__ == "BaichuanAlibiForCausalLM"
+    assert max_logit_diff(reloaded, "baichuan2_13b") <= TOLERANCE
+
+
+# -- NF4 (QLoRA base) -----------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_nf4_load_quantizes_the_decoder_and_gives_a_finite_loss(layout):
+    import bitsandbytes as bnb
+
+    ckpt, model = load(REFERENCE / layout / "tiny", quantization="nf4")
+    quantized = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert quantized == set(ckpt.family.lora_target_modules(model, "all-linear"))
+    assert quantized == set(ckpt.family.lora_target_modules(model, "default"))
+    assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
+    ids = torch.tensor([reference(layout)["sequences"][1]["input_ids"]])
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss
+    assert torch.isfinite(loss)
+
+
+def test_nf4_alibi_backward_with_gradient_checkpointing_and_lora():
+    from peft import LoraConfig, get_peft_model
+
+    ckpt, model = load(REFERENCE / "baichuan2_13b" / "tiny", quantization="nf4")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM",
+                                             target_modules=ckpt.family.lora_target_modules(model, "default")))
+    model.train()
+    calls = []
+    layer = model.base_model.model.model.layers[0]
+    layer.register_forward_hook(lambda *args: calls.append(1))
+    ids = torch.tensor([reference("baichuan2_13b")["sequences"][2]["input_ids"]])
+    labels = ids.clone()
+    labels[0, :10] = IGNORE_INDEX
+    loss = model(ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+    loss.backward()
+    assert len(calls) == 2  # the layer ran again during backward: it was checkpointed
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum().item() for g in grads) > 0
+
+
+# -- layout round trip ------------------------------------------------------------------------------
+def assert_same_tensors(left: dict, right: dict):
+    assert sorted(left) == sorted(right)
+    for name in left:
+        assert left[name].dtype == right[name].dtype and torch.equal(left[name], right[name]), name
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_original_native_original_round_trip_is_bit_exact(layout, tmp_path):
+    from famtune_baichuan2 import convert, loader
+
+    source = REFERENCE / layout / "tiny"
+    config = read_json(source / "config.json")
+    native = loader.native_dir(str(source), config)
+    assert Path(native).is_relative_to(tmp_path)
+    ckpt = open_checkpoint(str(native))
+    assert ckpt.family.name == LAYOUTS[layout]
+    assert ckpt.family.write_original_layout(native, str(tmp_path / "original"), config)
+    assert read_json(tmp_path / "original" / "config.json") == config
+    assert_same_tensors(load_file(tmp_path / "original" / "model.safetensors"), load_file(source / "model.safetensors"))
+    # The native head is the normalised NormHead: same as the original's first forward does.
+    native_head = load_file(Path(native) / "model.safetensors")[convert.HEAD]
+    raw = load_file(source / "model.safetensors")[convert.HEAD]
+    assert torch.equal(native_head, torch.nn.functional.normalize(raw, dim=-1))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_merged_model_writes_a_working_original_layout(layout, tmp_path):
+    source = REFERENCE / layout / "tiny"
+    config = read_json(source / "config.json")
+    ckpt, model = load(source)
+    model.save_pretrained(tmp_path / "merged")  # what a merge writes: the native layout only
+    assert ckpt.family.write_original_layout(str(tmp_path / "merged"), str(tmp_path / "original"), config)
+    written = load_file(tmp_path / "original" / "model.safetensors")
+    original = load_file(source / "model.safetensors")
+    head = written.pop("lm_head.weight")
+    raw = original.pop("lm_head.weight")
+    assert_same_tensors(written, original)
+    # Without the kept raw head the normalised rows are written: a NormHead checkpoint as valid.
+    assert torch.allclose(head, torch.nn.functional.normalize(raw, dim=-1), atol=1e-7, rtol=0)
+    again, reloaded = load(tmp_path / "original")
+    assert again.family.name == LAYOUTS[layout]
+    assert max_logit_diff(reloaded, layout) <= TOLERANCE
+
+
+# -- tokenizer and chat format ----------------------------------------------------------------------
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_tokenizer_reproduces_the_original_ids_and_decodes(layout):
+    _, tok = tokenizer_of(layout)
+    facts = read_json(REFERENCE / layout / "chat_ids.json")
+    assert len(tok) == facts["tokenizer_vocab_size"]
+    for name, case in facts["plain_strings"].items():
+        assert tok(case["text"])["input_ids"] == case["input_ids"], name
+        assert tok(case["text"], add_special_tokens=False)["input_ids"] == case["input_ids_no_special"], name
+        assert tok.encode(case["text"]) == case["encode"], name
+        assert tok.decode(case["input_ids"]) == case["decoded"], name
+        assert tok.decode(case["input_ids"], skip_special_tokens=True) == case["decoded_skip_special"], name
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_conversations_match_build_chat_input_id_for_id(layout):
+    family, tok = tokenizer_of(layout)
+    facts = read_json(REFERENCE / layout / "chat_ids.json")
+    template = family.chat_template()
+    for name, conv in facts["conversations"].items():
+        expected = conv["build_chat_input"]["input_ids"]
+        enc = family.encode(tok, conv["messages"], "all_assistant", add_generation_prompt=True)
+        assert enc.input_ids == expected, name
+        rendered = tok.apply_chat_template(conv["messages"], chat_template=template, add_generation_prompt=True,
+                                           tokenize=True, return_dict=False)
+        assert rendered == expected, name
+        assert tok.decode(expected) == conv["build_chat_input"]["decoded"], name
+
+
+def training_conversation(facts):
+    """c3 (system, user, assistant, user) answered again with c3's first reply, and its golden parts."""
+    c3 = facts["conversations"]["c3_multi_turn"]
+    ids = c3["build_chat_input"]["input_ids"]
+    user, assistant = facts["user_token_id"], facts["assistant_token_id"]
+    first_reply = ids[ids.index(assistant) + 1:ids.index(user, ids.index(assistant))]
+    messages = c3["messages"] + [{"role": "assistant", "content": c3["messages"][2]["content"]}]
+    return messages, ids, first_reply
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_golden_labels_for_every_masking_policy(layout):
+    family, tok = tokenizer_of(layout)
+    facts = read_json(REFERENCE / layout / "chat_ids.json")
+    messages, prompt, reply = training_conversation(facts)
+    eos, user = 2, facts["user_token_id"]
+    start = prompt.index(facts["assistant_token_id"]) + 1  # first reply begins here
+    second_user = start + len(reply)
+    ids = prompt + reply + [eos]
+    ignore = IGNORE_INDEX
+    golden = {
+        "all_assistant": [ignore] * start + reply + [user] + [ignore] * (len(prompt) - second_user - 1) + reply + [eos],
+        "last_turn": [ignore] * len(prompt) + reply + [eos],
+        "train_on_prompt": ids,
+        "efficient_eos": [ignore] * start + reply + [eos] + [ignore] * (len(prompt) - second_user - 1) + reply + [eos],
+    }
+    assert family.masking_policies() == list(golden)
+    template = family.chat_template()
+    rendered = tok.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=False)
+    assert rendered == ids
+    for policy, labels in golden.items():
+        enc = family.encode(tok, messages, policy)
+        assert enc.input_ids == ids, policy
+        assert enc.labels == labels, policy
+    with pytest.raises(FamtuneError, match="unknown masking policy 'bogus'"):
+        family.encode(tok, messages, "bogus")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_text_spelling_control_tokens_is_tokenized_as_the_original_does(layout):
+    # <reserved_106>/<reserved_107> are user-defined pieces of the SentencePiece model, so the
+    # original tokenizer turns that text into 195/196 (chat_ids.json's decodes show exactly this text
+    # for those ids); its slow tokenizer also split on </s>. famtune keeps both behaviours.
+    family, tok = tokenizer_of(layout)
+    facts = read_json(REFERENCE / layout / "chat_ids.json")
+    for conv in facts["conversations"].values():
+        assert tok.encode(conv["build_chat_input"]["decoded"]) == conv["build_chat_input"]["input_ids"]
+    enc = family.encode(tok, [{"role": "user", "content": "a<reserved_107>b</s>"}], "all_assistant", True)
+    assert facts["assistant_token_id"] in enc.input_ids[1:-1] and 2 in enc.input_ids
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_generation_defaults_come_from_the_chat_generation_config(layout):
+    family, tok = tokenizer_of(layout)
+    gen_config = read_json(REFERENCE / layout / "tiny" / "generation_config.json")
+    facts = read_json(REFERENCE / layout / "chat_ids.json")
+    defaults = family.generation_defaults(tok)
+    assert defaults.stop_ids == [gen_config["eos_token_id"], gen_config["user_token_id"]]
+    for key in ("temperature", "top_p", "top_k", "repetition_penalty", "do_sample"):
+        assert defaults.sampling[key] == gen_config[key]
+    conv = family.conversation_template()
+    conv.append_message(conv.roles[0], "hi")
+    conv.append_message(conv.roles[1], None)
+    assert tok.encode(conv.get_prompt()) == [facts["user_token_id"]] + tok.encode("hi") + [facts["assistant_token_id"]]
+
+
+def test_missing_tokenizer_model_is_a_one_line_error():
+    family, _ = tokenizer_of("baichuan2_13b")
+    with pytest.raises(FamtuneError, match="no tokenizer.model") as err:
+        family.load_tokenizer(str(REFERENCE / "baichuan2_13b" / "tiny"), False)
+    assert "\n" not in str(err.value)
