@@ -24,6 +24,7 @@ class ChatSession:
     stop_ids: list[int]
     sampling: dict[str, Any] = field(default_factory=dict)
     system: str | None = None  # None: the family's default system prompt
+    pad_id: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         from transformers import GenerationConfig
@@ -107,6 +108,19 @@ class _PieceStreamer:
             self.shown = len(text)
 
 
+def compute_as_trained(model: Any) -> None:
+    """Keep NF4 layers computing in the compute dtype training used.
+
+    At inference on CPUs with AVX512-BF16, bitsandbytes repacks NF4 weights and computes in bf16
+    whatever the compute dtype; logits then drift ~1e-3 from training's and from the merged model's.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_chat_model(model: str, adapter: str | None = None, *, trust_remote_code: bool = False) -> ChatSession:
     """A session on ``model`` (a base or merged checkpoint), with ``adapter`` attached if given."""
     from famtune.checkpoint import open_checkpoint, resolve_source
@@ -116,8 +130,10 @@ def load_chat_model(model: str, adapter: str | None = None, *, trust_remote_code
     ckpt = open_checkpoint(path, family=meta["family"] if meta else None, trust_remote_code=trust_remote_code)
     if adapter:
         # The adapter learned a correction to the base as training loaded it (NF4 for QLoRA).
-        loaded = ckpt.load_model(quantization=meta.get("quantization", "none"),
-                                 compute_dtype=meta.get("compute_dtype", "auto"))
+        quantization = meta.get("quantization", "none")
+        loaded = ckpt.load_model(quantization=quantization, compute_dtype=meta.get("compute_dtype", "auto"))
+        if quantization == "nf4":
+            compute_as_trained(loaded)
         from peft import PeftModel
 
         loaded = PeftModel.from_pretrained(loaded, adapter)
@@ -170,4 +186,8 @@ def run_chat(session: ChatSession, *, prompt: str | None, system: str | None, gr
             show("(new conversation)\n")
             continue
         history.append({"role": "user", "content": text})
-        history.append({"role": "assistant", "content": answer(history)})
+        try:
+            history.append({"role": "assistant", "content": answer(history)})
+        except KeyboardInterrupt:  # Ctrl-C cuts a runaway reply short; the turn is dropped
+            history.pop()
+            show("\n(interrupted)\n")

@@ -36,7 +36,11 @@ def merge(adapter_dir: str, out_dir: str, *, max_shard_size: str = "2GB", base: 
     if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", str(max_shard_size), flags=re.IGNORECASE):
         raise FamtuneError(f"max shard size {max_shard_size!r} is invalid; use a number and a unit, e.g. 2GB or 500MB")
     meta = read_metadata(adapter_dir)
-    spec = base or (meta["base_path"] if meta.get("base_path") and os.path.isdir(meta["base_path"]) else meta["base_model"])
+    spec = base or (meta["base_path"] if meta.get("base_path") and os.path.isdir(meta["base_path"])
+                    else meta.get("base_model"))
+    if not spec or not meta.get("family"):
+        raise FamtuneError(f"{adapter_dir}/{META_FILE} names no base model or family; pass the base checkpoint "
+                           "explicitly or re-run famtune train")
     ckpt = open_checkpoint(spec, family=meta["family"], trust_remote_code=trust_remote_code)
     for other, what in ((adapter_dir, "adapter"), (ckpt.path, "base")):
         if os.path.abspath(out_dir) == os.path.abspath(other):
@@ -148,7 +152,8 @@ def generation_config_dict(base_dir: str, stop_ids: list[int], sampling: dict[st
 
     path = Path(base_dir, "generation_config.json")
     gen = read_json(path) if path.exists() else {}
-    gen.pop("transformers_version", None)
+    for key in ("transformers_version", "_from_model_config"):  # bookkeeping of the base's save, not settings
+        gen.pop(key, None)
     gen.update(sampling)
     gen["eos_token_id"] = list(stop_ids)
     gen["pad_token_id"] = pad_id if pad_id is not None else stop_ids[0]

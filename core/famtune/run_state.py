@@ -9,12 +9,40 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 from famtune.errors import FamtuneError
 
 CHECKPOINTS = "checkpoints"
+
+
+class StopOnInterrupt:
+    """The first Ctrl-C (SIGINT) asks the run to stop at the next optimizer-step boundary, where
+    its state is consistent and can be saved; a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nfamtune: stopping after this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+
+    def __enter__(self) -> "StopOnInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 class MetricsLog:

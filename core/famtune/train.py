@@ -6,6 +6,7 @@ integers and ``--resume`` continues exactly where the run stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -206,10 +207,10 @@ class Trainer:
                    disable=not (r.progress and self.accelerator.is_local_main_process))
         t_start, tokens_seen, last_loss = time.perf_counter(), 0, float("nan")
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        try:
-            while step < self.total_steps:
+        with run_state.StopOnInterrupt() as stop:
+            while step < self.total_steps and not stop.requested:
                 batches = epoch_batches(len(self.train_samples), r.batch_size, r.seed, epoch)[rank::world]
-                while micro_in_epoch < len(batches) and step < self.total_steps:
+                while micro_in_epoch < len(batches) and step < self.total_steps and not stop.requested:
                     group = batches[micro_in_epoch:micro_in_epoch + r.grad_accum]
                     step_loss, step_tokens = self._optimizer_step(group)
                     micro_in_epoch += len(group)
@@ -231,12 +232,12 @@ class Trainer:
                                                   self.scheduler, self.accelerator)
                 if micro_in_epoch >= len(batches):
                     epoch, micro_in_epoch = epoch + 1, 0
-        except KeyboardInterrupt:
+        if stop.requested and step < self.total_steps:
             bar.close()
             path = run_state.save_checkpoint(self.out, step, epoch, micro_in_epoch, self.model, self.optimizer,
                                              self.scheduler, self.accelerator)
             raise FamtuneError(f"interrupted at step {step}/{self.total_steps}; state saved in {path}; "
-                               f"continue with: famtune train RECIPE --resume") from None
+                               f"continue with: famtune train RECIPE --resume")
         bar.close()
         final = self._evaluate(step, metrics, None)
         wall = time.perf_counter() - t_start
@@ -261,11 +262,11 @@ class Trainer:
         total_loss, tokens = 0.0, 0
         for k, batch in enumerate(batches):
             sync = k == len(batches) - 1
-            ctx = self.accelerator.no_sync(self.model) if not sync else _null()
+            ctx = self.accelerator.no_sync(self.model) if not sync else contextlib.nullcontext()
             with ctx:
                 out = self.model(**batch, num_items_in_batch=n_items_t)
                 self.accelerator.backward(out.loss)
-            total_loss += float(out.loss)
+            total_loss += float(out.loss.detach())
             tokens += int(batch["attention_mask"].sum())
         self.last_grad_norm = float(self.accelerator.clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], r.max_grad_norm))
@@ -307,14 +308,6 @@ class Trainer:
         write_metadata(self.out, meta)
         (self.out / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False, allow_unicode=True))
         run_state.plot_losses(metrics.path, self.out / "loss.png")
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def train(recipe: Recipe, resume: str | bool | None = None, log=print) -> dict[str, Any]:

@@ -10,10 +10,11 @@ Native: 7B is transformers' ``LlamaForCausalLM``; 13B is famtune's ALiBi model
 ``v_proj``, and ``lm_head`` a plain Linear holding the normalised rows.
 
 The head's row norms do not survive normalisation, so the un-normalised head is kept next to the
-native weights in ``HEAD_FILE``. Writing the original layout uses it whenever the native head still
-equals its normalisation bit for bit (an unmodified head), which makes original -> native ->
-original exact; otherwise the normalised rows are written, which is a valid NormHead checkpoint
-too (the model normalises them again at run time).
+native weights in ``HEAD_FILE`` (and a model saved from the converted one, e.g. a merge, names that
+copy in its config, ``HEAD_SOURCE_KEY``). Writing the original layout uses it whenever the native
+head still equals its normalisation bit for bit (an unmodified head: LoRA never targets it), which
+makes original -> native -> original exact; otherwise the normalised rows are written, which is a
+valid NormHead checkpoint too (the model normalises them again at run time).
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ ORIGINAL_CLASS = "BaichuanForCausalLM"
 # no NormHead and another chat format: it is not this family.
 BAICHUAN1_VOCAB = 64000
 HEAD_FILE = os.path.join("famtune_baichuan2", "lm_head_unnormalised.safetensors")
+# Native config key naming the converted copy whose HEAD_FILE holds this model's raw head; it
+# survives save_pretrained, so a merged model can still find the head it was converted from.
+HEAD_SOURCE_KEY = "famtune_baichuan2_head_source"
 HEAD = "lm_head.weight"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -218,8 +222,9 @@ def _copy_generation_config(src: str, dst: str) -> None:
             f_out.write(f_in.read())
 
 
-def write_native(original_dir: str, out_dir: str, original: dict[str, Any]) -> None:
-    """Writes the native layout of the original checkpoint in ``original_dir`` to ``out_dir``."""
+def write_native(original_dir: str, out_dir: str, original: dict[str, Any], head_source: str | None = None) -> None:
+    """Writes the native layout of the original checkpoint in ``original_dir`` to ``out_dir``;
+    ``head_source`` names that copy for a later ``write_original`` (see ``HEAD_SOURCE_KEY``)."""
     from safetensors.torch import save_file
 
     files = weight_files(original_dir)
@@ -229,17 +234,21 @@ def write_native(original_dir: str, out_dir: str, original: dict[str, Any]) -> N
         raise FamtuneError(f"{original_dir}: no {HEAD} in the weights; pass a complete Baichuan2 checkpoint")
     save_file({HEAD: raw_head.contiguous()}, os.path.join(out_dir, HEAD_FILE), metadata=SAFETENSORS_METADATA)
     _convert_files(files, out_dir, to_native)
-    _write_json(os.path.join(out_dir, "config.json"), native_config(original))
+    config = native_config(original)
+    if head_source is not None:
+        config[HEAD_SOURCE_KEY] = head_source
+    _write_json(os.path.join(out_dir, "config.json"), config)
     _copy_generation_config(original_dir, out_dir)
 
 
-def write_original(native_dir: str, out_dir: str, original_config: dict[str, Any]) -> bool:
-    """Writes the original layout (``original_config`` and original names) of a native checkpoint."""
+def write_original(native_dir: str, out_dir: str, original_config: dict[str, Any],
+                   head_file: str | None = None) -> bool:
+    """Writes the original layout (``original_config`` and original names) of a native checkpoint;
+    ``head_file`` holds the un-normalised head it was converted from, if known."""
     from safetensors.torch import load_file
 
     os.makedirs(out_dir, exist_ok=True)
-    head_file = os.path.join(native_dir, HEAD_FILE)
-    raw_head = load_file(head_file)[HEAD] if os.path.isfile(head_file) else None
+    raw_head = load_file(head_file)[HEAD] if head_file and os.path.isfile(head_file) else None
     mapper = ToOriginal(raw_head)
     _convert_files(weight_files(native_dir), out_dir, mapper)
     mapper.check_done(native_dir)

@@ -1,4 +1,5 @@
-"""Loading Baichuan2 checkpoints natively: original layouts are converted once into a cache.
+"""Loading Baichuan2 checkpoints natively: original layouts are converted once into a cache,
+which also keeps the un-normalised heads for writing the original layout back.
 
 The source directory is never written to (it may be read-only). The converted copy lives in
 ``$FAMTUNE_CACHE/baichuan2/<key>`` (default ``~/.cache/famtune``), where the key hashes the
@@ -40,7 +41,8 @@ def cache_key(path: str) -> str:
 
 def native_dir(path: str, original: dict[str, Any]) -> str:
     """The cached native-layout copy of the original checkpoint at ``path``, made if missing."""
-    target = os.path.join(cache_root(), "baichuan2", cache_key(path))
+    key = cache_key(path)
+    target = os.path.join(cache_root(), "baichuan2", key)
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
     os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -48,7 +50,7 @@ def native_dir(path: str, original: dict[str, Any]) -> str:
     # never leaves a half-written cache entry behind.
     scratch = tempfile.mkdtemp(prefix=".convert-", dir=os.path.dirname(target))
     try:
-        convert.write_native(path, scratch, original)
+        convert.write_native(path, scratch, original, head_source=key)
         try:
             os.rename(scratch, target)
         except OSError:
@@ -58,6 +60,27 @@ def native_dir(path: str, original: dict[str, Any]) -> str:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def raw_head_file(native: str) -> str | None:
+    """The un-normalised head a native checkpoint was converted from: beside its weights (a
+    converted copy) or, for a model saved from one (a merge), in that copy in the cache."""
+    beside = os.path.join(native, convert.HEAD_FILE)
+    if os.path.isfile(beside):
+        return beside
+    try:
+        with open(os.path.join(native, "config.json"), encoding="utf-8") as f:
+            key = json.load(f).get(convert.HEAD_SOURCE_KEY)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(key, str) or os.path.basename(key) != key:
+        return None
+    cached = os.path.join(cache_root(), "baichuan2", key, convert.HEAD_FILE)
+    return cached if os.path.isfile(cached) else None
+
+
+def write_original_layout(native: str, out_dir: str, original_config: dict[str, Any]) -> bool:
+    return convert.write_original(native, out_dir, original_config, raw_head_file(native))
 
 
 def register_alibi_model() -> None:

@@ -90,6 +90,6 @@ def famtune_load_model(family: str, path: str, load_kwargs: dict[str, Any]):
 
 @famtune.hookimpl
 def famtune_write_original_layout(family: str, native_dir: str, out_dir: str, original_config: dict[str, Any]):
-    from famtune_baichuan2 import convert
+    from famtune_baichuan2 import loader
 
-    return convert.write_original(native_dir, out_dir, original_config)
+    return loader.write_original_layout(native_dir, out_dir, original_config)

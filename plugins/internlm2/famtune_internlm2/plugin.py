@@ -105,14 +105,14 @@ def famtune_generation_defaults(family: str, tokenizer: Any):
 def famtune_load_tokenizer(family: str, path: str, trust_remote_code: bool):
     from famtune_internlm2 import tokenizer
 
-    if not tokenizer.is_original_tokenizer_dir(path):
-        if os.path.isfile(os.path.join(path, "tokenizer.json")):
-            return None  # a tokenizer famtune saved: AutoTokenizer reads it natively
-        raise FileNotFoundError(
-            f"{path}: no InternLM2 tokenizer files (tokenizer.model + tokenizer_config.json); "
-            "copy them from the original checkpoint into this directory"
-        )
-    return tokenizer.load_tokenizer(path)
+    if tokenizer.is_original_tokenizer_dir(path):
+        return tokenizer.load_tokenizer(path)
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return None  # a tokenizer famtune saved (merge): AutoTokenizer reads it natively
+    raise FileNotFoundError(
+        f"{path}: no InternLM2 tokenizer files (tokenizer.model and tokenizer_config.json); "
+        "copy them from the original checkpoint into this directory"
+    )
 
 
 @famtune.hookimpl

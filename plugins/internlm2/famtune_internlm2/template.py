@@ -34,12 +34,24 @@ CHAT_TEMPLATE = (
 )
 
 
+class _SystemBlock(str):
+    """A ``system_template`` that renders nothing for an empty system message.
+
+    fastchat's ChatML style always prints ``system_template.format(...)``, which would put an
+    empty system block into every prompt; InternLM2 has none by default. ``Conversation.copy``
+    keeps this object, so copies from fastchat's registry behave the same.
+    """
+
+    def format(self, *args: Any, **kwargs: Any) -> str:
+        return super().format(*args, **kwargs) if kwargs.get("system_message") else ""
+
+
 def conversation_template():
     from fastchat.conversation import Conversation, SeparatorStyle
 
     return Conversation(
         name=TEMPLATE_NAME,
-        system_template=IM_START + "system\n{system_message}",
+        system_template=_SystemBlock(IM_START + "system\n{system_message}"),
         system_message="",
         roles=(IM_START + "user", IM_START + "assistant"),
         sep_style=SeparatorStyle.CHATML,

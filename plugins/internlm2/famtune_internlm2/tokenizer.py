@@ -145,14 +145,9 @@ def check_supported(model: SpmModel, path: str | os.PathLike) -> None:
         )
 
 
-def read_added_tokens(path: str | os.PathLike) -> dict[int, dict[str, Any]]:
-    """``added_tokens_decoder`` of ``tokenizer_config.json`` (id -> token fields), or empty."""
-    cfg_path = Path(path) / "tokenizer_config.json"
-    if not cfg_path.is_file():
-        return {}
-    with open(cfg_path, encoding="utf-8") as f:
-        cfg = json.load(f)
-    return {int(i): tok for i, tok in (cfg.get("added_tokens_decoder") or {}).items()}
+def added_tokens(tokenizer_config: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """``added_tokens_decoder`` of ``tokenizer_config.json`` as id -> token fields."""
+    return {int(i): tok for i, tok in (tokenizer_config.get("added_tokens_decoder") or {}).items()}
 
 
 def build_backend(model: SpmModel, added: dict[int, dict[str, Any]]):
@@ -160,6 +155,10 @@ def build_backend(model: SpmModel, added: dict[int, dict[str, Any]]):
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers
     from tokenizers.models import BPE
 
+    beyond = sorted(i for i in added if i >= len(model.pieces))
+    if beyond:
+        raise ValueError(f"tokenizer_config.json adds token ids {beyond} beyond the {len(model.pieces)} pieces "
+                         "of tokenizer.model; these files do not belong together")
     unused = {i for i, (piece, _, ptype) in enumerate(model.pieces)
               if ptype == UNUSED or (ptype == NORMAL and piece == "\0" and model.byte_fallback)}
     names: list[str] = []
@@ -213,12 +212,13 @@ def build_backend(model: SpmModel, added: dict[int, dict[str, Any]]):
 
 
 def is_original_tokenizer_dir(path: str | os.PathLike) -> bool:
-    """True when ``path`` holds InternLM2's published tokenizer files (remote-code classes)."""
+    """True when ``path`` holds InternLM2's published tokenizer files (remote-code classes).
+
+    ``tokenizer_config.json`` is required: only it says which pieces are the chat tokens.
+    """
     cfg_path = Path(path) / "tokenizer_config.json"
-    if not (Path(path) / "tokenizer.model").is_file():
+    if not ((Path(path) / "tokenizer.model").is_file() and cfg_path.is_file()):
         return False
-    if not cfg_path.is_file():
-        return True
     with open(cfg_path, encoding="utf-8") as f:
         cfg = json.load(f)
     auto = json.dumps(cfg.get("auto_map") or {})
@@ -232,13 +232,9 @@ def load_tokenizer(path: str | os.PathLike):
     model_file = Path(path) / "tokenizer.model"
     model = read_spm_model(model_file)
     check_supported(model, model_file)
-    added = read_added_tokens(path)
-    cfg: dict[str, Any] = {}
-    cfg_path = Path(path) / "tokenizer_config.json"
-    if cfg_path.is_file():
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    backend = build_backend(model, added)
+    with open(Path(path) / "tokenizer_config.json", encoding="utf-8") as f:
+        cfg = json.load(f)
+    backend = build_backend(model, added_tokens(cfg))
 
     def token(name: str, default: str | None) -> str | None:
         value = cfg.get(name, default)

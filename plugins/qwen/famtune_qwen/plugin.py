@@ -41,10 +41,10 @@ def famtune_claim_checkpoint(config: dict[str, Any], path: str) -> str | None:
     if marked is not None:
         return marked if marked in FAMILIES else None
     model_type = config.get("model_type")
-    if model_type == "qwen" and "QWenLMHeadModel" in (config.get("architectures") or []) + list(
-        (config.get("auto_map") or {}).values()
-    ):
-        return "qwen1"
+    if model_type == "qwen":
+        from famtune_qwen import qwen1_convert
+
+        return "qwen1" if qwen1_convert.is_original(config) else None
     if model_type == "qwen3":
         return "qwen3"
     if model_type == "qwen2":

@@ -140,18 +140,13 @@ def restore_original_config(native: dict[str, Any], original: dict[str, Any]) ->
 Plan = list[tuple[str, tuple[str, ...], Any]]
 
 
-def _is_ignorable(key: str) -> bool:
-    # Rotary frequencies are recomputed from rotary_emb_base; some exports carry the buffer.
-    return key.endswith("rotary_emb.inv_freq")
-
-
 def native_plan(keys: list[str]) -> Plan:
     top = dict(_TOP_RENAMES)
     layer = dict(_LAYER_RENAMES)
     plan: Plan = []
     for key in keys:
-        if _is_ignorable(key):
-            continue
+        if key.endswith("rotary_emb.inv_freq"):
+            continue  # recomputed from rotary_emb_base; some exports carry the buffer
         if key in top:
             plan.append((top[key], (key,), "copy"))
             continue
@@ -236,16 +231,19 @@ def to_native(config: dict[str, Any], state_dict: dict[str, Any]) -> tuple[dict[
     return cfg, dict(_apply(native_plan(list(state_dict)), state_dict.__getitem__))
 
 
-def to_original(native_cfg: dict[str, Any], native_state_dict: dict[str, Any],
-                original_cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def to_original(native_config: dict[str, Any], native_state_dict: dict[str, Any],
+                original_config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Native Qwen2 (config, state dict) -> original Qwen1 (config, state dict)."""
-    cfg = restore_original_config(native_cfg, original_cfg)
+    cfg = restore_original_config(native_config, original_config)
     sd = dict(_apply(original_plan(list(native_state_dict)), native_state_dict.__getitem__))
     _check_complete(set(sd), expected_original_keys(cfg), "the native Qwen1 state dict")
     return cfg, sd
 
 
 # -- safetensors directories ------------------------------------------------------------------------
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
 
 class _ShardReader:
     """Lazy access to the tensors of a safetensors checkpoint directory (sharded or not)."""
@@ -273,6 +271,11 @@ class _ShardReader:
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
+
+    def dtype(self, key: str) -> str:
+        """The stored dtype, read from the header (no tensor data is loaded)."""
+        code = self.handles[self.weight_map[key]].get_slice(key).get_dtype()
+        return _SAFETENSORS_DTYPES.get(code, code.lower())
 
     def get(self, key: str) -> Any:
         if self._last is None or self._last[0] != key:  # c_attn is read three times in a row
@@ -335,8 +338,7 @@ def convert_to_native_dir(src: str | Path, dst: str | Path, max_shard_bytes: int
     _check_complete(set(reader.keys()), expected_original_keys(config), str(src))
     dst.mkdir(parents=True, exist_ok=True)
     _write_shards(_apply(native_plan(reader.keys()), reader.get), dst, max_shard_bytes)
-    dtype = str(reader.get("transformer.wte.weight").dtype).removeprefix("torch.")
-    _write_json(dst / "config.json", native_config(config, dtype=dtype))
+    _write_json(dst / "config.json", native_config(config, dtype=reader.dtype("transformer.wte.weight")))
     # Data only (sampling values, eos); nothing executable is copied.
     if (src / "generation_config.json").exists():
         shutil.copyfile(src / "generation_config.json", dst / "generation_config.json")
@@ -360,7 +362,6 @@ def write_original_layout(native_dir: str, out_dir: str, original_config: dict[s
     if (src / "generation_config.json").exists():
         shutil.copyfile(src / "generation_config.json", dst / "generation_config.json")
     return True
-
 
 
 # -- loading ----------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ def _check(messages: list[dict[str, str]], add_generation_prompt: bool) -> None:
         role = m.get("role") if isinstance(m, dict) else None
         if role not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
             raise FamtuneError(
-                f"message {i + 1} is {m!r}; expected {{'role': 'system'|'user'|'assistant', 'content': <text>}}"
+                f"message {i + 1} is {repr(m)[:120]}; expected {{'role': 'system'|'user'|'assistant', 'content': <text>}}"
             )
         if role == "system":
             if i != 0:
