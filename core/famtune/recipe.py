@@ -6,6 +6,7 @@ file and the key. The resolved recipe is written beside the adapter so a run can
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,11 @@ def _coerce(name: str, value: Any, default: Any, where: str) -> Any:
     elif isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif isinstance(default, str):
         if isinstance(value, str):
             return value
@@ -143,9 +149,9 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
     for source, items in ((where, raw), ("command line", overrides or {})):
         for key, value in items.items():
             if key not in known:
-                close = [k for k in known if k.startswith(key[:4])]
-                hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
-                raise FamtuneError(f"{source}: unknown recipe key {key!r}{hint}; see `famtune train --help`")
+                close = difflib.get_close_matches(key, sorted(known), n=3)
+                hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+                raise FamtuneError(f"{source}: unknown recipe key {key!r}{hint}; the recipe keys are listed in the README")
             values[key] = _coerce(key, value, getattr(defaults, key), source)
     recipe = dataclasses.replace(defaults, **values)
     if not recipe.model:

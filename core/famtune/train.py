@@ -206,6 +206,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (r.progress and self.accelerator.is_local_main_process))
         t_start, tokens_seen, last_loss = time.perf_counter(), 0, float("nan")
+        self.counts = {"tokens_total": 0, "tokens_supervised": 0}
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         with run_state.StopOnInterrupt() as stop:
             while step < self.total_steps and not stop.requested:
@@ -239,11 +240,12 @@ class Trainer:
             raise FamtuneError(f"interrupted at step {step}/{self.total_steps}; state saved in {path}; "
                                f"continue with: famtune train RECIPE --resume")
         bar.close()
+        train_wall = time.perf_counter() - t_start
         final = self._evaluate(step, metrics, None)
-        wall = time.perf_counter() - t_start
         self._save_final(metrics)
         summary = {"steps": step, "final_loss": last_loss, "eval_loss": final.get("eval_loss"),
-                   "train_wall_s": wall, "tokens_per_s": tokens_seen / wall if wall else None,
+                   "train_wall_s": train_wall, "tokens_per_s": tokens_seen / train_wall if train_wall else None,
+                   "tokens_nonpad": tokens_seen, **self.counts,
                    "parameters": self.param_counts, "data": self.report.to_dict(), "output_dir": str(self.out)}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.log(f"done: {step} steps, final loss {last_loss:.4f}"
@@ -268,6 +270,8 @@ class Trainer:
                 self.accelerator.backward(out.loss)
             total_loss += float(out.loss.detach())
             tokens += int(batch["attention_mask"].sum())
+            self.counts["tokens_total"] += int(batch["input_ids"].numel())
+        self.counts["tokens_supervised"] += n_items
         self.last_grad_norm = float(self.accelerator.clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], r.max_grad_norm))
         self.optimizer.step()

@@ -48,8 +48,8 @@ class BaichuanAlibiConfig(PreTrainedConfig):
 
 
 def alibi_slopes(num_heads: int) -> list[float]:
-    """Per-head slopes: the geometric series 2^(-8i/n), i = 1..n, for n a power of two; otherwise the series
-    of the nearest lower power of two followed by every other slope of the series for twice it."""
+    """Per-head slopes: the geometric series 2^(-8i/n), i = 1..n, for n a power of two; otherwise
+    the series of the nearest lower power of two, then every other slope of the series for twice it."""
     base = 2 ** math.floor(math.log2(num_heads))
     slopes = [2.0 ** (-8.0 * (i + 1) / base) for i in range(base)]
     slopes += [2.0 ** (-4.0 * (2 * j + 1) / base) for j in range(num_heads - base)]
@@ -74,9 +74,10 @@ def alibi_bias(slopes: torch.Tensor, attention_mask: torch.Tensor | None, q_len:
             )
         if not bool(attention_mask.all()):
             visible = visible & attention_mask.to(device=device, dtype=torch.bool)[:, None, :]
-    bias = slopes.float()[:, None, None] * distance.float()[None]
-    bias = bias[None].masked_fill(~visible[:, None], torch.finfo(dtype).min)
-    return bias.to(dtype)
+    # The product is taken in float32 and only the per-head bias is cast; the batch-sized tensor
+    # (needed only with padding) is made directly in the model's dtype.
+    bias = (slopes.float()[:, None, None] * distance.float()[None]).to(dtype)
+    return bias[None].masked_fill(~visible[:, None], torch.finfo(dtype).min)
 
 
 class BaichuanAlibiRMSNorm(nn.Module):

@@ -94,6 +94,8 @@ def _save_shards(out_dir: Path, shards: list[tuple[str, dict[str, Any]]]) -> Non
     """Write (file name, tensors) shards, plus an index when there is more than one."""
     from safetensors.torch import save_file
 
+    # Fusing q, k and v into the shard of q can leave a shard empty; it is not written.
+    shards = [(name, tensors) for name, tensors in shards if tensors]
     weight_map: dict[str, str] = {}
     total = 0
     for name, tensors in shards:
@@ -101,7 +103,7 @@ def _save_shards(out_dir: Path, shards: list[tuple[str, dict[str, Any]]]) -> Non
         for key, t in tensors.items():
             weight_map[key] = name
             total += t.numel() * t.element_size()
-    if len(shards) > 1:
+    if [name for name, _ in shards] != [SINGLE_NAME]:
         write_json(out_dir / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
 
 

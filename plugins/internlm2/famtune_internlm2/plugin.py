@@ -2,7 +2,8 @@
 
 Thin dispatch only; torch and transformers are imported inside the modules the hooks call.
 Original checkpoints always load natively (as ``LlamaForCausalLM``), even when the user allows
-remote code: the published remote code does not run on the transformers famtune needs.
+remote code: the published remote code was written for transformers 4.x and breaks on newer
+releases, while the native model gives the same logits.
 """
 from __future__ import annotations
 
