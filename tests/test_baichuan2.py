@@ -357,8 +357,9 @@ def test_text_spelling_control_tokens_is_tokenized_as_the_original_does(layout):
     facts = read_json(REFERENCE / layout / "chat_ids.json")
     for conv in facts["conversations"].values():
         assert tok.encode(conv["build_chat_input"]["decoded"]) == conv["build_chat_input"]["input_ids"]
+    user, assistant, eos = facts["user_token_id"], facts["assistant_token_id"], 2
     enc = family.encode(tok, [{"role": "user", "content": "a<reserved_107>b</s>"}], "all_assistant", True)
-    assert facts["assistant_token_id"] in enc.input_ids[1:-1] and 2 in enc.input_ids
+    assert enc.input_ids == [user, *tok.encode("a"), assistant, *tok.encode("b"), eos, assistant]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

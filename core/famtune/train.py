@@ -219,7 +219,7 @@ class Trainer:
                     tokens_seen += step_tokens
                     last_loss = step_loss
                     elapsed = time.perf_counter() - t_start
-                    lr = self.scheduler.get_last_lr()[0]
+                    lr = self.last_lr
                     bar.update(1)
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / elapsed:.0f}")
                     if step % max(r.logging_steps, 1) == 0 or step == self.total_steps:
@@ -274,6 +274,7 @@ class Trainer:
         self.counts["tokens_supervised"] += n_items
         self.last_grad_norm = float(self.accelerator.clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], r.max_grad_norm))
+        self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

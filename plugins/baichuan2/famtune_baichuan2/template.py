@@ -16,7 +16,9 @@ sees in chat. Both tokens are stop ids, so a model that learned either one stops
 
 ``efficient_eos`` is the official ``fine-tune.py`` recipe: the same ids, but the label at each
 end-of-turn position is ``</s>``, so the model learns to predict eos after every reply while the
-input continues with the next user turn.
+input continues with the next user turn. Only a marker that follows a reply gets that label (the
+official script also sets it at the very first user marker, where the shifted loss never reads it,
+but with a system text in front it would teach eos after the system prompt).
 
 User text is tokenized as the original tokenizer does it: text that spells ``<reserved_106>`` or
 ``</s>`` becomes that token (see ``tokenizer.py``).
