@@ -115,6 +115,13 @@ def test_padding_masks_keys_and_keeps_each_sequence_exact(layout):
     assert gen[1, len(long_):].tolist() == seqs[1]["greedy_next_5"]
 
 
+def test_alibi_model_refuses_packed_rows():
+    _, model = load(REFERENCE / "baichuan2_13b" / "tiny")
+    ids = torch.tensor([reference("baichuan2_13b")["sequences"][0]["input_ids"]])
+    with pytest.raises(ValueError, match="packed sequences"):
+        model(ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]))
+
+
 def test_alibi_slopes_follow_the_published_series():
     from famtune_baichuan2.modeling_alibi import alibi_slopes
 
@@ -382,3 +389,21 @@ def test_missing_tokenizer_model_is_a_one_line_error():
     with pytest.raises(FamtuneError, match="no tokenizer.model") as err:
         family.load_tokenizer(str(REFERENCE / "baichuan2_13b" / "tiny"), False)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("family", LAYOUTS.values())
+def test_tiny_checkpoint_is_an_original_layout_that_trains(family, tmp_path):
+    from famtune.demo import demo_corpus
+    from famtune.plugins import get_plugins
+
+    assert get_plugins().claim({}, "", family=family).tiny_checkpoint(str(tmp_path / "tiny"), demo_corpus())
+    config = read_json(tmp_path / "tiny" / "config.json")
+    assert config["model_type"] == "baichuan" and "auto_map" in config
+    assert any(n.endswith("W_pack.weight") for n in load_file(tmp_path / "tiny" / "model.safetensors"))
+    ckpt, model = load(tmp_path / "tiny", quantization="nf4")
+    assert ckpt.family.name == family
+    tok = ckpt.load_tokenizer()
+    messages = [{"role": "user", "content": "你是谁？"}, {"role": "assistant", "content": "我是FamBot。"}]
+    enc = ckpt.family.encode(tok, messages, "all_assistant")
+    assert enc.input_ids[0] == tok.convert_tokens_to_ids("<reserved_106>") and enc.input_ids[-1] == 2
+    assert torch.isfinite(model(torch.tensor([enc.input_ids]), labels=torch.tensor([enc.labels])).loss)

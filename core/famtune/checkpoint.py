@@ -27,6 +27,10 @@ def resolve_source(spec: str) -> str:
             from modelscope import snapshot_download
         except ImportError as exc:
             raise FamtuneError(f"{spec}: modelscope is not installed ({exc}); pip install modelscope") from exc
+        import logging
+
+        for name in ("modelscope", "modelscope_hub"):  # its retry chatter would bury our one-line error
+            logging.getLogger(name).setLevel(logging.ERROR)
         try:
             return snapshot_download(model_id)
         except Exception as exc:

@@ -136,6 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_libraries() -> None:
+    """Keep the terminal for famtune's own progress: no per-file loading bars, no renaming notices."""
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", message=r".*(gradient_checkpointing|is_gradient_checkpointing).*deprecated",
+                            category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*torch.jit.script_method.*", category=DeprecationWarning)
+    import logging
+
+    # bitsandbytes offers to fetch a CPU kernel from the hub; famtune never downloads code, so the
+    # offer's failure is expected and not worth a warning.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -144,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args.command is None else 2
     if extra and not getattr(args, "extra_ok", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _quiet_libraries()
     try:
         return args.func(args, extra)
     except FamtuneError as exc:

@@ -168,6 +168,12 @@ class BaichuanAlibiModel(BaichuanAlibiPreTrainedModel):
                 **kwargs) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None and bool((position_ids.diff(dim=-1) < 0).any()):
+            # Positions restarting inside a row mean packed sequences; the 2-D mask cannot keep
+            # them apart, so attention would cross from one sequence into the next.
+            raise ValueError("position_ids restart inside a row (packed sequences); this model takes one "
+                             "sequence per row with a 2-D attention_mask: pad instead of packing")
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
@@ -201,7 +207,8 @@ class BaichuanAlibiForCausalLM(BaichuanAlibiPreTrainedModel, GenerationMixin):
                 logits_to_keep: int | torch.Tensor = 0, past_key_values: Cache | None = None,
                 **kwargs) -> CausalLMOutputWithPast:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                         cache=cache if cache is not None else past_key_values, use_cache=use_cache)
+                         cache=cache if cache is not None else past_key_values, use_cache=use_cache,
+                         position_ids=kwargs.pop("position_ids", None))
         hidden_states = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])

@@ -93,3 +93,10 @@ def famtune_write_original_layout(family: str, native_dir: str, out_dir: str, or
     from famtune_baichuan2 import loader
 
     return loader.write_original_layout(native_dir, out_dir, original_config)
+
+
+@famtune.hookimpl
+def famtune_tiny_checkpoint(family: str, out_dir: str, corpus: list[str]):
+    from famtune_baichuan2 import tiny
+
+    return tiny.write_tiny_checkpoint(family, out_dir, corpus)
