@@ -14,10 +14,10 @@ stop ids.
 Labels. ``all_assistant`` supervises each assistant reply's content and its end-of-turn token:
 the role token that follows it, or, after the last reply, a token appended for that purpose
 (ChatGLM3: ``</s>``, as its official finetune appends; GLM-4: ``<|user|>``, as its official
-finetune appends). The header newline belongs to the role line and is not supervised.
-``<family>_official`` reproduces the official finetune's shifted mask (``loss_masks = [False,
-*loss_masks]`` over whole assistant messages): the same tokens plus the header newline. The ids
-never depend on the masking policy.
+finetune appends), plus the header newline, which the model writes itself after a generation
+prompt that ends at ``<|assistant|>``. ``<family>_official`` reproduces the official finetune's
+shifted mask (``loss_masks = [False, *loss_masks]`` over whole assistant messages), which
+supervises the same tokens for plain conversations. The ids never depend on the masking policy.
 
 Content is never scanned for control tokens: ``<|user|>`` typed by a user stays text, as in the
 original ``build_single_message`` (SentencePiece / ``disallowed_special=()``). Rendering the Jinja
@@ -138,7 +138,9 @@ def _segments(family: str, tokenizer: Any, messages: list[dict[str, str]], add_g
         segments.append(_Segment([b.token_id(f"<|{role}|>")], open_turn, is_assistant))
         header, body = _message_ids(family, b, content)
         if is_assistant:
-            segments += [_Segment(header, None, True), _Segment(body, turns, True)]
+            # A generation prompt ends at <|assistant|>: the model writes the header newline itself,
+            # so the newline is part of what an assistant turn is trained to produce.
+            segments += [_Segment(header, turns, True), _Segment(body, turns, True)]
             open_turn, turns = turns, turns + 1
         else:
             segments.append(_Segment(header + body, None, False))
