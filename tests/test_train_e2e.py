@@ -139,3 +139,19 @@ def test_resume_after_interruption_continues_at_the_right_step(tiny_qwen25, tmp_
     assert sorted(resumed) == list(range(1, 25))  # every step logged once
     for step, loss in reference.items():
         assert resumed[step] == pytest.approx(loss, abs=1e-5), step
+
+
+def test_plain_lora_without_quantization_trains_full_precision_base(tiny_qwen25, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_qwen25, tmp_path / "out", quantization="none",
+                          max_steps=30, evaluation_inputs=[], eval_steps=0, save_steps=0)
+    res = famtune_cli("train", recipe)
+    assert "(none base)" in res.stdout
+    meta = json.loads((tmp_path / "out" / "famtune.json").read_text())
+    assert meta["quantization"] == "none"
+    losses = _metric_losses(tmp_path / "out")
+    assert losses[30] < losses[10]
+    weights = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert all(t.dtype == torch.float32 for t in weights.values())

@@ -46,13 +46,19 @@ class StopOnInterrupt:
 
 
 class MetricsLog:
-    def __init__(self, path: Path) -> None:
+    """``metrics.jsonl``; only the main process writes it when several train together."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path = Path(path)
+        self.enabled = enabled
 
     def reset(self) -> None:
-        self.path.write_text("")
+        if self.enabled:
+            self.path.write_text("")
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
@@ -63,6 +69,8 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """Drop what an interrupted run logged after its last checkpoint, so resumed steps are not doubled."""
+        if not self.enabled:
+            return
         kept = [r for r in self.records() if r.get("step", 0) <= step]
         self.path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
 

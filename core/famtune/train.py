@@ -187,7 +187,7 @@ class Trainer:
         r = self.recipe
         self.setup()
         self.out.mkdir(parents=True, exist_ok=True)
-        metrics = run_state.MetricsLog(self.out / "metrics.jsonl")
+        metrics = run_state.MetricsLog(self.out / "metrics.jsonl", enabled=self.accelerator.is_main_process)
         step, epoch, micro_in_epoch = 0, 0, 0
         if self.resume:
             state_dir = run_state.find_checkpoint(self.out, self.resume)
