@@ -28,7 +28,7 @@ hookspec = pluggy.HookspecMarker("famtune")
 def famtune_families() -> list[str]:
     """Called by ``famtune plugins`` and in claim errors.
 
-    Return the family names this plugin handles, e.g. ``["qwen2", "qwen2.5", "qwen3"]``.
+    Return the family names this plugin handles, e.g. ``["acme-7b", "acme-7b-chat"]``.
     Not firstresult: every plugin answers.
     """
 
@@ -156,4 +156,15 @@ def famtune_tiny_checkpoint(family: str, out_dir: str, corpus: list[str]) -> boo
     tokenizer files, in the layout the plugin loads), with a small tokenizer trained on ``corpus``
     (``famtune.tiny.train_tokenizer`` does that), and return ``True``. Return ``None`` if the
     plugin cannot build one. Nothing is downloaded. Stops at first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def famtune_supports_packing(family: str) -> bool:
+    """Called when a run would pack several samples into one row, on the claiming plugin only.
+
+    Return ``True`` if the family's model keeps packed samples apart when given position ids that
+    restart at 0 for every sample in a row (attention never crosses a sample boundary and positions
+    restart), ``False`` if it cannot; famtune then refuses packing for that family with a clear
+    message instead of training on contaminated rows. Stops at first non-None result.
     """

@@ -261,6 +261,12 @@ class Family:
                           out_dir=out_dir, original_config=original_config)
         return bool(done)
 
+    def supports_packing(self) -> bool:
+        answer = self._call("famtune_supports_packing", required=False)
+        if answer is not None and not isinstance(answer, bool):
+            raise self._bad("famtune_supports_packing", f"returned {answer!r}, not True or False")
+        return bool(answer)
+
     def tiny_checkpoint(self, out_dir: str, corpus: list[str]) -> bool:
         return bool(self._call("famtune_tiny_checkpoint", required=False, out_dir=out_dir, corpus=corpus))
 

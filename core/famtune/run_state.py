@@ -153,6 +153,21 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator) -> tup
     return state["step"], state["epoch"], state["batch_in_epoch"]
 
 
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process (ru_maxrss), in MiB."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def peak_accelerator_mib() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
 def plot_losses(metrics_path: Path, png: Path) -> None:
     import matplotlib
 

@@ -246,7 +246,9 @@ class Trainer:
         summary = {"steps": step, "final_loss": last_loss, "eval_loss": final.get("eval_loss"),
                    "train_wall_s": train_wall, "tokens_per_s": tokens_seen / train_wall if train_wall else None,
                    "tokens_nonpad": tokens_seen, **self.counts,
-                   "parameters": self.param_counts, "data": self.report.to_dict(), "output_dir": str(self.out)}
+                   "parameters": self.param_counts, "data": self.report.to_dict(), "output_dir": str(self.out),
+                   "peak_rss_mib": run_state.peak_rss_mib(), "peak_accelerator_mib": run_state.peak_accelerator_mib(),
+                   "family": self.family.describe()}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.log(f"done: {step} steps, final loss {last_loss:.4f}"
                  + (f", eval loss {final['eval_loss']:.4f}" if final.get("eval_loss") is not None else "")
