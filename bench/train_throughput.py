@@ -7,7 +7,10 @@ dropout 0.05 on every decoder linear layer, max_length 512, batch 8, lr 2e-4 cos
 gradient checkpointing, seed 42, 2 torch threads, loss on assistant tokens + <|im_end|>) and
 prints one line ``RESULT {json}`` with the baseline's fields.
 
-    python bench/train_throughput.py [--workdir /tmp/famtune-bench] [--steps 30]
+``--mode pack`` (the default, as in a plain famtune run) packs samples into rows of 512 tokens
+that never attend to each other; ``--mode nopack`` pads each batch of 8 samples to its longest.
+
+    python bench/train_throughput.py [--mode pack|nopack] [--workdir /tmp/famtune-bench] [--steps 30]
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ SHARED_BENCH = ROOT.parent / "shared" / "bench"
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/famtune-bench")
+    ap.add_argument("--mode", choices=["pack", "nopack"], default="pack")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--compute-dtype", default="bf16")
     ap.add_argument("--threads", type=int, default=2)
@@ -48,21 +52,21 @@ def main(argv=None) -> int:
 
     recipe = load_recipe(None, {
         "model": str(fixture / "model"), "data": str(fixture / "data" / "train.jsonl"),
-        "output_dir": str(work / "out"), "quantization": "nf4", "compute_dtype": args.compute_dtype,
+        "output_dir": str(work / f"out-{args.mode}"), "quantization": "nf4", "compute_dtype": args.compute_dtype,
         "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_targets": "all-linear",
         "max_length": 512, "batch_size": 8, "grad_accum": 1, "learning_rate": 2e-4, "warmup_ratio": 0.03,
         "gradient_checkpointing": True, "max_steps": args.steps, "seed": 42, "logging_steps": 1,
-        "progress": False, "evaluation_inputs": [],
+        "progress": False, "evaluation_inputs": [], "packing": args.mode == "pack",
     })
     t0 = time.perf_counter()
     summary = train(recipe, log=lambda *a: print(*a, file=sys.stderr))
     total_s = time.perf_counter() - t0
     wall = summary["train_wall_s"]
-    losses = [json.loads(line) for line in (work / "out" / "metrics.jsonl").read_text().splitlines()]
+    losses = [json.loads(line) for line in (work / f"out-{args.mode}" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in losses if "loss" in r]
     res = {
         "framework": "famtune",
-        "mode": "nopack",
+        "mode": args.mode,
         "steps": summary["steps"],
         "wall_s": round(wall, 3),
         "tokens_total": summary["tokens_total"],
@@ -75,6 +79,10 @@ def main(argv=None) -> int:
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "final_loss": losses[-1] if losses else None,
         "first_loss": losses[0] if losses else None,
+        "process_cpu_user_s": round(resource.getrusage(resource.RUSAGE_SELF).ru_utime, 2),
+        "process_cpu_sys_s": round(resource.getrusage(resource.RUSAGE_SELF).ru_stime, 2),
+        "process_minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt,
+        "malloc_tuning": os.environ.get("FAMTUNE_MALLOC_TUNING", "1") != "0",
         "compute_dtype": args.compute_dtype,
         "torch_threads": torch.get_num_threads(),
         "total_run_s": round(total_s, 1),

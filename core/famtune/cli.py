@@ -58,6 +58,32 @@ def _cmd_plugins(args, extra: list[str]) -> int:
     return 0
 
 
+def _cmd_plugins_check(args, extra: list[str]) -> int:
+    import tempfile
+
+    from famtune.testing.conformance import check_plugin
+
+    def run(workdir: str):
+        log = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
+        return check_plugin(args.name, workdir, families=args.family or None, log=log)
+
+    if args.workdir:
+        report = run(args.workdir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="famtune-check-") as tmp:
+            report = run(tmp)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
+    return 0 if report.ok else 1
+
+
+def _cmd_plugin_new(args, extra: list[str]) -> int:
+    from famtune.scaffold import new_plugin
+
+    out = new_plugin(args.name, args.dir)
+    print(f"famtune: wrote plugin {args.name!r} to {out}; next: pip install -e {out} && pytest {out}")
+    return 0
+
+
 def _cmd_data_check(args, extra: list[str]) -> int:
     from famtune.datacheck import data_check
 
@@ -70,6 +96,33 @@ def _cmd_demo(args, extra: list[str]) -> int:
     from famtune.demo import run_demo
 
     return run_demo(args.workdir, family=args.family, steps=args.steps)
+
+
+def _cmd_estimate(args, extra: list[str]) -> int:
+    from famtune.estimate import estimate_recipe, parse_size
+    from famtune.recipe import load_recipe, parse_overrides
+
+    budget = parse_size(args.budget) if args.budget else None
+    # The estimate reads no data, so a recipe without `data:` is fine here.
+    recipe = load_recipe(args.recipe, {"data": "unused", **parse_overrides(extra)})
+    est = estimate_recipe(recipe)
+    for line in est.lines(budget):
+        print(line)
+    return 0 if budget is None or est.total <= budget else 1
+
+
+def _cmd_compare(args, extra: list[str]) -> int:
+    from famtune.compare import compare
+    from famtune.recipe import parse_overrides
+
+    # The recipe is read from the extra arguments: a declared optional positional would swallow
+    # the value of a `--key value` override that argparse does not know.
+    recipe = extra.pop(0) if extra and not extra[0].startswith("--") else None
+    if recipe and args.demo:
+        raise FamtuneError(f"give a recipe ({recipe!r}) or --demo, not both")
+    if not recipe and not args.demo:
+        raise FamtuneError("no recipe given; run `famtune compare RECIPE.yaml --models M1 M2 ...` or `famtune compare --demo`")
+    return compare(recipe, models=args.models, overrides=parse_overrides(extra), output=args.output)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plugins", help="list installed family plugins")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=_cmd_plugins)
+    plsub = pl.add_subparsers(dest="plugins_command", metavar="SUBCOMMAND")
+    pc = plsub.add_parser("check", help="run the conformance suite on an installed plugin's tiny models",
+                          description="Build a tiny model of each family the plugin provides and check its "
+                                      "template, labels, stop ids, LoRA targets, a QLoRA step, the merge and packing.")
+    pc.add_argument("name", help="the plugin's entry-point name, as `famtune plugins` lists it")
+    pc.add_argument("--family", action="append", help="check only this family (repeatable)")
+    pc.add_argument("--workdir", help="keep the tiny models, adapters and merged models here (default: a temp dir)")
+    pc.add_argument("--json", action="store_true")
+    pc.set_defaults(func=_cmd_plugins_check)
+
+    pn = sub.add_parser("plugin", help="write a new family plugin package")
+    pnsub = pn.add_subparsers(dest="plugin_command", metavar="SUBCOMMAND")
+    pnew = pnsub.add_parser("new", help="write a ready-to-install family plugin package",
+                            description="Write famtune-NAME: pyproject.toml with the famtune entry point, every "
+                                        "hook implemented for a ChatML-style native Llama model, and tests.")
+    pnew.add_argument("name", help="family and plugin name, e.g. acme")
+    pnew.add_argument("--dir", help="parent directory (default: the current one); writes DIR/famtune-NAME")
+    pnew.set_defaults(func=_cmd_plugin_new)
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
@@ -127,6 +198,27 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--skip-bad-records", action="store_true")
     dc.add_argument("--trust-remote-code", action="store_true")
     dc.set_defaults(func=_cmd_data_check)
+
+    cp = sub.add_parser("compare", help="train several models on one recipe and report them side by side",
+                        usage="famtune compare (RECIPE.yaml | --demo) [--models M1 M2 ...] [--output DIR] "
+                              "[--key value ...]",
+                        description="Train every model with the same recipe, each through its own family plugin "
+                                    "and in its own process, then write OUTPUT/report/ (report.md, report.html, "
+                                    "results.json). A re-run skips finished models. Any recipe key can be "
+                                    "overridden: --key value. tiny:FAMILY builds a tiny local model of FAMILY.")
+    cp.add_argument("--models", nargs="+", metavar="MODEL", help="models to compare (instead of the recipe's list)")
+    cp.add_argument("--output", help="comparison directory (default: the recipe's output_dir, else famtune-compare)")
+    cp.add_argument("--demo", action="store_true",
+                    help="the built-in comparison of the four families on tiny local models (nothing downloaded)")
+    cp.set_defaults(func=_cmd_compare, extra_ok=True)
+
+    es = sub.add_parser("estimate", help="predict the peak accelerator memory of a recipe's run",
+                        description="Predict peak accelerator memory (weights, LoRA, optimizer state, activations) "
+                                    "from the model's config; nothing is loaded or trained. Any recipe key can be "
+                                    "overridden: --key value. Exit status 1 when the run does not fit --budget.")
+    es.add_argument("recipe", help="recipe YAML file")
+    es.add_argument("--budget", help="memory to fit in, e.g. 8GB")
+    es.set_defaults(func=_cmd_estimate, extra_ok=True)
 
     de = sub.add_parser("demo", help="build a tiny model, fine-tune it on a self-identity set, merge and chat")
     de.add_argument("--workdir", default="famtune-demo")

@@ -62,6 +62,7 @@ class PluginSet:
                 continue
             self.register(module, info)
         self._check_pending()
+        self._check_families()
 
     def register(self, module: object, info: PluginInfo) -> None:
         try:
@@ -84,6 +85,37 @@ class PluginSet:
                 self.pm.unregister(name=impl.plugin_name)
                 del self.infos[impl.plugin_name]
         self.pm.check_pending()
+
+    def _disable(self, name: str, error: str) -> None:
+        self.broken.append(BrokenPlugin(self.infos.pop(name), error))
+        self.pm.unregister(name=name)
+
+    def _check_families(self) -> None:
+        # Listings and claim errors call famtune_families on every plugin, so a bad answer there
+        # would break famtune for everyone; and a family two plugins provide would be decided by
+        # load order. Both disable the plugins concerned, naming each.
+        owners: dict[str, list[str]] = {}
+        for name in list(self.infos):
+            try:
+                fams = self.call_one("famtune_families", name)
+            except Exception as exc:
+                self._disable(name, f"famtune_families raised {type(exc).__name__}: {exc}")
+                continue
+            if not isinstance(fams, (list, tuple)) or not all(isinstance(f, str) and f for f in fams):
+                self._disable(name, f"famtune_families returned {fams!r}, not a list of family names")
+                continue
+            for fam in fams:
+                owners.setdefault(fam, []).append(name)
+        clashes = {fam: names for fam, names in owners.items() if len(names) > 1}
+        for name in sorted({n for names in clashes.values() for n in names}):
+            fams = [f for f, names in clashes.items() if name in names]
+            others = sorted({self.infos[o].describe() for f in fams for o in clashes[f] if o != name})
+            self.broken.append(BrokenPlugin(self.infos[name], (
+                f"family {', '.join(map(repr, fams))} is also provided by {', '.join(others)}; "
+                f"uninstall one, or choose one with {ALLOW_ENV}=name,...")))
+        for name in sorted({n for names in clashes.values() for n in names}):
+            del self.infos[name]
+            self.pm.unregister(name=name)
 
     # -- queries -----------------------------------------------------------------------------
     def impl(self, hook_name: str, plugin_name: str) -> Callable[..., Any] | None:
@@ -130,17 +162,30 @@ class PluginSet:
                 )
             return Family(self, owners[0], family)
         claims: list[tuple[str, str]] = []
+        failed: list[str] = []
         for name in self.infos:
-            answer = self.call_one("famtune_claim_checkpoint", name, config=config, path=path)
-            if answer is not None:
-                if not isinstance(answer, str):
-                    raise PluginError(self.infos[name], "famtune_claim_checkpoint", f"returned {answer!r}, not a family name")
-                claims.append((name, answer))
+            # One plugin's faulty claim must not stop the others from claiming their checkpoints.
+            try:
+                answer = self.call_one("famtune_claim_checkpoint", name, config=config, path=path)
+            except Exception as exc:
+                failed.append(str(PluginError(self.infos[name], "famtune_claim_checkpoint",
+                                              f"raised {type(exc).__name__}: {exc}")))
+                continue
+            if answer is None:
+                continue
+            if not isinstance(answer, str) or answer not in self.families_of(name):
+                failed.append(str(PluginError(self.infos[name], "famtune_claim_checkpoint",
+                                              f"returned {answer!r}, not one of its family names")))
+                continue
+            claims.append((name, answer))
+        for problem in failed:
+            print(f"famtune: warning: {problem}; ignoring its claim", file=sys.stderr)
         model_type = config.get("model_type", "?")
         if not claims:
             raise FamtuneError(
                 f"no installed plugin claims model_type {model_type} ({path}); installed: {self.describe_installed()}; "
-                "install the family's plugin (pip install famtune-<family>)"
+                + (f"failed: {'; '.join(failed)}; " if failed else "")
+                + "install the family's plugin (pip install famtune-<family>)"
             )
         if len(claims) > 1:
             who = ", ".join(f"{self.infos[n].describe()} as {f!r}" for n, f in claims)
@@ -207,6 +252,8 @@ class Family:
 
     def masking_policies(self) -> list[str]:
         policies = self._call("famtune_masking_policies")
+        if not isinstance(policies, (list, tuple)) or not all(isinstance(p, str) for p in policies):
+            raise self._bad("famtune_masking_policies", f"returned {policies!r}, not a list of policy names")
         missing = [p for p in GENERIC_POLICIES if p not in policies]
         if missing:
             raise self._bad("famtune_masking_policies", f"does not accept the generic policies {missing}")
@@ -251,14 +298,25 @@ class Family:
         return gen
 
     def load_tokenizer(self, path: str, trust_remote_code: bool) -> Any:
-        return self._call("famtune_load_tokenizer", required=False, path=path, trust_remote_code=trust_remote_code)
+        tok = self._call("famtune_load_tokenizer", required=False, path=path, trust_remote_code=trust_remote_code)
+        if tok is not None and not (callable(getattr(tok, "encode", None)) and hasattr(tok, "__len__")):
+            raise self._bad("famtune_load_tokenizer", f"returned {type(tok).__name__}, not a tokenizer")
+        return tok
 
     def load_model(self, path: str, load_kwargs: dict[str, Any]) -> Any:
-        return self._call("famtune_load_model", required=False, path=path, load_kwargs=load_kwargs)
+        model = self._call("famtune_load_model", required=False, path=path, load_kwargs=load_kwargs)
+        if model is not None:
+            from transformers import PreTrainedModel
+
+            if not isinstance(model, PreTrainedModel):
+                raise self._bad("famtune_load_model", f"returned {type(model).__name__}, not a transformers PreTrainedModel")
+        return model
 
     def write_original_layout(self, native_dir: str, out_dir: str, original_config: dict[str, Any]) -> bool:
         done = self._call("famtune_write_original_layout", required=False, native_dir=native_dir,
                           out_dir=out_dir, original_config=original_config)
+        if done is not None and not isinstance(done, bool):
+            raise self._bad("famtune_write_original_layout", f"returned {done!r}, not True or None")
         return bool(done)
 
     def supports_packing(self) -> bool:
@@ -268,7 +326,10 @@ class Family:
         return bool(answer)
 
     def tiny_checkpoint(self, out_dir: str, corpus: list[str]) -> bool:
-        return bool(self._call("famtune_tiny_checkpoint", required=False, out_dir=out_dir, corpus=corpus))
+        done = self._call("famtune_tiny_checkpoint", required=False, out_dir=out_dir, corpus=corpus)
+        if done is not None and not isinstance(done, bool):
+            raise self._bad("famtune_tiny_checkpoint", f"returned {done!r}, not True or None")
+        return bool(done)
 
     def describe(self) -> dict[str, str]:
         return {"plugin": self.info.name, "distribution": self.info.distribution,

@@ -46,6 +46,7 @@ class Recipe:
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = True
+    packing: Any = "auto"  # auto: pack where the family keeps packed samples apart; true: required; false: off
     seed: int = 42
     # logging, evaluation, checkpoints
     logging_steps: int = 1
@@ -85,6 +86,8 @@ def _coerce(name: str, value: Any, default: Any, where: str) -> Any:
         if isinstance(value, str):
             return value
         if name == "lora_targets" and isinstance(value, list):
+            return value
+        if name == "packing" and isinstance(value, bool):
             return value
     elif isinstance(default, list):
         if isinstance(value, list):
@@ -160,6 +163,8 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
         raise FamtuneError(f"{where}: no data given; set `data:` to a JSON or JSONL file")
     if recipe.quantization not in ("nf4", "none"):
         raise FamtuneError(f"{where}: quantization is {recipe.quantization!r}; expected nf4 or none")
+    if recipe.packing not in ("auto", True, False):
+        raise FamtuneError(f"{where}: packing is {recipe.packing!r}; expected auto, true or false")
     if not 0 <= recipe.eval_split < 1:
         raise FamtuneError(f"{where}: eval_split is {recipe.eval_split}; expected a fraction in [0, 1)")
     return recipe

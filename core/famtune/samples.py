@@ -2,10 +2,16 @@
 
 Nothing is dropped silently: bad records skipped, samples truncated and samples dropped because
 truncation would leave no supervised token are all counted in ``SampleReport``.
+
+Large files are encoded over several processes; every encoded file is cached (see ``prepcache``)
+so that a second run with the same inputs reads the samples back instead of re-tokenising.
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,9 +40,10 @@ class SampleReport:
     eval: int = 0
     tokens: int = 0
     supervised_tokens: int = 0
+    cache_lines: list[str] = field(default_factory=list)  # per file: encoded fresh or reused from the cache
 
     def lines(self) -> list[str]:
-        out = [
+        out = [*self.cache_lines,
             f"data: {', '.join(self.files)} ({', '.join(self.formats)}): {self.records} records -> "
             f"{self.train} train + {self.eval} eval samples, {self.tokens} tokens, {self.supervised_tokens} supervised",
         ]
@@ -75,30 +82,150 @@ def truncate(enc: EncodedConversation, max_length: int) -> tuple[EncodedConversa
     return EncodedConversation(enc.input_ids[:max_length], enc.labels[:max_length]), True
 
 
-def _encode_file(path: str, recipe, family, tokenizer, masking: str, report: SampleReport) -> list[Sample]:
-    read = read_conversations(path, fmt=recipe.data_format, skip_bad_records=recipe.skip_bad_records)
-    report.files.append(path)
-    report.formats.append(read.format)
-    report.records += len(read.conversations) + len(read.skipped)
-    report.skipped_bad += [(path, line, why) for line, why in read.skipped]
-    samples = []
-    for conv in read.conversations:
-        enc = family.encode(tokenizer, with_system(conv.messages, recipe.system), masking)
-        enc, cut = truncate(enc, recipe.max_length)
-        report.truncated += cut
+# Below this many conversations the cost of starting worker processes outweighs the gain.
+PARALLEL_MIN_CONVERSATIONS = 2000
+PROCESSES_ENV = "FAMTUNE_PREP_PROCESSES"
+
+# Handed to forked workers by inheritance: the tokenizer and the plugin facade are not sent over a pipe.
+_JOB: dict[str, Any] = {}
+
+
+def _encode_range(start: int, stop: int):
+    """Encode conversations [start, stop) of the current job into flat int32 arrays."""
+    import numpy as np
+
+    job = _JOB
+    family, tokenizer, masking, system, max_length = (job["family"], job["tokenizer"], job["masking"],
+                                                      job["system"], job["max_length"])
+    ids: list[int] = []
+    labels: list[int] = []
+    lengths, lines, dropped = [], [], []
+    truncated = 0
+    for conv in job["conversations"][start:stop]:
+        enc = family.encode(tokenizer, with_system(conv.messages, system), masking)
+        enc, cut = truncate(enc, max_length)
+        truncated += cut
         # The loss predicts token i from tokens < i, so the first position's label never counts.
         if all(x == IGNORE_INDEX for x in enc.labels[1:]):
-            report.dropped_no_supervision.append((conv.source, conv.line))
+            dropped.append(conv.line)
             continue
-        samples.append(Sample(enc.input_ids, enc.labels, conv.source, conv.line))
-    return samples
+        ids += enc.input_ids
+        labels += enc.labels
+        lengths.append(len(enc.input_ids))
+        lines.append(conv.line)
+    return (np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32),
+            np.asarray(lengths, dtype=np.int64), np.asarray(lines, dtype=np.int64), truncated, dropped)
+
+
+def _processes(n_conversations: int, requested: int | None) -> int:
+    if requested is None:
+        env = os.environ.get(PROCESSES_ENV)
+        if env:
+            try:
+                requested = int(env)
+            except ValueError:
+                raise FamtuneError(f"{PROCESSES_ENV}={env!r} is not a number; set it to a process count, "
+                                   "e.g. 2") from None
+        elif n_conversations < PARALLEL_MIN_CONVERSATIONS:
+            requested = 1
+        else:
+            requested = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # Workers inherit the tokenizer and plugins by fork; without fork the one-process path is used.
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    return max(1, min(requested, n_conversations // 64 or 1))
+
+
+def encode_conversations(conversations: list, family, tokenizer, masking: str, system: str | None,
+                         max_length: int, processes: int | None = None):
+    """Encode, truncate and filter conversations, over several processes for large inputs.
+
+    Returns ``(ids, labels, lengths, lines, truncated, dropped_lines)`` with flat int32 ids and
+    labels. The result does not depend on the number of processes.
+    """
+    import numpy as np
+
+    n = len(conversations)
+    procs = _processes(n, processes)
+    _JOB.update(family=family, tokenizer=tokenizer, masking=masking, system=system, max_length=max_length,
+                conversations=conversations)
+    try:
+        if procs <= 1:
+            parts = [_encode_range(0, n)]
+        else:
+            # Several chunks per process even out slow and fast chunks; order is kept by map.
+            step = max(1, -(-n // (procs * 8)))
+            bounds = [(i, min(i + step, n)) for i in range(0, n, step)]
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            try:
+                with multiprocessing.get_context("fork").Pool(procs) as pool:
+                    parts = pool.starmap(_encode_range, bounds)
+            except Exception:
+                # A plugin error inside a worker loses its type on the way back; encode here to
+                # raise it with its own message.
+                parts = [_encode_range(0, n)]
+    finally:
+        _JOB.clear()
+    ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
+    labels = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int32)
+    lengths = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int64)
+    lines = np.concatenate([p[3] for p in parts]) if parts else np.zeros(0, np.int64)
+    return ids, labels, lengths, lines, sum(p[4] for p in parts), [x for p in parts for x in p[5]]
+
+
+def _encode_file_arrays(path: str, recipe, family, tokenizer, masking: str, tokenizer_hash: str,
+                        report: SampleReport):
+    import numpy as np
+
+    from famtune import prepcache
+
+    key = prepcache.cache_key(path, tokenizer_hash, family, masking=masking, system=recipe.system,
+                              max_length=recipe.max_length, data_format=recipe.data_format,
+                              skip_bad_records=recipe.skip_bad_records)
+    cached = prepcache.load(key)
+    if cached is not None:
+        report.cache_lines.append(f"data: {path}: reused the cached encoding {prepcache.entry_path(key)}")
+        return cached
+    started = time.perf_counter()
+    read = read_conversations(path, fmt=recipe.data_format, skip_bad_records=recipe.skip_bad_records)
+    procs = _processes(len(read.conversations), None)
+    ids, labels, lengths, lines, truncated, dropped = encode_conversations(
+        read.conversations, family, tokenizer, masking, recipe.system, recipe.max_length, procs)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    enc = prepcache.EncodedFile(format=read.format, records=len(read.conversations) + len(read.skipped),
+                                skipped_bad=list(read.skipped), truncated=truncated, dropped_lines=dropped,
+                                ids=ids, labels=labels, offsets=offsets, lines=lines)
+    where = prepcache.save(key, enc)
+    report.cache_lines.append(
+        f"data: {path}: encoded {len(read.conversations)} conversations in {time.perf_counter() - started:.1f}s "
+        f"({procs} process{'es' if procs > 1 else ''}); "
+        + (f"cached as {where}" if where else f"could not write the cache under {prepcache.cache_root()}"))
+    return enc
+
+
+def _encode_file(path: str, recipe, family, tokenizer, masking: str, tokenizer_hash: str,
+                 report: SampleReport) -> list[Sample]:
+    enc = _encode_file_arrays(path, recipe, family, tokenizer, masking, tokenizer_hash, report)
+    report.files.append(path)
+    report.formats.append(enc.format)
+    report.records += enc.records
+    report.skipped_bad += [(path, line, why) for line, why in enc.skipped_bad]
+    report.truncated += enc.truncated
+    report.dropped_no_supervision += [(path, line) for line in enc.dropped_lines]
+    ids, labels, offsets = enc.ids.tolist(), enc.labels.tolist(), enc.offsets.tolist()
+    return [Sample(ids[a:b], labels[a:b], path, line)
+            for a, b, line in zip(offsets[:-1], offsets[1:], enc.lines.tolist())]
 
 
 def prepare_samples(recipe, family, tokenizer, masking: str) -> tuple[list[Sample], list[Sample], SampleReport]:
+    from famtune.prepcache import tokenizer_digest
+
     report = SampleReport()
-    train = _encode_file(recipe.data, recipe, family, tokenizer, masking, report)
+    tok_hash = tokenizer_digest(tokenizer)
+    train = _encode_file(recipe.data, recipe, family, tokenizer, masking, tok_hash, report)
     if recipe.eval_data:
-        evals = _encode_file(recipe.eval_data, recipe, family, tokenizer, masking, report)
+        evals = _encode_file(recipe.eval_data, recipe, family, tokenizer, masking, tok_hash, report)
     elif recipe.eval_split > 0 and len(train) > 1:
         order = list(range(len(train)))
         random.Random(recipe.seed).shuffle(order)

@@ -100,3 +100,11 @@ def famtune_tiny_checkpoint(family: str, out_dir: str, corpus: list[str]):
     from famtune_baichuan2 import tiny
 
     return tiny.write_tiny_checkpoint(family, out_dir, corpus)
+
+
+@famtune.hookimpl
+def famtune_supports_packing(family: str) -> bool:
+    # Baichuan2-7B loads as native Llama and honours restarting position ids. Baichuan2-13B's
+    # ALiBi model builds its bias from absolute offsets and ignores position ids, so packed
+    # samples would attend to each other.
+    return family == "baichuan2-7b"

@@ -97,3 +97,17 @@ def famtune_write_original_layout(family: str, native_dir: str, out_dir: str, or
 
     layout.write_original(native_dir, out_dir, original_config)
     return True
+
+
+@famtune.hookimpl
+def famtune_supports_packing(family: str) -> bool:
+    # ChatGLM3 and GLM-4 load as native Glm: restarting position ids drive both its partial
+    # RoPE and the per-sample block-diagonal mask.
+    return True
+
+
+@famtune.hookimpl
+def famtune_tiny_checkpoint(family: str, out_dir: str, corpus: list[str]) -> bool:
+    from famtune_chatglm import tiny
+
+    return tiny.write_tiny_checkpoint(family, out_dir, corpus)

@@ -136,3 +136,17 @@ def famtune_write_original_layout(family: str, native_dir: str, out_dir: str, or
 
     files.write_original_layout(native_dir, out_dir, original_config)
     return True
+
+
+@famtune.hookimpl
+def famtune_tiny_checkpoint(family: str, out_dir: str, corpus: list[str]):
+    from famtune_internlm2 import tiny
+
+    return tiny.write_tiny_checkpoint(out_dir, corpus)
+
+
+@famtune.hookimpl
+def famtune_supports_packing(family: str) -> bool:
+    # InternLM2 loads as native Llama: restarting position ids drive both RoPE and the
+    # per-sample block-diagonal mask.
+    return True

@@ -151,3 +151,10 @@ def famtune_tiny_checkpoint(family: str, out_dir: str, corpus: list[str]):
     from famtune_qwen import tiny
 
     return tiny.write_tiny_checkpoint(family, out_dir, corpus)
+
+
+@famtune.hookimpl
+def famtune_supports_packing(family: str) -> bool:
+    # Every Qwen family loads as native Qwen2/Qwen3, whose mask builder turns restarting position
+    # ids into a per-sample block-diagonal mask and whose RoPE takes the same position ids.
+    return True

@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""Data preparation speed: famtune (cold and warm cache) against TRL's dataset preparation.
+
+Builds a 100k-conversation file by repeating the shared fixture's train.jsonl, then measures
+conversations/s for reading, encoding (chat format + assistant-only labels) and truncation to
+max_length. TRL is measured through ``SFTTrainer._prepare_dataset`` (datasets ``map`` with
+``apply_chat_template`` and assistant masks), the step a TRL user waits for, in TRL's own venv.
+
+Usage: python bench/preprocess_throughput.py [--fixture DIR] [--conversations 100000]
+Prints one line ``RESULT {json}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_BENCH = ROOT.parent / "shared" / "bench"
+TRL_PYTHON = Path("/work/trlvenv/bin/python")
+
+# Run by TRL's interpreter: the preparation SFTTrainer performs before training, nothing else.
+TRL_PREP = r"""
+import json, sys, time, tempfile
+import datasets
+from datasets import load_dataset
+from transformers import AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+datasets.disable_progress_bars()
+data, model, max_length, procs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+tok = AutoTokenizer.from_pretrained(model)
+t0 = time.perf_counter()
+with tempfile.TemporaryDirectory() as cache:  # a fresh datasets cache: nothing reused from earlier runs
+    ds = load_dataset("json", data_files=data, split="train", cache_dir=cache)
+    args = SFTConfig(output_dir=cache, max_length=max_length, assistant_only_loss=True, packing=False,
+                     dataset_num_proc=procs or None, report_to="none", use_cpu=True)
+    class Host:  # the attributes _prepare_dataset reads from the trainer
+        _tokenizer = tok
+        chat_template = None
+        completion_only_loss = False
+        _is_vision_dataset = False
+    out = SFTTrainer._prepare_dataset(Host(), ds, tok, args, False, None, "train")
+    n = len(out)
+    elapsed = time.perf_counter() - t0
+print("TRL", json.dumps({"seconds": elapsed, "rows": n}))
+"""
+
+
+def ensure_fixture(fixture: Path) -> Path:
+    if not (fixture / "data" / "train.jsonl").exists():
+        subprocess.run([sys.executable, str(SHARED_BENCH / "make_fixture.py"), str(fixture)], check=True,
+                       stdout=subprocess.DEVNULL)
+    return fixture
+
+
+def repeated_file(fixture: Path, n: int) -> Path:
+    out = fixture / "data" / f"train_{n}.jsonl"
+    if out.exists():
+        return out
+    lines = (fixture / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    with open(out, "w", encoding="utf-8") as f:
+        for i in range(n):
+            f.write(lines[i % len(lines)] + "\n")
+    return out
+
+
+def famtune_prepare(data: Path, model: Path, max_length: int) -> tuple[float, int, list[str]]:
+    from famtune.checkpoint import open_checkpoint
+    from famtune.samples import prepare_samples
+
+    ckpt = open_checkpoint(str(model))
+    tok = ckpt.load_tokenizer()
+    recipe = SimpleNamespace(data=str(data), data_format="auto", skip_bad_records=False, system=None,
+                             max_length=max_length, eval_data=None, eval_split=0.0, seed=0)
+    t0 = time.perf_counter()
+    train, _, report = prepare_samples(recipe, ckpt.family, tok, "all_assistant")
+    return time.perf_counter() - t0, len(train), report.lines()
+
+
+def trl_prepare(data: Path, model: Path, max_length: int, procs: int) -> dict | None:
+    if not TRL_PYTHON.exists():
+        return None
+    res = subprocess.run([str(TRL_PYTHON), "-c", TRL_PREP, str(data), str(model), str(max_length), str(procs)],
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    for line in res.stdout.splitlines():
+        if line.startswith("TRL "):
+            return json.loads(line[4:])
+    print(res.stderr[-2000:], file=sys.stderr)
+    return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fixture", default="/tmp/famtune-bench-fixture")
+    ap.add_argument("--conversations", type=int, default=100_000)
+    ap.add_argument("--max-length", type=int, default=512)
+    args = ap.parse_args()
+    fixture = ensure_fixture(Path(args.fixture))
+    data = repeated_file(fixture, args.conversations)
+    model = fixture / "model"
+    n = args.conversations
+    cache = tempfile.mkdtemp(prefix="famtune-prep-cache-")
+    os.environ["FAMTUNE_CACHE"] = cache
+    try:
+        cold_s, kept, cold_lines = famtune_prepare(data, model, args.max_length)
+        warm_s, kept_warm, warm_lines = famtune_prepare(data, model, args.max_length)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    assert kept == kept_warm, (kept, kept_warm)
+    for line in cold_lines[:1] + warm_lines[:1]:
+        print(line)
+    result = {"conversations": n, "samples": kept, "famtune_cold_s": round(cold_s, 2),
+              "famtune_warm_s": round(warm_s, 2), "famtune_cold_conv_per_s": round(n / cold_s),
+              "famtune_warm_conv_per_s": round(n / warm_s)}
+    trl = trl_prepare(data, model, args.max_length, 0)
+    if trl:
+        result.update(trl_s=round(trl["seconds"], 2), trl_conv_per_s=round(n / trl["seconds"]),
+                      ratio_cold_vs_trl=round(trl["seconds"] / cold_s, 2),
+                      ratio_warm_vs_trl=round(trl["seconds"] / warm_s, 2))
+    print("RESULT " + json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
