@@ -574,3 +574,10 @@ def test_source_directory_is_never_written(tmp_path):
         assert sorted(p.name for p in src.iterdir()) == sorted(p.name for p in TINY.iterdir())
     finally:
         src.chmod(0o755)
+
+
+def test_padded_embedding_rows_decode_to_nothing(glm3_tok, glm4_tok):
+    # Real checkpoints have more embedding rows than tokens; an id past the tokenizer must not crash chat.
+    assert glm3_tok.decode([30910, 13, len(glm3_tok) + 100, 64795]) == "\n<|user|>"
+    tail = glm4_tok.convert_tokens_to_ids("<|user|>")
+    assert glm4_tok.decode([len(glm4_tok) + 5, tail]) == "<|user|>"

@@ -251,7 +251,6 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        import torch
         from tqdm.auto import tqdm
 
         r = self.recipe

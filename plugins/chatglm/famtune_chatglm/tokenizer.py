@@ -90,6 +90,9 @@ class ChatGLM3Tokenizer(SentencePieceBackend):
     def _decode(self, token_ids: Any, skip_special_tokens: bool = False, **kwargs: Any) -> str:
         # As SPTokenizer.decode: runs of SentencePiece ids through sp.decode, command tokens as text.
         ids = [int(token_ids)] if isinstance(token_ids, int) else [int(i) for i in token_ids]
+        # Checkpoints pad the embedding past the vocabulary (ChatGLM3: 65024 rows for 64798 tokens);
+        # a barely trained model can emit such an id, which names no token and decodes to nothing.
+        ids = [i for i in ids if i < len(self)]
         skip = set(self.all_special_ids) if skip_special_tokens else set()
         text, run = [], []
         for i in ids:

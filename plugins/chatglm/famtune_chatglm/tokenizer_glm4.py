@@ -130,6 +130,9 @@ class GLM4Tokenizer(PreTrainedTokenizer):
 
     def _decode(self, token_ids: Any, skip_special_tokens: bool = False, **kwargs: Any) -> str:
         ids = [int(token_ids)] if isinstance(token_ids, int) else [int(i) for i in token_ids]
+        # Checkpoints pad the embedding past the vocabulary (ChatGLM3: 65024 rows for 64798 tokens);
+        # a barely trained model can emit such an id, which names no token and decodes to nothing.
+        ids = [i for i in ids if i < len(self)]
         return self.convert_tokens_to_string(self.convert_ids_to_tokens(ids, skip_special_tokens=skip_special_tokens))
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
