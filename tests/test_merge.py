@@ -12,24 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import ADAPTER_ANSWERS, ADAPTER_FAMILY, build_base_and_adapter
+
 from famtune.checkpoint import open_checkpoint
 from famtune.errors import FamtuneError
 from famtune.merge import merge
 from famtune.metadata import build_metadata, read_metadata, write_metadata
-from famtune.plugins import get_plugins
 
-FAMILY = "qwen2.5"
-CORPUS = [
-    "hello there, how are you today?",
-    "I am fine, thank you. The quick brown fox jumps over the lazy dog.",
-    "What is the capital of France? Paris is the capital of France.",
-    "Tell me a story about a small robot who learned to paint.",
-] * 10
-TRAIN = [
-    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "I am fine, thank you."}],
-    [{"role": "user", "content": "What is the capital of France?"},
-     {"role": "assistant", "content": "Paris is the capital of France."}],
-]
+FAMILY = ADAPTER_FAMILY
+TRAIN = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in ADAPTER_ANSWERS.items()]
 PROMPTS = [
     [{"role": "user", "content": "hi"}],
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -38,45 +29,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # bitsandbytes' CPU kernels use torch's OpenMP pool; on a busy 2-core machine each NF4 call then
-    # waits ~12 ms for threads (measured) instead of taking microseconds.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
-
-
-def build_base_and_adapter(root: Path, steps: int = 80):
-    """A tiny base, and a QLoRA adapter trained on it for a few steps, with its famtune.json."""
-    from peft import LoraConfig, get_peft_model
-
-    family = get_plugins().claim({}, "", family=FAMILY)
-    base, adapter = root / "base", root / "adapter"
-    assert family.tiny_checkpoint(str(base), CORPUS)
-    ckpt = open_checkpoint(str(base), family=FAMILY)
-    tokenizer = ckpt.load_tokenizer()
-    torch.manual_seed(0)
-    model = ckpt.load_model(quantization="nf4", compute_dtype="fp32")
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False, task_type="CAUSAL_LM",
-                        target_modules=family.lora_target_modules(model, "default"))
-    model = get_peft_model(model, config)
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    batches = [family.encode(tokenizer, conv, masking="all_assistant") for conv in TRAIN]
-    for step in range(steps):
-        enc = batches[step % len(batches)]
-        loss = model(input_ids=torch.tensor([enc.input_ids]), labels=torch.tensor([enc.labels])).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(str(adapter))
-    meta = build_metadata(family=family, template_name=family.conversation_template().name,
-                          generation=family.generation_defaults(tokenizer), base_model=str(base),
-                          base_path=str(base), quantization="nf4", compute_dtype="fp32", masking="all_assistant",
-                          max_length=256, system=None)
-    write_metadata(adapter, meta)
-    return family, base, adapter
 
 
 def nf4_with_adapter(base: Path, adapter: Path, family: str = FAMILY):

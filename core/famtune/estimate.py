@@ -11,7 +11,7 @@ Nothing is loaded but the module tree on the meta device. The estimate follows w
   tensors) and the backward peak of one recomputed layer.
 
 The per-token counts of one recomputed layer (``_HIDDEN_PER_TOKEN``, ``_INTERMEDIATE_PER_TOKEN``) were
-counted from the tensors alive at that peak in a Llama/Qwen2-style layer: norm outputs and their
+counted from the tensors alive at that peak in a standard decoder layer (RMSNorm, rotary attention, gated MLP): norm outputs and their
 intermediates, attention in/out, rotary copies, the gate/up/activation/product of the MLP, and
 one dropout copy of the input per LoRA-targeted projection.
 """
