@@ -16,11 +16,8 @@ MAX_ERROR = 0.10
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def qwen2_dir(path, hidden, inter, layers, vocab):

@@ -32,13 +32,8 @@ NATIVE_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matrices gain nothing from threads, and on a busy 2-core machine thread contention
-    # made each small matmul thousands of times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,8 @@ CORPUS = ["hello there, how are you today?", "The quick brown fox jumps over the
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def make_adapter(base: Path, adapter: Path, family_name: str | None = None, **lora):

@@ -15,14 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from famtune.cache import cache_dir
+
 #: Bump when the layout of a cache entry or the meaning of its counts changes.
 CACHE_FORMAT = 1
-CACHE_ENV = "FAMTUNE_CACHE"
-
-
 def cache_root() -> Path:
-    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "famtune")
-    return Path(root) / "samples"
+    return cache_dir("samples")
 
 
 def file_digest(path: str) -> str:

@@ -17,15 +17,15 @@ import shutil
 import tempfile
 from typing import Any
 
+from famtune.cache import cache_dir
 from famtune_baichuan2 import convert
 
-CACHE_ENV = "FAMTUNE_CACHE"
 # Bump when the conversion changes, so caches written by an older converter are not reused.
 CONVERTER_VERSION = "1"
 
 
 def cache_root() -> str:
-    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "famtune")
+    return str(cache_dir())
 
 
 def cache_key(path: str) -> str:

@@ -14,13 +14,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from famtune.cache import cache_dir
 from famtune.errors import FamtuneError
 
 from famtune_chatglm import convert
 
 #: Bump when the conversion changes, so stale cache entries are not reused.
 CONVERTER_VERSION = "1"
-CACHE_ENV = "FAMTUNE_CACHE"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_SHARD_BYTES = 5 * 10**9
@@ -28,8 +28,7 @@ _DONE = ".famtune-complete"
 
 
 def cache_root() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "famtune"
+    return cache_dir()
 
 
 def _weight_files(src: Path) -> list[Path]:

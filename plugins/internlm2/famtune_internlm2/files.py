@@ -13,9 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from famtune.cache import cache_dir
 from famtune_internlm2 import convert
 
-CACHE_ENV = "FAMTUNE_CACHE"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 #: Part of the cache key: bump it when the conversion's output changes.
@@ -55,7 +55,7 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "famtune")
+    return cache_dir()
 
 
 def cache_key(path: str | os.PathLike) -> str:

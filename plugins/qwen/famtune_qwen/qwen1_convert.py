@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from famtune.cache import cache_dir
 from famtune.errors import FamtuneError
 
 FAMILY = "qwen1"
@@ -367,7 +368,7 @@ def write_original_layout(native_dir: str, out_dir: str, original_config: dict[s
 # -- loading ----------------------------------------------------------------------------------------
 
 def cache_root() -> Path:
-    return Path(os.environ.get("FAMTUNE_CACHE") or Path.home() / ".cache" / "famtune")
+    return cache_dir()
 
 
 def cache_key(path: str | Path) -> str:

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from famtune.cache import cache_dir
 from famtune.errors import FamtuneError
 
 VOCAB_FILE = "qwen.tiktoken"
@@ -111,7 +112,7 @@ def build_backend(ranks: dict[bytes, int]):
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("FAMTUNE_CACHE") or Path.home() / ".cache" / "famtune")
+    return cache_dir()
 
 
 def tokenizer_json(vocab_file: str | Path) -> Path:
