@@ -32,6 +32,9 @@ class Recipe:
     # QLoRA / LoRA
     quantization: str = "nf4"  # nf4 (QLoRA) or none (LoRA on the full-precision base)
     compute_dtype: str = "auto"
+    # bf16/fp16 4-bit matmuls: auto runs them through fp32 kernels where the device only emulates
+    # half precision (same products, fp32 accumulation, 4-5x faster there); native or fp32 force one
+    half_matmul: str = "auto"
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -163,6 +166,8 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
         raise FamtuneError(f"{where}: no data given; set `data:` to a JSON or JSONL file")
     if recipe.quantization not in ("nf4", "none"):
         raise FamtuneError(f"{where}: quantization is {recipe.quantization!r}; expected nf4 or none")
+    if recipe.half_matmul not in ("auto", "native", "fp32"):
+        raise FamtuneError(f"{where}: half_matmul is {recipe.half_matmul!r}; expected auto, native or fp32")
     if recipe.packing not in ("auto", True, False):
         raise FamtuneError(f"{where}: packing is {recipe.packing!r}; expected auto, true or false")
     if not 0 <= recipe.eval_split < 1:

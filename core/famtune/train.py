@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from famtune import checkpoint as ckpt_mod
+from famtune import kernels
 from famtune import packing as packing_mod
 from famtune import run_state
 from famtune.encoding import IGNORE_INDEX
 from famtune.errors import FamtuneError
+from famtune.loss import causal_lm_loss
 from famtune.metadata import build_metadata, write_metadata
 from famtune.recipe import Recipe
 from famtune.samples import Sample, prepare_samples
@@ -199,6 +201,15 @@ class Trainer:
         config = LoraConfig(r=r.lora_r, lora_alpha=r.lora_alpha, lora_dropout=r.lora_dropout,
                             target_modules=targets, bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
+        self.kernels = {"lora_dropout_replaced": kernels.use_fast_lora_dropout(model), "half_matmul_widened": 0}
+        if r.quantization == "nf4":
+            from famtune.checkpoint import resolve_dtype
+
+            widen, why = kernels.resolve_half_matmul(r.half_matmul, self.accelerator.device,
+                                                     resolve_dtype(r.compute_dtype))
+            if widen:
+                self.kernels["half_matmul_widened"] = kernels.widen_4bit_matmuls(model)
+            self.log(why)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         self.param_counts = {"trainable": n_train, "total": n_all}
@@ -218,8 +229,7 @@ class Trainer:
             for i in range(0, len(self.eval_samples), self.recipe.batch_size):
                 batch = collate(self.eval_samples[i:i + self.recipe.batch_size], self.pad_id, self.accelerator.device)
                 n = supervised_count(batch)
-                out = self.model(**batch, num_items_in_batch=torch.tensor(n, device=self.accelerator.device))
-                total += float(out.loss) * n
+                total += float(causal_lm_loss(self.model, batch, max(n, 1))) * n
                 count += n
         self.model.train()
         return total / max(count, 1)
@@ -316,7 +326,7 @@ class Trainer:
                    "tokens_nonpad": tokens_seen, **self.counts,
                    "parameters": self.param_counts, "data": self.report.to_dict(), "output_dir": str(self.out),
                    "peak_rss_mib": run_state.peak_rss_mib(), "peak_accelerator_mib": run_state.peak_accelerator_mib(),
-                   "family": self.family.describe()}
+                   "family": self.family.describe(), "kernels": self.kernels}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.log(f"done: {step} steps, final loss {last_loss:.4f}"
                  + (f", eval loss {final['eval_loss']:.4f}" if final.get("eval_loss") is not None else "")
@@ -336,9 +346,9 @@ class Trainer:
             sync = k == len(batches) - 1
             ctx = self.accelerator.no_sync(self.model) if not sync else contextlib.nullcontext()
             with ctx:
-                out = self.model(**batch, num_items_in_batch=n_items_t)
-                self.accelerator.backward(out.loss)
-            total_loss += float(out.loss.detach())
+                loss = causal_lm_loss(self.model, batch, n_items_t)
+                self.accelerator.backward(loss)
+            total_loss += float(loss.detach())
             tokens += real[k]
             self.counts["tokens_total"] += int(batch["input_ids"].numel())
         self.counts["tokens_supervised"] += n_items
