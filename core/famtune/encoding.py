@@ -51,6 +51,17 @@ class ConversationBuilder:
     def tokenize(self, text: str) -> list[int]:
         if not text:
             return []
+        cache = _ACTIVE_CACHE
+        if cache is not None and cache.tokenizer is self.tokenizer:
+            ids = cache.lookup(text, self.split_special_tokens)
+            if ids is not None:
+                return list(ids)
+            ids = self._tokenize(text)
+            cache.store(text, self.split_special_tokens, ids)
+            return ids
+        return self._tokenize(text)
+
+    def _tokenize(self, text: str) -> list[int]:
         if self.split_special_tokens:
             return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -93,3 +104,73 @@ class ConversationBuilder:
                 supervised = p.turn is not None
             labels.extend(p.ids if supervised else [IGNORE_INDEX] * len(p.ids))
         return EncodedConversation(ids, labels)
+
+
+class TokenCache:
+    """An exact memo of text -> token ids for one tokenizer, filled by batched tokenizer calls.
+
+    Encoding a conversation asks the tokenizer for a dozen small pieces (role headers, newlines,
+    contents), and for short pieces the tokenizer's per-call overhead costs more than the
+    tokenization itself. ``batched_tokenization`` encodes a block of conversations twice: a
+    recording pass, in which every builder piece is noted and answered with no ids, then one
+    batched tokenizer call for all distinct pieces, then the real pass, whose pieces are all
+    answered from the memo. Tokenization is a pure function of the text, so the result is
+    exactly that of tokenizing piece by piece; a piece the recording pass did not foresee is
+    tokenized on the spot. Repeated pieces (headers, default system prompts, repeated samples)
+    are tokenized once. The memo is emptied when it holds ``max_entries`` pieces.
+    """
+
+    def __init__(self, tokenizer: Any, max_entries: int = 200_000) -> None:
+        self.tokenizer = tokenizer
+        self.max_entries = max_entries
+        self.ids: dict[tuple[bool, str], list[int]] = {}
+        self.pending: set[tuple[bool, str]] | None = None
+
+    def lookup(self, text: str, split: bool) -> list[int] | None:
+        key = (split, text)
+        ids = self.ids.get(key)
+        if ids is None and self.pending is not None:
+            self.pending.add(key)
+            return []
+        return ids
+
+    def store(self, text: str, split: bool, ids: list[int]) -> None:
+        self.ids[(split, text)] = ids
+
+    def record(self) -> None:
+        """Start a recording pass."""
+        if len(self.ids) >= self.max_entries:
+            self.ids.clear()
+        self.pending = set()
+
+    def fill(self) -> None:
+        """End the recording pass: tokenize every noted piece in one call per special-token mode."""
+        pending, self.pending = self.pending or set(), None
+        for split in (False, True):
+            texts = [text for s, text in pending if s == split]
+            if not texts:
+                continue
+            extra = {"split_special_tokens": True} if split else {}
+            out = self.tokenizer(texts, add_special_tokens=False, **extra)["input_ids"]
+            for text, ids in zip(texts, out):
+                self.ids[(split, text)] = list(ids)
+
+
+_ACTIVE_CACHE: TokenCache | None = None
+
+
+class batched_tokenization:
+    """Context in which every ``ConversationBuilder`` on ``cache.tokenizer`` uses ``cache``."""
+
+    def __init__(self, cache: TokenCache) -> None:
+        self.cache = cache
+
+    def __enter__(self) -> TokenCache:
+        global _ACTIVE_CACHE
+        self.previous, _ACTIVE_CACHE = _ACTIVE_CACHE, self.cache
+        return self.cache
+
+    def __exit__(self, *exc) -> None:
+        global _ACTIVE_CACHE
+        _ACTIVE_CACHE = self.previous
+        self.cache.pending = None

@@ -272,7 +272,8 @@ class Family:
             raise self._bad(hook, "gave an empty sequence")
         if not add_generation_prompt and enc.num_supervised == 0:
             raise self._bad(hook, f"supervised no token under masking {masking!r}")
-        bad = [x for x in enc.labels if x != IGNORE_INDEX and not 0 <= x < len(tokenizer)]
+        vocab = len(tokenizer)
+        bad = [x for x in enc.labels if x != IGNORE_INDEX and not 0 <= x < vocab]
         if bad:
             raise self._bad(hook, f"gave label ids outside the tokenizer: {bad[:5]}")
         return enc

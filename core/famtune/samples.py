@@ -16,16 +16,40 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from famtune.data import read_conversations
-from famtune.encoding import IGNORE_INDEX, EncodedConversation
+from famtune.encoding import IGNORE_INDEX, EncodedConversation, TokenCache, batched_tokenization
 from famtune.errors import FamtuneError
 
 
-@dataclass
 class Sample:
-    input_ids: list[int]
-    labels: list[int]
-    source: str
-    line: int
+    """One model-ready sample: its ids, labels and the record it came from.
+
+    Samples read from an encoded file hold slices of the file's flat arrays and give their ids
+    and labels as lists on access, so 100k samples cost no list building up front.
+    """
+
+    __slots__ = ("_ids", "_labels", "source", "line", "num_supervised")
+
+    def __init__(self, input_ids, labels, source: str, line: int, num_supervised: int | None = None) -> None:
+        self._ids, self._labels, self.source, self.line = input_ids, labels, source, line
+        if num_supervised is None:
+            num_supervised = sum(1 for x in labels if x != IGNORE_INDEX)
+        self.num_supervised = int(num_supervised)
+
+    @property
+    def input_ids(self) -> list[int]:
+        ids = self._ids
+        return ids if isinstance(ids, list) else ids.tolist()
+
+    @property
+    def labels(self) -> list[int]:
+        labels = self._labels
+        return labels if isinstance(labels, list) else labels.tolist()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __repr__(self) -> str:
+        return f"Sample({self.source}:{self.line}, {len(self)} tokens, {self.num_supervised} supervised)"
 
 
 @dataclass
@@ -85,6 +109,8 @@ def truncate(enc: EncodedConversation, max_length: int) -> tuple[EncodedConversa
 # Below this many conversations the cost of starting worker processes outweighs the gain.
 PARALLEL_MIN_CONVERSATIONS = 2000
 PROCESSES_ENV = "FAMTUNE_PREP_PROCESSES"
+# Conversations per recording pass and batched tokenizer call (see encoding.TokenCache).
+TOKENIZE_BLOCK = 256
 
 # Handed to forked workers by inheritance: the tokenizer and the plugin facade are not sent over a pipe.
 _JOB: dict[str, Any] = {}
@@ -101,20 +127,37 @@ def _encode_range(start: int, stop: int):
     labels: list[int] = []
     lengths, lines, dropped = [], [], []
     truncated = 0
-    for conv in job["conversations"][start:stop]:
-        enc = family.encode(tokenizer, with_system(conv.messages, system), masking)
-        enc, cut = truncate(enc, max_length)
-        truncated += cut
-        # The loss predicts token i from tokens < i, so the first position's label never counts.
-        if all(x == IGNORE_INDEX for x in enc.labels[1:]):
-            dropped.append(conv.line)
-            continue
-        ids += enc.input_ids
-        labels += enc.labels
-        lengths.append(len(enc.input_ids))
-        lines.append(conv.line)
+    cache = job.setdefault("token_cache", TokenCache(tokenizer))
+    with batched_tokenization(cache):
+        for block in range(start, stop, TOKENIZE_BLOCK):
+            convs = job["conversations"][block:min(block + TOKENIZE_BLOCK, stop)]
+            cache.record()
+            for conv in convs:
+                try:
+                    family.encode(tokenizer, with_system(conv.messages, system), masking)
+                except Exception:  # the recording pass only collects pieces; the real pass raises
+                    pass
+            cache.fill()
+            for conv in convs:
+                truncated += _encode_one(conv, family, tokenizer, masking, system, max_length,
+                                         ids, labels, lengths, lines, dropped)
     return (np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32),
             np.asarray(lengths, dtype=np.int64), np.asarray(lines, dtype=np.int64), truncated, dropped)
+
+
+def _encode_one(conv, family, tokenizer, masking, system, max_length, ids, labels, lengths, lines, dropped) -> int:
+    """Encode one conversation onto the flat lists; returns 1 if it was truncated."""
+    enc = family.encode(tokenizer, with_system(conv.messages, system), masking)
+    enc, cut = truncate(enc, max_length)
+    # The loss predicts token i from tokens < i, so the first position's label never counts.
+    if all(x == IGNORE_INDEX for x in enc.labels[1:]):
+        dropped.append(conv.line)
+        return int(cut)
+    ids += enc.input_ids
+    labels += enc.labels
+    lengths.append(len(enc.input_ids))
+    lines.append(conv.line)
+    return int(cut)
 
 
 def _processes(n_conversations: int, requested: int | None) -> int:
@@ -213,9 +256,14 @@ def _encode_file(path: str, recipe, family, tokenizer, masking: str, tokenizer_h
     report.skipped_bad += [(path, line, why) for line, why in enc.skipped_bad]
     report.truncated += enc.truncated
     report.dropped_no_supervision += [(path, line) for line in enc.dropped_lines]
-    ids, labels, offsets = enc.ids.tolist(), enc.labels.tolist(), enc.offsets.tolist()
-    return [Sample(ids[a:b], labels[a:b], path, line)
-            for a, b, line in zip(offsets[:-1], offsets[1:], enc.lines.tolist())]
+    import numpy as np
+
+    offsets = enc.offsets.tolist()
+    supervised = (enc.labels != IGNORE_INDEX).astype(np.int64)
+    per_sample = np.add.reduceat(supervised, enc.offsets[:-1]).tolist() if len(offsets) > 1 else []
+    ids, labels = enc.ids, enc.labels
+    return [Sample(ids[a:b], labels[a:b], path, line, n)
+            for a, b, line, n in zip(offsets[:-1], offsets[1:], enc.lines.tolist(), per_sample)]
 
 
 def prepare_samples(recipe, family, tokenizer, masking: str) -> tuple[list[Sample], list[Sample], SampleReport]:
@@ -238,6 +286,6 @@ def prepare_samples(recipe, family, tokenizer, masking: str) -> tuple[list[Sampl
     if not train:
         raise FamtuneError(f"{recipe.data}: no trainable sample left; see the counts above")
     report.train, report.eval = len(train), len(evals)
-    report.tokens = sum(len(s.input_ids) for s in train)
-    report.supervised_tokens = sum(sum(1 for x in s.labels if x != IGNORE_INDEX) for s in train)
+    report.tokens = sum(len(s) for s in train)
+    report.supervised_tokens = sum(s.num_supervised for s in train)
     return train, evals, report

@@ -128,7 +128,7 @@ class Trainer:
             self.log(line)
 
         self.packing = resolve_packing(r.packing, self.family)
-        self._lengths = [len(s.input_ids) for s in self.train_samples]
+        self._lengths = [len(s) for s in self.train_samples]
         if self.packing:
             rows = len(packing_mod.best_fit_decreasing(self._lengths, r.max_length))
             self.log(f"packing: {len(self.train_samples)} samples into {rows} rows of up to {r.max_length} tokens "
