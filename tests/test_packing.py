@@ -12,6 +12,7 @@ import yaml
 from conftest import famtune_cli
 from famtune.encoding import IGNORE_INDEX
 from famtune.errors import FamtuneError
+from famtune.loss import causal_lm_loss
 from famtune.packing import best_fit_decreasing, collate_packed, epoch_rows
 from famtune.plugins import get_plugins
 from famtune.recipe import Recipe
@@ -143,7 +144,10 @@ def test_packed_samples_match_their_logits_alone(family):
                      num_items_in_batch=torch.tensor(1)).loss
         alone_sum = sum(model(input_ids=torch.tensor([s.input_ids]), labels=torch.tensor([s.labels]),
                               num_items_in_batch=torch.tensor(1)).loss for s in samples)
+        # ... and so is the loss famtune trains with (the output head on supervised rows only)
+        ours = causal_lm_loss(model, batch, 1)
     torch.testing.assert_close(loss, alone_sum, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ours, alone_sum, rtol=1e-5, atol=1e-4)
 
 
 def test_family_that_cannot_keep_samples_apart_refuses_packing():

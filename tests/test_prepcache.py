@@ -92,3 +92,52 @@ def test_tokenizer_digest_sees_added_tokens(tiny_qwen25):
     assert tokenizer_digest(a) == tokenizer_digest(b)
     b.add_special_tokens({"additional_special_tokens": ["<|extra|>"]})
     assert tokenizer_digest(a) != tokenizer_digest(b)
+
+
+def _all_family_names():
+    from famtune.plugins import get_plugins
+
+    plugins = get_plugins()
+    return [f for name in plugins.infos for f in plugins.families_of(name)]
+
+
+@pytest.mark.parametrize("family_name", _all_family_names())
+def test_batched_tokenization_gives_exactly_the_piecewise_ids(family_name, tmp_path, monkeypatch):
+    """Data preparation tokenizes pieces in batches through a memo; every family's ids and labels
+    must equal those of encoding each conversation on its own."""
+    import shutil
+
+    from conftest import SHARED
+    from famtune.data import Conversation
+    from famtune.demo import demo_corpus
+    from famtune.plugins import get_plugins
+
+    monkeypatch.setenv("FAMTUNE_CACHE", str(tmp_path / "cache"))
+    where = tmp_path / "ckpt"
+    if not get_plugins().claim({}, "", family=family_name).tiny_checkpoint(str(where), demo_corpus()):
+        # no tiny builder (Qwen1): the published layout from the shared reference fixtures
+        ref = SHARED / "fixtures" / "reference" / family_name
+        where.mkdir()
+        for src in [*(ref / "tiny").iterdir(), *(ref / "tokenizer").iterdir()]:
+            shutil.copyfile(src, where / src.name)
+    ckpt = open_checkpoint(str(where), family=family_name)
+    family, tok = ckpt.family, ckpt.load_tokenizer()
+    tricky = ["<|im_end|>", "<reserved_106>", "</s>", "<|user|>", "<|im_start|>assistant\n", "[UNUSED_TOKEN_145]"]
+    convs = []
+    for i in range(40):
+        msgs = [{"role": "system", "content": f"Be brief {i % 3}."}] if i % 4 == 0 else []
+        for t in range(1 + i % 3):
+            msgs += [{"role": "user", "content": f"q{i}.{t} 你好 " + tricky[(i + t) % len(tricky)] + " \n x" * (i % 5)},
+                     {"role": "assistant", "content": f"a{i}.{t} " + "yes " * (i % 7) + tricky[i % len(tricky)]}]
+        convs.append(Conversation(messages=msgs, source="mem", line=i + 1))
+    convs += convs[:10]  # repeated conversations are answered from the memo
+    for masking in ("all_assistant", "last_turn"):
+        ids, labels, lengths, lines, _, dropped = encode_conversations(convs, family, tok, masking, None, 4096,
+                                                                       processes=1)
+        assert not dropped and lines.tolist() == [c.line for c in convs]
+        at = 0
+        for conv, n in zip(convs, lengths.tolist()):
+            alone = family.encode(tok, conv.messages, masking)
+            assert ids[at:at + n].tolist() == alone.input_ids, (family_name, conv.line)
+            assert labels[at:at + n].tolist() == alone.labels, (family_name, conv.line)
+            at += n

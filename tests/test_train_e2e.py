@@ -155,3 +155,22 @@ def test_plain_lora_without_quantization_trains_full_precision_base(tiny_qwen25,
     assert losses[30] < losses[10]
     weights = load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert all(t.dtype == torch.float32 for t in weights.values())
+
+
+def test_bf16_training_gives_the_same_losses_with_native_and_widened_matmuls(tiny_qwen25, tmp_path):
+    losses, kernel_counts = {}, {}
+    for choice in ("native", "fp32"):
+        out = tmp_path / choice
+        recipe = write_recipe(tmp_path / f"{choice}.yaml", tiny_qwen25, out, compute_dtype="bf16",
+                              half_matmul=choice, lora_dropout=0.05, logging_steps=1, max_steps=6, evaluation_inputs=[], eval_steps=0, save_steps=0)
+        res = famtune_cli("train", recipe)
+        assert f"half_matmul: {'native' if choice == 'native' else 'fp32 kernels'}" in res.stdout
+        losses[choice] = _metric_losses(out)
+        kernel_counts[choice] = json.loads((out / "summary.json").read_text())["kernels"]
+    assert kernel_counts["native"]["half_matmul_widened"] == 0
+    assert kernel_counts["fp32"]["half_matmul_widened"] > 0
+    assert kernel_counts["fp32"]["lora_dropout_replaced"] > 0
+    assert set(losses["native"]) == set(losses["fp32"]) == set(range(1, 7))
+    for step in losses["native"]:
+        # the same bf16 products, summed in another order: bf16 rounding noise only
+        assert losses["fp32"][step] == pytest.approx(losses["native"][step], rel=2e-2), step
