@@ -102,9 +102,9 @@ def _all_family_names():
 
 
 @pytest.mark.parametrize("family_name", _all_family_names())
-def test_batched_tokenization_gives_exactly_the_piecewise_ids(family_name, tmp_path, monkeypatch):
-    """Data preparation tokenizes pieces in batches through a memo; every family's ids and labels
-    must equal those of encoding each conversation on its own."""
+def test_memoised_tokenization_gives_exactly_the_piecewise_ids(family_name, tmp_path, monkeypatch):
+    """Data preparation tokenizes pieces through a memo and the Rust tokenizer directly; every
+    family's ids and labels must equal those of encoding each conversation on its own."""
     import shutil
 
     from conftest import SHARED
@@ -141,3 +141,26 @@ def test_batched_tokenization_gives_exactly_the_piecewise_ids(family_name, tmp_p
             assert ids[at:at + n].tolist() == alone.input_ids, (family_name, conv.line)
             assert labels[at:at + n].tolist() == alone.labels, (family_name, conv.line)
             at += n
+
+
+def test_rust_shortcut_turns_itself_off_when_transformers_would_tokenize_differently(tiny):
+    """A tokenizer class that rewrites text in Python before its Rust tokenizer sees it: the memo's
+    direct call to the Rust tokenizer would disagree, and the first check must catch that."""
+    from famtune.encoding import TokenCache
+
+    _, tok = tiny
+
+    class Lowercasing(type(tok)):
+        def encode(self, text, *args, **kwargs):
+            return super().encode(text.lower(), *args, **kwargs)
+
+    lower = Lowercasing.from_pretrained(tok.name_or_path)
+    cache = TokenCache(lower)
+    assert cache.get("Hello World", False) == lower.encode("hello world", add_special_tokens=False)
+    assert cache._backend is None
+    assert cache.get("Other TEXT", False) == lower.encode("other text", add_special_tokens=False)
+    # an ordinary fast tokenizer keeps the shortcut, and agrees with transformers
+    plain = TokenCache(tok)
+    texts = [f"Piece {i} <|im_end|> ünï {i * 7}" for i in range(80)]
+    assert [plain.get(t, False) for t in texts] == [tok.encode(t, add_special_tokens=False) for t in texts]
+    assert plain._backend is not None and plain.checks == 0

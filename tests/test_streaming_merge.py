@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from famtune.checkpoint import model_load_kwargs, open_checkpoint
-from famtune.merge import merge, nf4_module_names
+from famtune.merge import merge
+from famtune.merge_stream import nf4_module_names
 from famtune.metadata import build_metadata, write_metadata
 from famtune.plugins import get_plugins
 

@@ -190,7 +190,7 @@ def estimate_recipe(recipe: Any, *, seq_len: int | None = None) -> MemoryEstimat
     import torch
 
     from famtune.checkpoint import model_load_kwargs, open_checkpoint, resolve_dtype
-    from famtune.merge import nf4_module_names
+    from famtune.merge_stream import nf4_module_names
 
     ckpt = open_checkpoint(recipe.model, family=recipe.family, trust_remote_code=recipe.trust_remote_code)
     # "auto" means bf16 on an accelerator, which is what the estimate is for.

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from famtune.errors import FamtuneError
-from famtune.merge_stream import _dtype_name, nf4_module_names, stream_plan, write_merged  # noqa: F401 (re-export)
+from famtune.merge_stream import _dtype_name, stream_plan, write_merged
 from famtune.metadata import META_FILE, read_metadata, write_metadata
 
 BASE_PRECISIONS = ("trained", "original")

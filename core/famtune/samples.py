@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from famtune.data import read_conversations
-from famtune.encoding import IGNORE_INDEX, EncodedConversation, TokenCache, batched_tokenization
+from famtune.encoding import IGNORE_INDEX, EncodedConversation, TokenCache, memoised_tokenization
 from famtune.errors import FamtuneError
 
 
@@ -109,8 +109,6 @@ def truncate(enc: EncodedConversation, max_length: int) -> tuple[EncodedConversa
 # Below this many conversations the cost of starting worker processes outweighs the gain.
 PARALLEL_MIN_CONVERSATIONS = 2000
 PROCESSES_ENV = "FAMTUNE_PREP_PROCESSES"
-# Conversations per recording pass and batched tokenizer call (see encoding.TokenCache).
-TOKENIZE_BLOCK = 256
 
 # Handed to forked workers by inheritance: the tokenizer and the plugin facade are not sent over a pipe.
 _JOB: dict[str, Any] = {}
@@ -127,20 +125,10 @@ def _encode_range(start: int, stop: int):
     labels: list[int] = []
     lengths, lines, dropped = [], [], []
     truncated = 0
-    cache = job.setdefault("token_cache", TokenCache(tokenizer))
-    with batched_tokenization(cache):
-        for block in range(start, stop, TOKENIZE_BLOCK):
-            convs = job["conversations"][block:min(block + TOKENIZE_BLOCK, stop)]
-            cache.record()
-            for conv in convs:
-                try:
-                    family.encode(tokenizer, with_system(conv.messages, system), masking)
-                except Exception:  # the recording pass only collects pieces; the real pass raises
-                    pass
-            cache.fill()
-            for conv in convs:
-                truncated += _encode_one(conv, family, tokenizer, masking, system, max_length,
-                                         ids, labels, lengths, lines, dropped)
+    with memoised_tokenization(job.setdefault("token_cache", TokenCache(tokenizer))):
+        for conv in job["conversations"][start:stop]:
+            truncated += _encode_one(conv, family, tokenizer, masking, system, max_length,
+                                     ids, labels, lengths, lines, dropped)
     return (np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32),
             np.asarray(lengths, dtype=np.int64), np.asarray(lines, dtype=np.int64), truncated, dropped)
 
