@@ -154,3 +154,64 @@ def test_loss_falls_back_to_full_logits_when_the_head_is_bypassed():
     n = int((batch["labels"][:, 1:] != -100).sum())
     expected = inner(**batch, num_items_in_batch=torch.tensor(n)).loss
     torch.testing.assert_close(causal_lm_loss(_HeadBypassingLM(inner), batch, n), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_lora_dropout_gradient_is_the_mask_times_the_scale():
+    drop = kernels.lora_dropout(0.2).train()
+    x = torch.randn(64, 48, requires_grad=True)
+    torch.manual_seed(5)
+    y = drop(x)
+    weights = torch.randn_like(y)
+    (y * weights).sum().backward()
+    kept = y.detach() != 0
+    torch.testing.assert_close(x.grad, weights * kept * drop.scale)
+    torch.testing.assert_close(y.detach(), x.detach() * kept * drop.scale)
+
+
+def test_fused_chunked_head_loss_is_used_and_equals_the_models_loss(monkeypatch):
+    from famtune import loss as loss_mod
+
+    model = _tiny_lm(seed=1)
+    model.lm_head.weight.requires_grad_(False)  # frozen, as under LoRA
+    batch = _batch()
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 101 * 3)  # three rows per chunk
+    ours = causal_lm_loss(model, batch, n)
+    assert loss_mod._FUSABLE[model] is True
+    ours.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    for p in model.parameters():
+        p.grad = None
+    theirs = model(**batch, num_items_in_batch=torch.tensor(n)).loss
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    for k, p in model.named_parameters():
+        if k.startswith("lm_head"):
+            continue  # the fused loss never computes the frozen head's gradient
+        torch.testing.assert_close(grads[k], p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_a_head_whose_logits_the_model_rescales_is_not_fused():
+    import transformers
+    from famtune import loss as loss_mod
+
+    class HalvedLogits(transformers.Qwen2ForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 0.5
+            return out
+
+    inner = _tiny_lm(seed=2)
+    model = HalvedLogits(inner.config)
+    model.load_state_dict(inner.state_dict())
+    for p in model.lm_head.parameters():
+        p.requires_grad_(False)
+    batch = _batch()
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    ours = causal_lm_loss(model, batch, n)
+    assert loss_mod._FUSABLE[model] is False
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 101), batch["labels"][:, 1:].reshape(-1),
+                                                 reduction="sum") / n
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)

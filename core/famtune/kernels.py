@@ -42,6 +42,20 @@ class _LoraDropoutImpl:
         if cls.cls is None:
             torch = _torch()
 
+            class MaskedScale(torch.autograd.Function):
+                """``x * keep * scale``, keeping only the boolean mask (1 byte per element) for backward."""
+
+                @staticmethod
+                def forward(ctx, x, keep, scale):
+                    ctx.save_for_backward(keep)
+                    ctx.scale = scale
+                    return x.mul(keep).mul_(scale)
+
+                @staticmethod
+                def backward(ctx, grad):
+                    (keep,) = ctx.saved_tensors
+                    return grad.mul(keep).mul_(ctx.scale), None, None
+
             class LoraDropout(torch.nn.Module):
                 """Inverted dropout from 16 random bits per element (see the module docstring)."""
 
@@ -64,7 +78,7 @@ class _LoraDropoutImpl:
                     words.random_(-(2**63), 2**63 - 1)  # all 64 bits uniform (one value of 2^64 excluded)
                     bits = words.view(torch.int16)[:n].view(x.shape)
                     keep = bits >= (self.drop - 32768)  # P(keep) = (65536 - drop) / 65536
-                    return x * (keep.to(x.dtype) * self.scale)
+                    return MaskedScale.apply(x, keep, self.scale)
 
             cls.cls = LoraDropout
         return cls.cls

@@ -1,23 +1,38 @@
-"""The training loss, with the output head run only where a label is supervised.
+"""The training loss: the output head runs only where a label is supervised, in chunks, fused with
+the cross-entropy.
 
-A causal LM's head turns every position's hidden state into a vocabulary-sized row of logits,
-but the loss reads only the rows whose next token is supervised (assistant tokens: about half of
-a chat batch). On a 7B chat model the head and its logits are the largest single cost: a
-152k-token vocabulary makes 1.2 GB of fp32 logits per 2k tokens, forward and backward. Here a
-forward pre-hook on the model's output embeddings keeps only the supervised positions' hidden
-states, so the head, whatever the family's forward does after it (scaling, soft-capping, the
-cast to fp32), and the cross-entropy run on those rows alone. The loss is the same sum over the
-same tokens as the model's own loss, divided by the same token count.
+A causal LM's head turns every position's hidden state into a vocabulary-sized row of logits, but
+the loss reads only the rows whose next token is supervised (assistant tokens: about half of a chat
+batch). On a 7B chat model the head and its logits are the largest single cost: a 152k-token
+vocabulary makes 1.2 GB of fp32 logits per 2k tokens, and the cross-entropy keeps three such
+tensors (logits, log-softmax, gradient) at its peak.
 
-If a model does not route its logits through its output-embedding module, the hook never fires;
-the full logits then come back and the loss is taken from them, so the result is the same, only
-slower.
+famtune's loss, for every family:
+
+1. A forward pre-hook on the model's output embeddings takes the hidden states of the supervised
+   positions only.
+2. Where the head is a plain linear layer whose output the model returns unchanged (checked once
+   per model on a real batch: the model's logits for those rows must equal ``head(hidden)``
+   exactly), the head is not run by the model at all: ``_FusedHeadLoss`` computes the logits a
+   chunk of rows at a time, takes the summed cross-entropy and its gradient with respect to the
+   hidden states in the same pass, and keeps only that gradient. The logits never exist for more
+   than one chunk (at most ``CHUNK_ELEMENTS`` values).
+3. Otherwise (a family that scales or soft-caps its logits after the head) the model's head runs
+   on the supervised rows and the cross-entropy is taken from its logits.
+
+Both give the same sum over the same tokens as the model's own loss, divided by the same token
+count. If a model does not route its logits through its output-embedding module at all, the hook
+never fires; the full logits then come back and the loss is taken from them.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from famtune.encoding import IGNORE_INDEX
+
+# Logit values computed at once by the fused loss: 16M fp32 values = 64 MiB per chunk.
+CHUNK_ELEMENTS = 1 << 24
 
 
 def next_token_targets(labels):
@@ -29,25 +44,28 @@ def next_token_targets(labels):
     return mask, labels[:, 1:][mask[:, :-1]]
 
 
-class SupervisedHead:
-    """Context for one forward pass: the output head sees only the rows in ``mask``."""
+def _unwrap(model):
+    while hasattr(model, "module"):  # DDP, FSDP and DeepSpeed wrappers
+        model = model.module
+    return model
 
-    def __init__(self, model) -> None:
-        while hasattr(model, "module"):  # DDP, FSDP and DeepSpeed wrappers
-            model = model.module
-        self.head = model.get_output_embeddings()
-        self.mask = None
+
+class _HeadHook:
+    """For one forward pass: the output head sees only the rows in ``mask``; with ``capture``
+    it sees none of them and the selected hidden states are kept in ``hidden`` instead."""
+
+    def __init__(self, head, mask, capture: bool) -> None:
+        self.head, self.mask, self.capture = head, mask, capture
+        self.hidden = None
         self.fired = False
 
     def _select(self, module, args, kwargs):
         self.fired = True
-        hidden = args[0]
-        return (hidden[self.mask],) + tuple(args[1:]), kwargs
-
-    def __call__(self, mask):
-        self.mask = mask
-        self.fired = False
-        return self
+        rows = args[0][self.mask]
+        if self.capture:
+            self.hidden = rows
+            rows = rows[:0]
+        return (rows,) + tuple(args[1:]), kwargs
 
     def __enter__(self):
         self.handle = self.head.register_forward_pre_hook(self._select, with_kwargs=True) if self.head is not None else None
@@ -56,7 +74,72 @@ class SupervisedHead:
     def __exit__(self, *exc) -> None:
         if self.handle is not None:
             self.handle.remove()
-        self.mask = None
+
+
+def _fused_head_loss_fn():
+    import torch
+
+    class FusedHeadLoss(torch.autograd.Function):
+        """``sum_i CE(hidden_i @ W.T + b, target_i) / num_items``, chunk by chunk; keeps d/d hidden."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, bias, targets, num_items):
+            vocab = weight.shape[0]
+            rows = max(1, CHUNK_ELEMENTS // vocab)
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.shape[0], rows):
+                h = hidden[start:start + rows]
+                t = targets[start:start + rows]
+                logits = torch.nn.functional.linear(h.to(weight.dtype), weight, bias).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                grad[start:start + rows] = probs.to(weight.dtype) @ weight
+            ctx.save_for_backward(grad, num_items)
+            ctx.hidden_dtype = hidden.dtype
+            return total / num_items
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            grad, num_items = ctx.saved_tensors
+            return (grad * (grad_out / num_items)).to(ctx.hidden_dtype), None, None, None, None
+
+    return FusedHeadLoss
+
+
+_FUSED = None
+# Models whose head output was checked against the fused computation: True if it matched.
+_FUSABLE: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+
+
+def _fusable(model, head, inputs, mask) -> bool:
+    """Whether ``model`` returns exactly ``head(hidden)`` for the selected rows (checked once per
+    model, in eval mode so that no dropout mask draws on the random generator)."""
+    import torch
+
+    if model in _FUSABLE:
+        return _FUSABLE[model]
+    ok = False
+    if isinstance(head, torch.nn.Linear) and not head.weight.requires_grad and (
+            head.bias is None or not head.bias.requires_grad):
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                with _HeadHook(head, mask, capture=True) as probe:
+                    model(**inputs)
+                with _HeadHook(head, mask, capture=False) as hook:
+                    logits = model(**inputs).logits
+                ok = (probe.hidden is not None and hook.fired and logits.dim() == 2
+                      and torch.equal(logits, head(probe.hidden)))
+        except Exception:  # e.g. a sharded head that only its wrapper can run: use the model's head
+            ok = False
+        finally:
+            model.train(was_training)
+    _FUSABLE[model] = ok
+    return ok
 
 
 def causal_lm_loss(model, batch: dict[str, Any], num_items):
@@ -66,15 +149,23 @@ def causal_lm_loss(model, batch: dict[str, Any], num_items):
     ``num_items`` is the supervised-token count the loss is normalised by (that of the whole
     accumulated step, so micro-batches weigh by their tokens).
     """
+    import torch
     import torch.nn.functional as F
 
+    global _FUSED
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     mask, targets = next_token_targets(labels)
-    with SupervisedHead(model)(mask) as head:
+    head = _unwrap(model).get_output_embeddings()
+    num = num_items if torch.is_tensor(num_items) else torch.tensor(float(num_items), device=labels.device)
+    num = num.to(device=labels.device, dtype=torch.float32)
+    if head is not None and _fusable(model, head, inputs, mask):
+        with _HeadHook(head, mask, capture=True) as hook:
+            model(**inputs)
+        if _FUSED is None:
+            _FUSED = _fused_head_loss_fn()
+        return _FUSED.apply(hook.hidden, head.weight, head.bias, targets, num)
+    with _HeadHook(head, mask, capture=False) as hook:
         logits = model(**inputs).logits
-    if head.fired and logits.dim() == 2:
-        picked = logits
-    else:  # the head ran on every position: take the supervised rows from the full logits
-        picked = logits[mask]
-    return F.cross_entropy(picked.float(), targets, reduction="sum") / num_items
+    picked = logits if hook.fired and logits.dim() == 2 else logits[mask]
+    return F.cross_entropy(picked.float(), targets, reduction="sum") / num
