@@ -92,9 +92,13 @@ def _fused_head_loss_fn():
                 h = hidden[start:start + rows]
                 t = targets[start:start + rows]
                 logits = torch.nn.functional.linear(h.to(weight.dtype), weight, bias).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                # Softmax in place of the logits, so one chunk-sized tensor exists at a time.
+                picked = logits.gather(1, t[:, None]).squeeze(1)
+                top = logits.amax(dim=1, keepdim=True)
+                probs = logits.sub_(top).exp_()
+                norm = probs.sum(dim=1, keepdim=True)
+                total += (norm.log() + top).squeeze(1).sub_(picked).sum()
+                probs.div_(norm)
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
                 grad[start:start + rows] = probs.to(weight.dtype) @ weight
             ctx.save_for_backward(grad, num_items)
