@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--compute-dtype", default="bf16")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--half-matmul", default="auto", choices=["auto", "native", "fp32"],
+                    help="native: keep the emulated bf16 matmul (to see what the fp32 kernels buy)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -57,6 +59,7 @@ def main(argv=None) -> int:
         "max_length": 512, "batch_size": 8, "grad_accum": 1, "learning_rate": 2e-4, "warmup_ratio": 0.03,
         "gradient_checkpointing": True, "max_steps": args.steps, "seed": 42, "logging_steps": 1,
         "progress": False, "evaluation_inputs": [], "packing": args.mode == "pack",
+        "half_matmul": args.half_matmul,
     })
     t0 = time.perf_counter()
     summary = train(recipe, log=lambda *a: print(*a, file=sys.stderr))
@@ -84,6 +87,7 @@ def main(argv=None) -> int:
         "process_minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt,
         "malloc_tuning": os.environ.get("FAMTUNE_MALLOC_TUNING", "1") != "0",
         "compute_dtype": args.compute_dtype,
+        "kernels": summary.get("kernels"),
         "torch_threads": torch.get_num_threads(),
         "total_run_s": round(total_s, 1),
     }
