@@ -215,3 +215,23 @@ def test_a_head_whose_logits_the_model_rescales_is_not_fused():
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 101), batch["labels"][:, 1:].reshape(-1),
                                                  reduction="sum") / n
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_fusion_check_leaves_the_random_stream_alone_and_sees_through_dropout():
+    import transformers
+    from famtune import loss as loss_mod
+
+    config = transformers.Qwen2Config(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, use_cache=False,
+                                      attn_implementation="eager", attention_dropout=0.3, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).train()
+    model.lm_head.weight.requires_grad_(False)
+    batch = _batch()
+    mask, _ = loss_mod.next_token_targets(batch["labels"])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    torch.manual_seed(7)
+    assert loss_mod._fusable(model, model.lm_head, inputs, mask) is True
+    after = torch.rand(4)
+    torch.manual_seed(7)
+    assert torch.equal(after, torch.rand(4))

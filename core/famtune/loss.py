@@ -120,7 +120,8 @@ _FUSABLE: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
 
 def _fusable(model, head, inputs, mask) -> bool:
     """Whether ``model`` returns exactly ``head(hidden)`` for the selected rows (checked once per
-    model, in eval mode so that no dropout mask draws on the random generator)."""
+    model). Both probe passes start from the same random state and leave it as it was, so dropout
+    draws the same masks in both and training's random stream is untouched."""
     import torch
 
     if model in _FUSABLE:
@@ -128,20 +129,17 @@ def _fusable(model, head, inputs, mask) -> bool:
     ok = False
     if isinstance(head, torch.nn.Linear) and not head.weight.requires_grad and (
             head.bias is None or not head.bias.requires_grad):
-        was_training = model.training
-        model.eval()
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         try:
             with torch.no_grad():
-                with _HeadHook(head, mask, capture=True) as probe:
+                with torch.random.fork_rng(devices=devices), _HeadHook(head, mask, capture=True) as probe:
                     model(**inputs)
-                with _HeadHook(head, mask, capture=False) as hook:
+                with torch.random.fork_rng(devices=devices), _HeadHook(head, mask, capture=False) as hook:
                     logits = model(**inputs).logits
                 ok = (probe.hidden is not None and hook.fired and logits.dim() == 2
                       and torch.equal(logits, head(probe.hidden)))
         except Exception:  # e.g. a sharded head that only its wrapper can run: use the model's head
             ok = False
-        finally:
-            model.train(was_training)
     _FUSABLE[model] = ok
     return ok
 
