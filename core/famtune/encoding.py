@@ -109,7 +109,7 @@ class TokenCache:
     those of tokenizing piece by piece. The memo is emptied when it holds ``max_entries`` pieces.
     """
 
-    def __init__(self, tokenizer: Any, max_entries: int = 200_000, checks: int = 64) -> None:
+    def __init__(self, tokenizer: Any, max_entries: int = 50_000, checks: int = 64) -> None:
         self.tokenizer = tokenizer
         self.max_entries = max_entries
         self.checks = checks
