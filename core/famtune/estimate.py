@@ -15,7 +15,7 @@ Nothing is loaded but the module tree on the meta device. The estimate follows w
 
 The per-token counts of one recomputed layer (``_HIDDEN_PER_TOKEN``, ``_INTERMEDIATE_PER_TOKEN``) are
 fitted to the measured peaks of famtune's own training step (``measure_cpu_peak``: famtune's loss and
-LoRA dropout, NF4, gradient checkpointing) on five Qwen2-shaped models from 0.5 M to 60 M parameters,
+LoRA dropout, NF4, gradient checkpointing) on five standard decoders (RMSNorm, rotary attention, gated MLP) from 0.5 M to 60 M parameters,
 where they leave at most 2% error: norm outputs, attention in/out, rotary copies, the MLP's gate, up,
 activation and product, and one dropout copy of the input per LoRA-targeted projection.
 """
