@@ -26,71 +26,60 @@ from famtune.errors import FamtuneError
 HALF_MATMUL_CHOICES = ("auto", "native", "fp32")
 
 
-def _torch():
+@functools.cache
+def _lora_dropout_class():
+    """Built on first use, so that importing this module does not import torch."""
     import torch
 
-    return torch
+    class MaskedScale(torch.autograd.Function):
+        """``x * keep * scale``, keeping only the boolean mask (1 byte per element) for backward."""
 
+        @staticmethod
+        def forward(ctx, x, keep, scale):
+            ctx.save_for_backward(keep)
+            ctx.scale = scale
+            return x.mul(keep).mul_(scale)
 
-class _LoraDropoutImpl:
-    """Built lazily so that importing this module does not import torch."""
+        @staticmethod
+        def backward(ctx, grad):
+            (keep,) = ctx.saved_tensors
+            return grad.mul(keep).mul_(ctx.scale), None, None
 
-    cls = None
+    class LoraDropout(torch.nn.Module):
+        """Inverted dropout from 16 random bits per element (see the module docstring)."""
 
-    @classmethod
-    def get(cls):
-        if cls.cls is None:
-            torch = _torch()
+        def __init__(self, p: float) -> None:
+            super().__init__()
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+            self.p = p
+            self.drop = int(round(p * 65536))
+            self.scale = 65536.0 / (65536 - self.drop)
 
-            class MaskedScale(torch.autograd.Function):
-                """``x * keep * scale``, keeping only the boolean mask (1 byte per element) for backward."""
+        def extra_repr(self) -> str:
+            return f"p={self.p}"
 
-                @staticmethod
-                def forward(ctx, x, keep, scale):
-                    ctx.save_for_backward(keep)
-                    ctx.scale = scale
-                    return x.mul(keep).mul_(scale)
+        def forward(self, x):
+            if not self.training or self.drop == 0:
+                return x
+            n = x.numel()
+            words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
+            words.random_(-(2**63), 2**63 - 1)  # all 64 bits uniform (one value of 2^64 excluded)
+            bits = words.view(torch.int16)[:n].view(x.shape)
+            keep = bits >= (self.drop - 32768)  # P(keep) = (65536 - drop) / 65536
+            return MaskedScale.apply(x, keep, self.scale)
 
-                @staticmethod
-                def backward(ctx, grad):
-                    (keep,) = ctx.saved_tensors
-                    return grad.mul(keep).mul_(ctx.scale), None, None
-
-            class LoraDropout(torch.nn.Module):
-                """Inverted dropout from 16 random bits per element (see the module docstring)."""
-
-                def __init__(self, p: float) -> None:
-                    super().__init__()
-                    if not 0.0 <= p < 1.0:
-                        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-                    self.p = p
-                    self.drop = int(round(p * 65536))
-                    self.scale = 65536.0 / (65536 - self.drop)
-
-                def extra_repr(self) -> str:
-                    return f"p={self.p}"
-
-                def forward(self, x):
-                    if not self.training or self.drop == 0:
-                        return x
-                    n = x.numel()
-                    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
-                    words.random_(-(2**63), 2**63 - 1)  # all 64 bits uniform (one value of 2^64 excluded)
-                    bits = words.view(torch.int16)[:n].view(x.shape)
-                    keep = bits >= (self.drop - 32768)  # P(keep) = (65536 - drop) / 65536
-                    return MaskedScale.apply(x, keep, self.scale)
-
-            cls.cls = LoraDropout
-        return cls.cls
+    return LoraDropout
 
 
 def lora_dropout(p: float):
-    return _LoraDropoutImpl.get()(p)
+    return _lora_dropout_class()(p)
 
 
 def use_fast_lora_dropout(model) -> int:
     """Replace the ``nn.Dropout`` of every LoRA layer in ``model``; returns how many were replaced."""
-    torch = _torch()
+    import torch
+
     replaced = 0
     for module in model.modules():
         drops = getattr(module, "lora_dropout", None)
@@ -106,7 +95,8 @@ def use_fast_lora_dropout(model) -> int:
 # -- half-precision matmuls through fp32 kernels -------------------------------------------------
 
 def _sync(device) -> None:
-    torch = _torch()
+    import torch
+
     accel = getattr(torch, "accelerator", None)
     if device.type != "cpu" and accel is not None:
         accel.synchronize(device)
@@ -115,7 +105,8 @@ def _sync(device) -> None:
 @functools.lru_cache(maxsize=None)
 def _probe(device_str: str, dtype_name: str) -> tuple[float, float]:
     """Seconds for one 512x1024x1024 matmul in ``dtype``, natively and widened to fp32."""
-    torch = _torch()
+    import torch
+
     device = torch.device(device_str)
     dtype = getattr(torch, dtype_name)
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -140,7 +131,8 @@ def _probe(device_str: str, dtype_name: str) -> tuple[float, float]:
 
 def half_matmul_is_emulated(device, dtype) -> tuple[bool, str]:
     """Whether ``dtype`` matmuls on ``device`` run faster widened to fp32, and the measured figures."""
-    torch = _torch()
+    import torch
+
     if dtype not in (torch.bfloat16, torch.float16):
         return False, f"{dtype} is not a half-precision type"
     native, widened = _probe(str(device), str(dtype).replace("torch.", ""))
@@ -150,40 +142,36 @@ def half_matmul_is_emulated(device, dtype) -> tuple[bool, str]:
     return widened * 1.3 < native, why
 
 
-class _WidenedImpl:
-    cls = None
+@functools.cache
+def _widened_matmul_class():
+    import bitsandbytes.functional as bnbf
+    import torch
 
-    @classmethod
-    def get(cls):
-        if cls.cls is None:
-            torch = _torch()
-            import bitsandbytes.functional as bnbf
 
-            class WidenedMatmul4bit(torch.autograd.Function):
-                """``x @ dequant(W).T + b`` in the dtype of ``x``, computed by fp32 kernels."""
+    class WidenedMatmul4bit(torch.autograd.Function):
+        """``x @ dequant(W).T + b`` in the dtype of ``x``, computed by fp32 kernels."""
 
-                @staticmethod
-                def forward(ctx, x, weight, bias, quant_state):
-                    w = bnbf.dequantize_4bit(weight, quant_state).to(x.dtype)
-                    ctx.quant_state = quant_state
-                    ctx.bias_dtype = None if bias is None else bias.dtype
-                    ctx.save_for_backward(weight)
-                    out = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
-                    return out.to(x.dtype)
+        @staticmethod
+        def forward(ctx, x, weight, bias, quant_state):
+            w = bnbf.dequantize_4bit(weight, quant_state).to(x.dtype)
+            ctx.quant_state = quant_state
+            ctx.bias_dtype = None if bias is None else bias.dtype
+            ctx.save_for_backward(weight)
+            out = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
+            return out.to(x.dtype)
 
-                @staticmethod
-                def backward(ctx, grad):
-                    (weight,) = ctx.saved_tensors
-                    grad_x = grad_bias = None
-                    if ctx.needs_input_grad[0]:
-                        w = bnbf.dequantize_4bit(weight, ctx.quant_state).to(grad.dtype)
-                        grad_x = (grad.float() @ w.float()).to(grad.dtype)
-                    if ctx.needs_input_grad[2]:
-                        grad_bias = grad.reshape(-1, grad.shape[-1]).float().sum(0).to(ctx.bias_dtype)
-                    return grad_x, None, grad_bias, None
+        @staticmethod
+        def backward(ctx, grad):
+            (weight,) = ctx.saved_tensors
+            grad_x = grad_bias = None
+            if ctx.needs_input_grad[0]:
+                w = bnbf.dequantize_4bit(weight, ctx.quant_state).to(grad.dtype)
+                grad_x = (grad.float() @ w.float()).to(grad.dtype)
+            if ctx.needs_input_grad[2]:
+                grad_bias = grad.reshape(-1, grad.shape[-1]).float().sum(0).to(ctx.bias_dtype)
+            return grad_x, None, grad_bias, None
 
-            cls.cls = WidenedMatmul4bit
-        return cls.cls
+    return WidenedMatmul4bit
 
 
 def _widened_forward(layer, x):
@@ -193,7 +181,7 @@ def _widened_forward(layer, x):
     fix_4bit_weight_quant_state_from_module(layer)
     dtype = layer.compute_dtype or x.dtype
     bias = None if layer.bias is None else layer.bias.to(dtype)
-    out = _WidenedImpl.get().apply(x.to(dtype), layer.weight, bias, layer.weight.quant_state)
+    out = _widened_matmul_class().apply(x.to(dtype), layer.weight, bias, layer.weight.quant_state)
     return out.to(x.dtype)
 
 

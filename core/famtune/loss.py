@@ -26,6 +26,7 @@ never fires; the full logits then come back and the loss is taken from them.
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any
 
@@ -76,7 +77,8 @@ class _HeadHook:
             self.handle.remove()
 
 
-def _fused_head_loss_fn():
+@functools.cache
+def _fused_head_loss_class():
     import torch
 
     class FusedHeadLoss(torch.autograd.Function):
@@ -113,7 +115,6 @@ def _fused_head_loss_fn():
     return FusedHeadLoss
 
 
-_FUSED = None
 # Models whose head output was checked against the fused computation: True if it matched.
 _FUSABLE: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
 
@@ -154,7 +155,6 @@ def causal_lm_loss(model, batch: dict[str, Any], num_items):
     import torch
     import torch.nn.functional as F
 
-    global _FUSED
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     mask, targets = next_token_targets(labels)
@@ -164,9 +164,7 @@ def causal_lm_loss(model, batch: dict[str, Any], num_items):
     if head is not None and _fusable(model, head, inputs, mask):
         with _HeadHook(head, mask, capture=True) as hook:
             model(**inputs)
-        if _FUSED is None:
-            _FUSED = _fused_head_loss_fn()
-        return _FUSED.apply(hook.hidden, head.weight, head.bias, targets, num)
+        return _fused_head_loss_class().apply(hook.hidden, head.weight, head.bias, targets, num)
     with _HeadHook(head, mask, capture=False) as hook:
         logits = model(**inputs).logits
     picked = logits if hook.fired and logits.dim() == 2 else logits[mask]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from famtune.errors import FamtuneError
+from famtune.kernels import HALF_MATMUL_CHOICES
 
 
 @dataclass
@@ -166,8 +167,8 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
         raise FamtuneError(f"{where}: no data given; set `data:` to a JSON or JSONL file")
     if recipe.quantization not in ("nf4", "none"):
         raise FamtuneError(f"{where}: quantization is {recipe.quantization!r}; expected nf4 or none")
-    if recipe.half_matmul not in ("auto", "native", "fp32"):
-        raise FamtuneError(f"{where}: half_matmul is {recipe.half_matmul!r}; expected auto, native or fp32")
+    if recipe.half_matmul not in HALF_MATMUL_CHOICES:
+        raise FamtuneError(f"{where}: half_matmul is {recipe.half_matmul!r}; expected {', '.join(HALF_MATMUL_CHOICES)}")
     if recipe.packing not in ("auto", True, False):
         raise FamtuneError(f"{where}: packing is {recipe.packing!r}; expected auto, true or false")
     if not 0 <= recipe.eval_split < 1:

@@ -125,7 +125,9 @@ def _encode_range(start: int, stop: int):
     labels: list[int] = []
     lengths, lines, dropped = [], [], []
     truncated = 0
-    with memoised_tokenization(job.setdefault("token_cache", TokenCache(tokenizer))):
+    if "token_cache" not in job:  # one per process, kept across its chunks
+        job["token_cache"] = TokenCache(tokenizer)
+    with memoised_tokenization(job["token_cache"]):
         for conv in job["conversations"][start:stop]:
             truncated += _encode_one(conv, family, tokenizer, masking, system, max_length,
                                      ids, labels, lengths, lines, dropped)
