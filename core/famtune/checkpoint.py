@@ -14,41 +14,7 @@ from typing import Any
 from famtune.errors import FamtuneError
 from famtune.plugins import Family, get_plugins
 
-MODELSCOPE_PREFIX = "modelscope:"
-
-
-def resolve_source(spec: str) -> str:
-    """A local directory holding the checkpoint named by ``spec``, downloading it if needed."""
-    if os.path.isdir(spec):
-        return os.path.abspath(spec)
-    if spec.startswith(MODELSCOPE_PREFIX):
-        model_id = spec[len(MODELSCOPE_PREFIX):]
-        try:
-            from modelscope import snapshot_download
-        except ImportError as exc:
-            raise FamtuneError(f"{spec}: modelscope is not installed ({exc}); pip install modelscope") from exc
-        import logging
-
-        for name in ("modelscope", "modelscope_hub"):  # its retry chatter would bury our one-line error
-            logging.getLogger(name).setLevel(logging.ERROR)
-        try:
-            return snapshot_download(model_id)
-        except Exception as exc:
-            raise FamtuneError(
-                f"{spec}: could not fetch from ModelScope ({type(exc).__name__}: {str(exc)[:200]}); "
-                "check the id and your network, or pass a local directory"
-            ) from exc
-    if spec.count("/") == 1 and not spec.startswith((".", "/")) and not os.path.exists(spec):
-        try:
-            from huggingface_hub import snapshot_download
-            return snapshot_download(spec)
-        except Exception as exc:
-            raise FamtuneError(
-                f"{spec}: not a local directory and the Hugging Face hub could not provide it "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
-                "check the id and your network, or pass a local directory"
-            ) from exc
-    raise FamtuneError(f"{spec}: no such model directory; pass a local directory, Org/Name or modelscope:Org/Name")
+from famtune.sources import MODELSCOPE_PREFIX, resolve_source  # noqa: F401  (public here since 0.1)
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
@@ -94,6 +60,19 @@ class Checkpoint:
         torch.set_grad_enabled(True)
         return model
 
+    def load_skeleton(self, dtype: Any) -> Any:
+        """The model's module tree on the meta device: no weight is read or allocated. It comes
+        through the family's loader, which converts an original layout into its cached native copy;
+        the result's ``name_or_path`` is the directory whose safetensors hold its weights."""
+        kwargs = {"dtype": dtype, "device_map": {"": "meta"}, "trust_remote_code": self.trust_remote_code,
+                  "use_kernels": False}
+        model = self.family.load_model(self.path, dict(kwargs))
+        if model is None:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(self.path, **kwargs)
+        return model
+
 
 def open_checkpoint(spec: str, family: str | None = None, trust_remote_code: bool = False) -> Checkpoint:
     path = resolve_source(spec)
@@ -129,7 +108,9 @@ def model_load_kwargs(quantization: str, compute_dtype: str, device: Any = None)
 
     dtype = resolve_dtype(compute_dtype)
     dev = device if device is not None else default_device()
-    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": dev}}
+    # use_kernels=False: transformers (5.25+) otherwise swaps layers for kernels downloaded from the
+    # hub, which is remote code the user did not ask for, and fails on the meta device.
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": dev}, "use_kernels": False}
     if quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,

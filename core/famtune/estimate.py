@@ -223,14 +223,8 @@ def estimate_recipe(recipe: Any, *, seq_len: int | None = None) -> MemoryEstimat
 def meta_model(ckpt: Any, dtype: Any) -> Any:
     """The model's module tree on the meta device, through the family's loader (which converts an
     original layout), or from config.json alone when the directory holds no weights."""
-    kwargs = {"dtype": dtype, "device_map": {"": "meta"}, "trust_remote_code": ckpt.trust_remote_code}
     try:
-        model = ckpt.family.load_model(ckpt.path, dict(kwargs))
-        if model is None:
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(ckpt.path, **kwargs)
-        return model
+        return ckpt.load_skeleton(dtype)
     except Exception:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM

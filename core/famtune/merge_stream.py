@@ -82,15 +82,11 @@ def stream_plan(ckpt: Any, adapter_dir: str, meta: dict[str, Any], base_precisio
     load_dtype = compute if trained_nf4 and base_precision == "trained" else out_dtype
     # The family's loader on the meta device: it converts an original layout into its cached native
     # checkpoint (which the loaded model names) and gives the module tree without any weight in memory.
-    kwargs = {"dtype": load_dtype, "device_map": {"": "meta"}, "trust_remote_code": ckpt.trust_remote_code}
     try:
-        model = ckpt.family.load_model(ckpt.path, dict(kwargs))
-        if model is None:
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(ckpt.path, **kwargs)
+        model = ckpt.load_skeleton(load_dtype)
     except Exception as exc:  # the in-memory merge then reports the real problem, if any
-        return None, f"the model cannot be opened on the meta device ({type(exc).__name__})"
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        return None, f"the model cannot be opened on the meta device ({type(exc).__name__}: {first})"
     native_dir = str(getattr(model, "name_or_path", "") or ckpt.path)
     files = sorted(Path(native_dir).glob("*.safetensors"))
     if not files:
