@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from famtune.errors import FamtuneError
+from famtune.quantization import bitsandbytes_config, nf4_config, use_nf4_kernel
 from famtune.plugins import Family, get_plugins
 
 from famtune.sources import MODELSCOPE_PREFIX, resolve_source  # noqa: F401  (public here since 0.1)
@@ -36,6 +37,7 @@ class Checkpoint:
     config: dict[str, Any]
     family: Family
     trust_remote_code: bool = False
+    _top_token_id: int | None = field(default=None, repr=False, compare=False)
 
     def load_tokenizer(self) -> Any:
         tok = self.family.load_tokenizer(self.path, self.trust_remote_code)
@@ -45,11 +47,32 @@ class Checkpoint:
             tok = AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
         return tok
 
-    def load_model(self, quantization: str = "none", compute_dtype: str = "auto", device: Any = None) -> Any:
-        """The model in eval mode. ``quantization`` is ``"nf4"`` (QLoRA base) or ``"none"``."""
+    def check_vocabulary(self, model: Any) -> None:
+        """Every id the tokenizer can produce must have an embedding row; otherwise the first such
+        token fails deep inside the model with an IndexError (or, on CUDA, a device-side assert)."""
+        rows = model.get_input_embeddings().num_embeddings
+        if self._top_token_id is None:
+            tok = self.load_tokenizer()
+            try:
+                self._top_token_id = max(tok.get_vocab().values())
+            except (AttributeError, NotImplementedError, ValueError):
+                self._top_token_id = len(tok) - 1
+        top = self._top_token_id
+        if top >= rows:
+            raise FamtuneError(
+                f"{self.path}: the tokenizer has ids up to {top} but the model's embedding has only {rows} rows; "
+                "the tokenizer files do not belong to these weights (copy the tokenizer the model was trained "
+                "with, or resize the embeddings before training)")
+
+    def load_model(self, quantization: str = "none", compute_dtype: str = "auto", device: Any = None,
+                   quantization_config: dict[str, Any] | None = None) -> Any:
+        """The model in eval mode. ``quantization`` is ``"nf4"`` (QLoRA base) or ``"none"``;
+        ``quantization_config`` the exact 4-bit settings recorded in an adapter's famtune.json."""
         import torch
 
-        kwargs = model_load_kwargs(quantization, compute_dtype, device)
+        if quantization_config:
+            compute_dtype = quantization_config.get("bnb_4bit_compute_dtype", compute_dtype)
+        kwargs = model_load_kwargs(quantization, compute_dtype, device, quantization_config)
         kwargs["trust_remote_code"] = self.trust_remote_code
         model = self.family.load_model(self.path, dict(kwargs))
         if model is None:
@@ -58,6 +81,8 @@ class Checkpoint:
             model = AutoModelForCausalLM.from_pretrained(self.path, **kwargs)
         model.eval()
         torch.set_grad_enabled(True)
+        if quantization == "nf4":
+            use_nf4_kernel(model)
         return model
 
     def load_skeleton(self, dtype: Any) -> Any:
@@ -102,22 +127,18 @@ def resolve_dtype(name: str):
     return table[name]
 
 
-def model_load_kwargs(quantization: str, compute_dtype: str, device: Any = None) -> dict[str, Any]:
-    """``from_pretrained`` keyword arguments for a QLoRA (NF4, double quant) or plain base."""
-    from transformers import BitsAndBytesConfig
-
+def model_load_kwargs(quantization: str, compute_dtype: str, device: Any = None,
+                      recorded: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments for a QLoRA (NF4, double quant) or plain base.
+    ``recorded`` is the ``quantization_config`` of a famtune.json: the settings training used."""
     dtype = resolve_dtype(compute_dtype)
     dev = device if device is not None else default_device()
     # use_kernels=False: transformers (5.25+) otherwise swaps layers for kernels downloaded from the
     # hub, which is remote code the user did not ask for, and fails on the meta device.
     kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": dev}, "use_kernels": False}
     if quantization == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
+        settings = dict(recorded) if recorded else nf4_config(str(dtype).removeprefix("torch."))
+        kwargs["quantization_config"] = bitsandbytes_config(settings)
     elif quantization != "none":
         raise FamtuneError(f"unknown quantization {quantization!r}; expected nf4 or none")
     return kwargs

@@ -313,9 +313,6 @@ def measure_cpu_peak(model_dir: str, *, seq_len: int, batch: int, lora_r: int = 
     ckpt = open_checkpoint(model_dir, family=family)
     model = ckpt.load_model("nf4", "fp32", device=torch.device("cpu"))
     model.config.use_cache = False
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     names = ckpt.family.lora_target_modules(model, targets) if isinstance(targets, str) else targets

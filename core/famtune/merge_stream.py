@@ -105,7 +105,8 @@ def stream_plan(ckpt: Any, adapter_dir: str, meta: dict[str, Any], base_precisio
     load_dtypes = {k: state[k].dtype for k in tensors}
     nf4: set[str] = set()
     if trained_nf4:
-        qconf = model_load_kwargs("nf4", _dtype_name(compute), device=torch.device("cpu"))["quantization_config"]
+        qconf = model_load_kwargs("nf4", _dtype_name(compute), device=torch.device("cpu"),
+                                  recorded=meta.get("quantization_config"))["quantization_config"]
         names = nf4_module_names(model, qconf)
         nf4 = {f"{n}.weight" for n in names if f"{n}.weight" in tensors}
     lora = _lora_deltas(acfg, str(weights_path), tensors)

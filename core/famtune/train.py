@@ -178,6 +178,7 @@ class Trainer:
 
         r = self.recipe
         model = self.ckpt.load_model(r.quantization, r.compute_dtype, device=self.accelerator.device)
+        self.ckpt.check_vocabulary(model)
         model.config.use_cache = False
         for module in model.modules():
             # bitsandbytes (0.50) repacks 4-bit weights for CPU inference the first time a layer runs

@@ -1,4 +1,4 @@
-"""Model sources on a machine without the hubs: one line in famtune's words, within seconds."""
+"""Loading errors a new user meets: hubs out of reach, a file for a directory, a tokenizer from another model."""
 from __future__ import annotations
 
 import socket
@@ -51,3 +51,23 @@ def test_a_file_is_not_a_model_directory(tmp_path):
     res = famtune_cli("chat", str(f), "--prompt", "hi", check=False)
     assert res.stderr.strip().splitlines()[-1] == (
         f"famtune: error: {f}: is a file, not a model directory; pass the directory holding config.json")
+
+
+def test_tokenizer_ids_beyond_the_embedding_are_one_line(tmp_path):
+    """A tokenizer from another model (more ids than embedding rows) is refused when the model loads,
+    naming both numbers, instead of an IndexError at the first such token."""
+    from transformers import AutoTokenizer
+
+    from conftest import build_tiny
+
+    model_dir = build_tiny("qwen2.5", tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = len(tok)
+    tok.add_tokens([f"<extra_{i}>" for i in range(5)])
+    tok.save_pretrained(model_dir)
+    res = famtune_cli("chat", str(model_dir), "--prompt", "<extra_4>", check=False)
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"famtune: error: {model_dir}: the tokenizer has ids up to {rows + 4} but the model's embedding has only "
+        f"{rows} rows; the tokenizer files do not belong to these weights (copy the tokenizer the model was trained "
+        "with, or resize the embeddings before training)")
