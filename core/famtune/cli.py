@@ -11,11 +11,15 @@ from famtune.errors import FamtuneError
 
 
 def _cmd_train(args, extra: list[str]) -> int:
+    from famtune import distributed, launch
     from famtune.recipe import load_recipe, parse_overrides
     from famtune.train import train
 
     recipe = load_recipe(args.recipe, parse_overrides(extra))
-    train(recipe, resume=args.resume)
+    opts = launch.LaunchOptions.from_args(args)
+    if opts is not None:  # several processes: this one becomes torchrun's agent
+        return launch.launch(opts, launch.worker_args(args, extra), recipe.output_dir)
+    train(recipe, resume=distributed.resume_after_restart(args.resume, recipe.output_dir))
     return 0
 
 
@@ -138,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", help="recipe YAML file")
     t.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the latest checkpoint in output_dir (or the given checkpoint dir)")
+    from famtune.launch import add_arguments as add_launch_arguments
+
+    add_launch_arguments(t)
     t.set_defaults(func=_cmd_train, extra_ok=True)
 
     m = sub.add_parser("merge", help="merge an adapter into its base and save a full model")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from famtune.errors import FamtuneError
+from famtune.distributed import PRESETS as DISTRIBUTED_PRESETS
 from famtune.kernels import HALF_MATMUL_CHOICES
 
 
@@ -59,6 +60,8 @@ class Recipe:
     evaluation_inputs: list[str] = field(default_factory=list)
     max_new_tokens: int = 64
     progress: bool = True
+    # several processes (famtune train --nproc N): ddp, or fsdp/zero2/zero3 sharding (docs/users/distributed.md)
+    distributed: str = "ddp"
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -171,6 +174,8 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
         raise FamtuneError(f"{where}: half_matmul is {recipe.half_matmul!r}; expected {', '.join(HALF_MATMUL_CHOICES)}")
     if recipe.packing not in ("auto", True, False):
         raise FamtuneError(f"{where}: packing is {recipe.packing!r}; expected auto, true or false")
+    if recipe.distributed not in DISTRIBUTED_PRESETS:
+        raise FamtuneError(f"{where}: distributed is {recipe.distributed!r}; expected {', '.join(DISTRIBUTED_PRESETS)}")
     if not 0 <= recipe.eval_split < 1:
         raise FamtuneError(f"{where}: eval_split is {recipe.eval_split}; expected a fraction in [0, 1)")
     return recipe

@@ -104,7 +104,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(out: Path, step: int, epoch: int, micro_in_epoch: int, model, optimizer, scheduler,
-                    accelerator) -> Path:
+                    accelerator, extra: dict[str, Any] | None = None) -> Path:
     import torch
 
     path = Path(out) / CHECKPOINTS / f"step-{step}"
@@ -118,7 +118,7 @@ def save_checkpoint(out: Path, step: int, epoch: int, micro_in_epoch: int, model
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(
-            {"step": step, "epoch": epoch, "batch_in_epoch": micro_in_epoch}, indent=2) + "\n")
+            {"step": step, "epoch": epoch, "batch_in_epoch": micro_in_epoch, **(extra or {})}, indent=2) + "\n")
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)  # a checkpoint is either complete or absent
     accelerator.wait_for_everyone()

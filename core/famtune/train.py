@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from famtune import checkpoint as ckpt_mod
+from famtune import distributed
 from famtune import kernels
 from famtune import packing as packing_mod
 from famtune import run_state
@@ -100,12 +101,14 @@ class Trainer:
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         import torch
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         r = self.recipe
         self.malloc_tuned = keep_freed_memory()
-        self.accelerator = Accelerator()
+        self.accelerator = distributed.make_accelerator(r.distributed)
+        self.dp = distributed.DataParallel.of(self.accelerator)
+        if not self.dp.main:  # one voice: rank 0 speaks for the run
+            self.log = lambda *args, **kwargs: None
         set_seed(r.seed)
         self.ckpt = ckpt_mod.open_checkpoint(r.model, family=r.family, trust_remote_code=r.trust_remote_code)
         self.family = self.ckpt.family
@@ -140,9 +143,10 @@ class Trainer:
         self.model = self._build_model()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=r.learning_rate, weight_decay=r.weight_decay)
-        world = self.accelerator.num_processes
-        batches_per_epoch = math.ceil(rows / r.batch_size)
-        self.micro_per_epoch = math.ceil(batches_per_epoch / world)
+        self.micro_per_epoch = self.dp.global_micro_batches(rows, r.batch_size)
+        if self.dp.world > 1:
+            self.log(f"distributed: {self.dp.world} processes x batch {r.batch_size} "
+                     f"({self.accelerator.distributed_type.value}, {r.distributed}, {self.accelerator.device.type})")
         self.steps_per_epoch = max(1, math.ceil(self.micro_per_epoch / r.grad_accum))
         self.total_steps = r.max_steps if r.max_steps > 0 else max(1, math.ceil(r.epochs * self.steps_per_epoch))
         from transformers import get_cosine_schedule_with_warmup
@@ -151,16 +155,13 @@ class Trainer:
             self.optimizer, math.ceil(r.warmup_ratio * self.total_steps), self.total_steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, self.optimizer, self.scheduler)
 
-    def epoch_batches(self, epoch: int) -> list[list[Any]]:
-        """This process's micro-batches of one epoch: sample indices, or rows of sample indices when packing."""
+    def epoch_units(self, epoch: int) -> list[Any]:
+        """One epoch's training order: sample indices, or rows of sample indices when packing.
+        Every process computes the same list; ``self.dp`` gives each its share."""
         r = self.recipe
         if self.packing:
-            rows = packing_mod.epoch_rows(self._lengths, r.max_length, r.seed, epoch)
-            batches = [rows[i:i + r.batch_size] for i in range(0, len(rows), r.batch_size)]
-        else:
-            batches = epoch_batches(len(self.train_samples), r.batch_size, r.seed, epoch)
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        return batches[rank::world]
+            return packing_mod.epoch_rows(self._lengths, r.max_length, r.seed, epoch)
+        return [i for batch in epoch_batches(len(self.train_samples), r.batch_size, r.seed, epoch) for i in batch]
 
     def _collate(self, spec: list[Any]) -> tuple[dict[str, Any], int]:
         """A micro-batch and its number of real (non-pad) tokens."""
@@ -226,12 +227,17 @@ class Trainer:
             return None
         self.model.eval()
         total, count = 0.0, 0
+        size = self.recipe.batch_size
         with torch.no_grad():
-            for i in range(0, len(self.eval_samples), self.recipe.batch_size):
-                batch = collate(self.eval_samples[i:i + self.recipe.batch_size], self.pad_id, self.accelerator.device)
+            for k in self.dp.eval_batches(math.ceil(len(self.eval_samples) / size)):
+                i = (k or 0) * size
+                batch = collate(self.eval_samples[i:i + size], self.pad_id, self.accelerator.device)
                 n = supervised_count(batch)
-                total += float(causal_lm_loss(self.model, batch, max(n, 1))) * n
-                count += n
+                loss = float(causal_lm_loss(self.model, batch, max(n, 1)))
+                if k is not None:
+                    total += loss * n
+                    count += n
+        total, count = self.dp.sum([total, count])
         self.model.train()
         return total / max(count, 1)
 
@@ -268,13 +274,14 @@ class Trainer:
         self.setup()
         self.out.mkdir(parents=True, exist_ok=True)
         metrics = run_state.MetricsLog(self.out / "metrics.jsonl", enabled=self.accelerator.is_main_process)
-        step, epoch, micro_in_epoch = 0, 0, 0
+        step, epoch, pos = 0, 0, 0  # pos: units (samples or packed rows) of the epoch consumed so far
         if self.resume:
             state_dir = run_state.find_checkpoint(self.out, self.resume)
-            step, epoch, micro_in_epoch = run_state.load_checkpoint(
+            step, epoch, batch_in_epoch = run_state.load_checkpoint(
                 state_dir, self.model, self.optimizer, self.scheduler, self.accelerator)
+            pos = distributed.data_position(state_dir, batch_in_epoch, r.batch_size)
             metrics.truncate_after(step)
-            self.log(f"resumed from {state_dir} at step {step} (epoch {epoch}, batch {micro_in_epoch})")
+            self.log(f"resumed from {state_dir} at step {step} (epoch {epoch}, sample {pos})")
         else:
             metrics.reset()
             before = self.generate(r.evaluation_inputs)
@@ -289,11 +296,10 @@ class Trainer:
         self.counts = {"tokens_total": 0, "tokens_supervised": 0}
         with run_state.StopOnInterrupt() as stop:
             while step < self.total_steps and not stop.requested:
-                batches = self.epoch_batches(epoch)
-                while micro_in_epoch < len(batches) and step < self.total_steps and not stop.requested:
-                    group = batches[micro_in_epoch:micro_in_epoch + r.grad_accum]
+                units = self.epoch_units(epoch)
+                while pos < len(units) and step < self.total_steps and not stop.requested:
+                    group, pos = self.dp.step_batches(units, pos, r.batch_size, r.grad_accum)
                     step_loss, step_tokens = self._optimizer_step(group)
-                    micro_in_epoch += len(group)
                     step += 1
                     tokens_seen += step_tokens
                     last_loss = step_loss
@@ -308,41 +314,48 @@ class Trainer:
                     if r.eval_steps and step % r.eval_steps == 0 and step < self.total_steps:
                         self._evaluate(step, metrics, bar)
                     if r.save_steps and step % r.save_steps == 0 and step < self.total_steps:
-                        run_state.save_checkpoint(self.out, step, epoch, micro_in_epoch, self.model, self.optimizer,
-                                                  self.scheduler, self.accelerator)
-                if micro_in_epoch >= len(batches):
-                    epoch, micro_in_epoch = epoch + 1, 0
+                        self._save_checkpoint(step, epoch, pos)
+                if pos >= len(units):
+                    epoch, pos = epoch + 1, 0
         if stop.requested and step < self.total_steps:
             bar.close()
-            path = run_state.save_checkpoint(self.out, step, epoch, micro_in_epoch, self.model, self.optimizer,
-                                             self.scheduler, self.accelerator)
+            path = self._save_checkpoint(step, epoch, pos)
             raise FamtuneError(f"interrupted at step {step}/{self.total_steps}; state saved in {path}; "
                                f"continue with: famtune train RECIPE --resume")
         bar.close()
         train_wall = time.perf_counter() - t_start
         final = self._evaluate(step, metrics, None)
         self._save_final(metrics)
+        self.counts = {k: int(v) for k, v in zip(self.counts, self.dp.sum(list(self.counts.values())))}
         summary = {"steps": step, "final_loss": last_loss, "eval_loss": final.get("eval_loss"),
                    "train_wall_s": train_wall, "tokens_per_s": tokens_seen / train_wall if train_wall else None,
                    "tokens_nonpad": tokens_seen, **self.counts,
                    "parameters": self.param_counts, "data": self.report.to_dict(), "output_dir": str(self.out),
                    "peak_rss_mib": run_state.peak_rss_mib(), "peak_accelerator_mib": run_state.peak_accelerator_mib(),
-                   "family": self.family.describe(), "kernels": self.kernels}
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+                   "family": self.family.describe(), "kernels": self.kernels, "processes": self.dp.world}
+        if self.dp.main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.log(f"done: {step} steps, final loss {last_loss:.4f}"
                  + (f", eval loss {final['eval_loss']:.4f}" if final.get("eval_loss") is not None else "")
                  + f"; adapter in {self.out}")
         return summary
 
-    def _optimizer_step(self, group: list[list[int]]) -> tuple[float, int]:
+    def _optimizer_step(self, group: list[distributed.MicroBatch]) -> tuple[float, int]:
         import torch
 
         r = self.recipe
-        batches, real = zip(*(self._collate(b) for b in group))
-        # Weight every supervised token equally across the accumulated micro-batches.
-        n_items = sum(supervised_count(b) for b in batches)
-        n_items_t = torch.tensor(max(n_items, 1), device=self.accelerator.device)
-        total_loss, tokens = 0.0, 0
+        batches, real = zip(*(self._collate(b.units) for b in group))
+        for b, batch in zip(group, batches):
+            if not b.real:
+                batch["labels"].fill_(IGNORE_INDEX)
+        real = [n if b.real else 0 for b, n in zip(group, real)]
+        # Weight every supervised token equally across the accumulated micro-batches and all
+        # processes: each rank divides its summed loss by the step's total count over the world,
+        # times the world size because the gradient all-reduce averages.
+        n_local = sum(supervised_count(b) for b in batches)
+        (n_items,) = self.dp.sum([n_local])
+        n_items_t = torch.tensor(max(n_items, 1) / self.dp.world, device=self.accelerator.device)
+        total_loss, tokens, padded = 0.0, 0, 0
         for k, batch in enumerate(batches):
             sync = k == len(batches) - 1
             ctx = self.accelerator.no_sync(self.model) if not sync else contextlib.nullcontext()
@@ -351,8 +364,11 @@ class Trainer:
                 self.accelerator.backward(loss)
             total_loss += float(loss.detach())
             tokens += real[k]
-            self.counts["tokens_total"] += int(batch["input_ids"].numel())
-        self.counts["tokens_supervised"] += n_items
+            padded += int(batch["input_ids"].numel()) if group[k].real else 0
+        self.counts["tokens_total"] += padded
+        self.counts["tokens_supervised"] += n_local
+        if self.dp.world > 1:
+            total_loss, tokens = self.dp.sum([total_loss / self.dp.world, tokens])
         self.last_grad_norm = float(self.accelerator.clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], r.max_grad_norm))
         self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step used
@@ -371,12 +387,18 @@ class Trainer:
             record["generations"] = gens
         if len(record) > 1:
             metrics.write(record)
-            write = bar.write if bar is not None else self.log
+            write = bar.write if bar is not None and not bar.disable else self.log
             if loss is not None:
                 write(f"[step {step}] eval loss {loss:.4f}")
             for g in gens:
                 write(f"[step {step}] {g['input']!r} -> {g['output']!r}")
         return record
+
+    def _save_checkpoint(self, step: int, epoch: int, pos: int) -> Path:
+        # The data position is saved in units, which mean the same for any number of processes.
+        return run_state.save_checkpoint(self.out, step, epoch, pos // max(self.recipe.batch_size, 1), self.model,
+                                         self.optimizer, self.scheduler, self.accelerator,
+                                         extra={"units_in_epoch": pos})
 
     def _save_final(self, metrics) -> None:
         import yaml

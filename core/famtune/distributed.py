@@ -1,0 +1,172 @@
+"""Data parallelism inside one training process: which samples this rank trains on, and the few
+collectives that make N processes train exactly like one.
+
+famtune's batch order is a pure function of (seed, epoch): one list of *units* (sample indices, or
+packed rows) per epoch. A global micro-batch is the next ``world x batch_size`` units of that list;
+each rank takes its contiguous share of it. So N processes with per-device batch b train on the
+same samples at every optimizer step as one process with batch N x b, and the data position saved
+in a checkpoint (units consumed in the epoch) does not depend on the number of processes: a run
+saved by 2 processes resumes in 1 and vice versa.
+
+The launcher (torchrun) is in :mod:`famtune.launch`; this module runs in each worker.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from famtune.errors import FamtuneError
+
+#: Seconds a collective waits for a missing peer before the run fails (torch's default is 30 min).
+DEFAULT_TIMEOUT_S = 600
+TIMEOUT_ENV = "FAMTUNE_DIST_TIMEOUT"
+#: The recipe's ``distributed`` key: how the model is spread over processes when there are several.
+PRESETS = ("ddp", "fsdp", "zero2", "zero3")
+
+
+def launched_worker() -> bool:
+    """Whether this process was started by a launcher (torchrun, accelerate launch) as one rank."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def restart_count() -> int:
+    """How many times torchrun's elastic agent has restarted this run's workers (0 on the first try)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
+def resume_after_restart(resume: str | bool | None, output_dir: str) -> str | bool | None:
+    """The resume setting for this worker. After an elastic restart (``--max-restarts``) the workers
+    run the same command again; they continue from the last complete checkpoint instead of starting
+    the run over (and from scratch when the first attempt saved none)."""
+    if resume or restart_count() == 0:
+        return resume
+    from famtune.run_state import CHECKPOINTS
+
+    root = Path(output_dir) / CHECKPOINTS
+    done = [p for p in root.glob("step-*") if (p / "trainer_state.json").exists()] if root.exists() else []
+    return "latest" if done else None
+
+
+def timeout_seconds() -> int:
+    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = int(raw)
+    except ValueError:
+        seconds = 0
+    if seconds <= 0:
+        raise FamtuneError(f"{TIMEOUT_ENV}={raw!r}; expected a positive number of seconds")
+    return seconds
+
+
+def make_accelerator(preset: str = "ddp"):
+    """The run's Accelerator: gloo on CPU, NCCL on CUDA, a bounded wait for missing peers, and the
+    recipe's sharding preset (see :mod:`famtune.presets`)."""
+    from datetime import timedelta
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
+
+    from famtune.presets import accelerate_plugins
+
+    # accelerate only picks its multi-CPU (gloo) mode when told the run has no accelerator.
+    cpu = not torch.cuda.is_available()
+    kwargs: dict[str, Any] = {
+        "cpu": cpu, "kwargs_handlers": [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_seconds()))],
+        # famtune shards its own batches and counts optimizer steps over the whole world; without
+        # split_batches accelerate's scheduler would advance once per process at every step.
+        "dataloader_config": DataLoaderConfiguration(split_batches=True),
+    }
+    if launched_worker() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        kwargs.update(accelerate_plugins(preset))
+    return Accelerator(**kwargs)
+
+
+def split_evenly(chunk: Sequence[Any], rank: int, world: int) -> list[Any]:
+    """Rank ``rank``'s contiguous share of ``chunk``; shares differ in size by at most one."""
+    base, extra = divmod(len(chunk), world)
+    start = rank * base + min(rank, extra)
+    return list(chunk[start:start + base + (1 if rank < extra else 0)])
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """This rank's units of one global micro-batch. ``real`` is False for a stand-in: when a final
+    global batch has fewer units than ranks, a rank without a share still runs forward and backward
+    (every rank must take part in each gradient all-reduce) on a copy of one unit with no label."""
+
+    units: list[Any]
+    real: bool = True
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    rank: int = 0
+    world: int = 1
+    accelerator: Any = None
+
+    @classmethod
+    def of(cls, accelerator) -> "DataParallel":
+        return cls(accelerator.process_index, accelerator.num_processes, accelerator)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def global_micro_batches(self, n_units: int, batch_size: int) -> int:
+        return -(-n_units // (batch_size * self.world))
+
+    def step_batches(self, units: Sequence[Any], start: int, batch_size: int, grad_accum: int
+                     ) -> tuple[list[MicroBatch], int]:
+        """This rank's micro-batches of the optimizer step that begins at ``units[start]``, and the
+        position after it. Every rank gets the same number of micro-batches."""
+        group, pos = [], start
+        for _ in range(grad_accum):
+            chunk = units[pos:pos + batch_size * self.world]
+            if not chunk:
+                break
+            mine = split_evenly(chunk, self.rank, self.world)
+            group.append(MicroBatch(mine) if mine else MicroBatch([chunk[0]], real=False))
+            pos += len(chunk)
+        return group, pos
+
+    def eval_batches(self, n_batches: int) -> list[int | None]:
+        """Indices of the evaluation batches this rank scores; ``None`` stands for a forward pass
+        whose result is dropped, so every rank runs as many passes as the others."""
+        mine: list[int | None] = list(range(self.rank, n_batches, self.world))
+        rounds = -(-n_batches // self.world)
+        return mine + [None] * (rounds - len(mine))
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sum over all ranks (no communication in a single process)."""
+        if self.world == 1:
+            return [float(v) for v in values]
+        import torch
+
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.accelerator.device)
+        return [float(v) for v in self.accelerator.reduce(t, reduction="sum")]
+
+
+def data_position(state_dir: Path, batch_in_epoch: int, batch_size: int) -> int:
+    """Units consumed in the epoch at a checkpoint. Checkpoints written before the position was
+    saved in units (single process only) counted micro-batches of ``batch_size``."""
+    import json
+
+    state = json.loads((Path(state_dir) / "trainer_state.json").read_text())
+    if "units_in_epoch" in state:
+        return int(state["units_in_epoch"])
+    return batch_in_epoch * batch_size
+
+
+def refuse_when_sharded(command: str) -> None:
+    """Merging and chatting load one whole model in one process: under a launcher they would run
+    once per rank and race on the output."""
+    if launched_worker() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise FamtuneError(f"`famtune {command}` runs in one process; it was started as rank "
+                           f"{os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']} by a launcher "
+                           f"(torchrun/accelerate launch). Run it directly: famtune {command} ...")
