@@ -24,7 +24,10 @@ def _cmd_train(args, extra: list[str]) -> int:
 
 
 def _cmd_merge(args, extra: list[str]) -> int:
+    from famtune.distributed import refuse_when_sharded
     from famtune.merge import merge
+
+    refuse_when_sharded("merge")
 
     merge(args.adapter_dir, args.out, max_shard_size=args.max_shard_size, base=args.base,
           base_precision=args.base_precision, layout=args.layout, dtype=args.dtype,

@@ -396,7 +396,8 @@ class Trainer:
 
     def _save_checkpoint(self, step: int, epoch: int, pos: int) -> Path:
         # The data position is saved in units, which mean the same for any number of processes.
-        return run_state.save_checkpoint(self.out, step, epoch, pos // max(self.recipe.batch_size, 1), self.model,
+        global_micro = -(-pos // (self.recipe.batch_size * self.dp.world))
+        return run_state.save_checkpoint(self.out, step, epoch, global_micro, self.model,
                                          self.optimizer, self.scheduler, self.accelerator,
                                          extra={"units_in_epoch": pos})
 
