@@ -145,7 +145,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator) -> tup
     from safetensors.torch import load_file
 
     state = json.loads((path / "trainer_state.json").read_text())
-    weights = load_file(str(path / "adapter_model.safetensors"), device=str(accelerator.device))
+    # safetensors names the CPU "cpu" only; accelerate's multi-process CPU device is "cpu:0"
+    device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)
+    weights = load_file(str(path / "adapter_model.safetensors"), device=device)
     set_peft_model_state_dict(accelerator.unwrap_model(model), weights)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location=accelerator.device))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
