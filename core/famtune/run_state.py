@@ -149,7 +149,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator) -> tup
     device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)
     weights = load_file(str(path / "adapter_model.safetensors"), device=device)
     set_peft_model_state_dict(accelerator.unwrap_model(model), weights)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location=accelerator.device))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location=device))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return state["step"], state["epoch"], state["batch_in_epoch"]
