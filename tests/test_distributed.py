@@ -193,3 +193,63 @@ def test_cli_rejects_a_bad_launch_in_one_line(tmp_path):
     assert res.stderr.strip().splitlines() == [
         "famtune: error: --nnodes 2 needs --master ADDR:PORT, the address of node 0 that every node can reach "
         "(the same on all nodes)"]
+
+
+@pytest.fixture
+def restored_environ():
+    import os
+
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.mark.parametrize("preset,stage", [("zero2", 2), ("zero3", 3)])
+def test_deepspeed_configs_are_complete_and_accepted_by_accelerates_plugin(preset, stage, restored_environ):
+    from famtune import presets
+
+    config = presets.deepspeed_config(preset, batch_size=4, grad_accum=2, world=8, max_grad_norm=1.0,
+                                      compute_dtype_name="bfloat16")
+    assert config["train_batch_size"] == 64 and config["zero_optimization"]["stage"] == stage
+    assert config["bf16"] == {"enabled": True} and config["fp16"] == {"enabled": False}
+    assert "auto" not in repr(config)  # nothing left for DeepSpeed to guess
+    assert config["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save", False) == (stage == 3)
+    presets.check_deepspeed_config(config, world=8)  # accelerate's DeepSpeedPlugin reads it
+    with pytest.raises(FamtuneError, match=r"train_batch_size 64 != 4 x 2 x 4 processes"):
+        presets.check_deepspeed_config(config, world=4)
+    broken = {**config, "fp16": {"enabled": True}}
+    with pytest.raises(FamtuneError, match="bf16 and fp16 both enabled"):
+        presets.check_deepspeed_config(broken, world=8)
+
+
+def test_parameter_sharding_stores_4bit_weights_in_the_compute_dtype():
+    from famtune import presets
+    from famtune.quantization import nf4_config
+
+    assert presets.nf4_settings("ddp", "bfloat16") == nf4_config("bfloat16")
+    assert presets.nf4_settings("zero2", "bfloat16")["bnb_4bit_quant_storage"] == "uint8"
+    for preset in ("fsdp", "zero3"):
+        settings = presets.nf4_settings(preset, "bfloat16")
+        assert settings == {**nf4_config("bfloat16"), "bnb_4bit_quant_storage": "bfloat16"}
+    # and bitsandbytes accepts it as a config
+    assert str(presets.bitsandbytes_storage(settings)) == "torch.bfloat16"
+
+
+def test_fsdp_preset_builds_an_fsdp2_plugin_with_cpu_ram_efficient_loading(restored_environ):
+    from famtune import presets
+
+    plugin = presets.accelerate_plugins("fsdp")["fsdp_plugin"]
+    assert plugin.fsdp_version == 2 and plugin.cpu_ram_efficient_loading is True
+    assert plugin.reshard_after_forward is True and plugin.use_orig_params is None  # FSDP2 keeps originals
+    assert presets.accelerate_plugins("ddp") == {}
+
+
+def test_zero_presets_without_deepspeed_stop_in_one_line():
+    import importlib.util
+
+    from famtune import presets
+
+    assert importlib.util.find_spec("deepspeed") is None  # famtune does not depend on it
+    with pytest.raises(FamtuneError, match="zero3 needs DeepSpeed, which is not installed; pip install deepspeed"):
+        presets.accelerate_plugins("zero3")

@@ -63,7 +63,11 @@ def timeout_seconds() -> int:
     return seconds
 
 
-def make_accelerator(preset: str = "ddp"):
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1")) if launched_worker() else 1
+
+
+def make_accelerator(recipe):
     """The run's Accelerator: gloo on CPU, NCCL on CUDA, a bounded wait for missing peers, and the
     recipe's sharding preset (see :mod:`famtune.presets`)."""
     from datetime import timedelta
@@ -72,6 +76,7 @@ def make_accelerator(preset: str = "ddp"):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
+    from famtune.checkpoint import resolve_dtype
     from famtune.presets import accelerate_plugins
 
     # accelerate only picks its multi-CPU (gloo) mode when told the run has no accelerator.
@@ -82,9 +87,44 @@ def make_accelerator(preset: str = "ddp"):
         # split_batches accelerate's scheduler would advance once per process at every step.
         "dataloader_config": DataLoaderConfiguration(split_batches=True),
     }
-    if launched_worker() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        kwargs.update(accelerate_plugins(preset))
+    if world_size() > 1:
+        if recipe.distributed == "fsdp" and recipe.save_steps:
+            raise FamtuneError(f"distributed: fsdp with save_steps: {recipe.save_steps}: famtune cannot save "
+                               "resumable checkpoints of a sharded run yet; set save_steps: 0, or use ddp")
+        kwargs.update(accelerate_plugins(
+            recipe.distributed, batch_size=recipe.batch_size, grad_accum=recipe.grad_accum,
+            max_grad_norm=recipe.max_grad_norm, world=world_size(),
+            compute_dtype_name=str(resolve_dtype(recipe.compute_dtype)).removeprefix("torch.")))
     return Accelerator(**kwargs)
+
+
+def sharded(accelerator) -> bool:
+    """Whether the model's parameters are split over the processes (FSDP, ZeRO-3)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def full_state_dict(accelerator, model) -> dict[str, Any] | None:
+    """The whole (gathered) state dict of a sharded model, for the main process to save; every
+    process must call this. None when each process already holds the whole model."""
+    if not sharded(accelerator):
+        return None
+    return accelerator.get_state_dict(model)
+
+
+def quantization_settings(recipe) -> dict[str, Any] | None:
+    """The exact NF4 settings when the preset changes famtune's defaults (4-bit storage in the
+    compute dtype under parameter sharding), else None."""
+    from famtune.checkpoint import resolve_dtype
+    from famtune.presets import PARAMETER_SHARDING, nf4_settings
+
+    if recipe.quantization != "nf4" or world_size() == 1 or recipe.distributed not in PARAMETER_SHARDING:
+        return None
+    return nf4_settings(recipe.distributed, str(resolve_dtype(recipe.compute_dtype)).removeprefix("torch."))
 
 
 def split_evenly(chunk: Sequence[Any], rank: int, world: int) -> list[Any]:

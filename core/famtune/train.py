@@ -105,7 +105,7 @@ class Trainer:
 
         r = self.recipe
         self.malloc_tuned = keep_freed_memory()
-        self.accelerator = distributed.make_accelerator(r.distributed)
+        self.accelerator = distributed.make_accelerator(r)
         self.dp = distributed.DataParallel.of(self.accelerator)
         if not self.dp.main:  # one voice: rank 0 speaks for the run
             self.log = lambda *args, **kwargs: None
@@ -178,7 +178,9 @@ class Trainer:
         from famtune.plugins import validate_targets
 
         r = self.recipe
-        model = self.ckpt.load_model(r.quantization, r.compute_dtype, device=self.accelerator.device)
+        self.nf4_settings = distributed.quantization_settings(r)
+        model = self.ckpt.load_model(r.quantization, r.compute_dtype, device=self.accelerator.device,
+                                     quantization_config=self.nf4_settings)
         self.ckpt.check_vocabulary(model)
         model.config.use_cache = False
         for module in model.modules():
@@ -404,16 +406,19 @@ class Trainer:
     def _save_final(self, metrics) -> None:
         import yaml
 
+        state = distributed.full_state_dict(self.accelerator, self.model)  # all ranks gather a sharded model
         if not self.accelerator.is_main_process:
             return
         model = self.accelerator.unwrap_model(self.model)
-        model.save_pretrained(self.out)
+        model.save_pretrained(self.out, state_dict=state)
         meta = build_metadata(
             family=self.family, template_name=self.conversation.name, generation=self.generation,
             base_model=self.recipe.model, base_path=self.ckpt.path, quantization=self.recipe.quantization,
             compute_dtype=self.recipe.compute_dtype, masking=self.masking, max_length=self.recipe.max_length,
             system=self.recipe.system)
         meta["lora_targets"] = list(self.targets)
+        if self.nf4_settings:  # the preset's 4-bit storage dtype, so merge rebuilds the same base
+            meta["quantization_config"] = self.nf4_settings
         write_metadata(self.out, meta)
         (self.out / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False, allow_unicode=True))
         run_state.plot_losses(metrics.path, self.out / "loss.png")
