@@ -253,3 +253,34 @@ def test_zero_presets_without_deepspeed_stop_in_one_line():
     assert importlib.util.find_spec("deepspeed") is None  # famtune does not depend on it
     with pytest.raises(FamtuneError, match="zero3 needs DeepSpeed, which is not installed; pip install deepspeed"):
         presets.accelerate_plugins("zero3")
+
+
+def test_estimate_per_device_under_each_preset(tmp_path):
+    import dataclasses
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from famtune.estimate import estimate_recipe, per_device
+    from famtune.recipe import Recipe
+
+    config = Qwen2Config(vocab_size=1000, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "m")
+    recipe = dataclasses.replace(Recipe(), model=str(tmp_path / "m"), data="unused", lora_targets="all-linear",
+                                 max_length=64, batch_size=2)
+    one = estimate_recipe(recipe)
+    assert per_device(one, "zero3", 1) is one
+    est = {p: per_device(one, p, 4) for p in ("ddp", "zero2", "zero3", "fsdp")}
+    layer = one.weights / 4
+    assert est["ddp"].weights == one.weights and est["ddp"].gradients > one.gradients
+    assert est["zero2"].weights == one.weights and est["zero2"].optimizer == one.optimizer / 4
+    assert est["zero3"].weights == pytest.approx(one.weights / 4 + layer)
+    assert est["fsdp"].weights == pytest.approx(one.weights / 4 + 2 * layer)
+    assert est["zero3"].optimizer == est["fsdp"].optimizer == one.optimizer / 4
+    assert all(e.activations == one.activations for e in est.values())  # per-device batch: unchanged
+    assert est["zero3"].total < est["zero2"].total < est["ddp"].total
+    with pytest.raises(FamtuneError, match="--nproc 0"):
+        per_device(one, "ddp", 0)
+    (tmp_path / "r.yaml").write_text(f"model: {tmp_path / 'm'}\ndistributed: zero3\n")
+    res = famtune_cli("estimate", tmp_path / "r.yaml", "--nproc", "4")
+    assert "per device: zero3 on 4 processes: weights, LoRA, gradients and optimizer state split" in res.stdout

@@ -113,6 +113,10 @@ def _cmd_estimate(args, extra: list[str]) -> int:
     # The estimate reads no data, so a recipe without `data:` is fine here.
     recipe = load_recipe(args.recipe, {"data": "unused", **parse_overrides(extra)})
     est = estimate_recipe(recipe)
+    if args.nproc:
+        from famtune.estimate import per_device
+
+        est = per_device(est, recipe.distributed, args.nproc)
     for line in est.lines(budget):
         print(line)
     return 0 if budget is None or est.total <= budget else 1
@@ -228,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "overridden: --key value. Exit status 1 when the run does not fit --budget.")
     es.add_argument("recipe", help="recipe YAML file")
     es.add_argument("--budget", help="memory to fit in, e.g. 8GB")
+    es.add_argument("--nproc", type=int, help="processes the run is split over (with the recipe's distributed preset)")
     es.set_defaults(func=_cmd_estimate, extra_ok=True)
 
     de = sub.add_parser("demo", help="build a tiny model, fine-tune it on a self-identity set, merge and chat")

@@ -73,6 +73,8 @@ class MemoryEstimate:
             f"  activations  {_fmt(self.activations)}  ({d['activation_peak']})",
             f"  total        {_fmt(self.total)}  peak tensor memory",
         ]
+        if d.get("sharding"):
+            out.insert(2, f"per device: {d['sharding']}")
         if budget is not None:
             if self.total <= budget:
                 out.append(f"fits in {_fmt(budget).strip()}: {_fmt(budget - self.total).strip()} to spare "
@@ -337,3 +339,41 @@ def measure_cpu_peak(model_dir: str, *, seq_len: int, batch: int, lora_r: int = 
     with LiveTensorBytes(existing) as live:
         step()
     return {"static": static, "dynamic": live.peak, "total": static + live.peak}
+
+
+def per_device(est: MemoryEstimate, preset: str, nproc: int) -> MemoryEstimate:
+    """The estimate on each of ``nproc`` devices under a ``distributed`` preset.
+
+    Activations follow the per-device batch and do not change. ``ddp`` adds the gradient
+    all-reduce buckets (one more copy of the LoRA gradients); ``zero2`` splits the optimizer state
+    and gradients over the devices; ``zero3`` and ``fsdp`` split the weights and LoRA matrices too,
+    plus the one decoder layer gathered whole while it computes (two with FSDP's prefetch).
+    """
+    import dataclasses
+
+    from famtune.distributed import PRESETS
+
+    if preset not in PRESETS:
+        raise FamtuneError(f"distributed: {preset!r}; expected {', '.join(PRESETS)}")
+    if nproc < 1:
+        raise FamtuneError(f"--nproc {nproc}: expected at least 1 process")
+    if nproc == 1:
+        return est
+    d = dict(est.details)
+    layer = est.weights / max(d["layers"], 1)
+    lora_grads = d["lora_params"] * 4
+    if preset == "ddp":
+        out = dataclasses.replace(est, gradients=est.gradients + lora_grads)
+        why = "each device holds the whole model; + LoRA gradient buckets for the all-reduce"
+    elif preset == "zero2":
+        out = dataclasses.replace(est, gradients=lora_grads / nproc, optimizer=est.optimizer / nproc)
+        why = f"optimizer state and gradients split over {nproc} devices"
+    else:
+        gathered = (2 if preset == "fsdp" else 1) * layer
+        out = dataclasses.replace(est, weights=est.weights / nproc + gathered, lora=est.lora / nproc,
+                                  gradients=lora_grads / nproc, optimizer=est.optimizer / nproc)
+        why = (f"weights, LoRA, gradients and optimizer state split over {nproc} devices, "
+               f"+ {'two decoder layers' if preset == 'fsdp' else 'one decoder layer'} gathered whole")
+    d["sharding"] = f"{preset} on {nproc} processes: {why}"
+    out.details = d
+    return out
