@@ -106,8 +106,9 @@ def launch(opts: LaunchOptions, worker: list[str], output_dir: str) -> int:
     try:
         run(get_args_parser().parse_args(argv))
     except ChildFailedError as exc:
-        rank, failure = min(exc.failures.items())
-        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        failures = sorted(exc.failures.items(), key=_root_cause_first)
+        rank, failure = failures[0]
+        how = _how(failure) + "".join(f", then rank {r} ({_how(f)})" for r, f in failures[1:])
         again = f" --nproc {opts.nproc}" + (f" --nnodes {opts.nnodes} ..." if opts.nnodes > 1 else "")
         tried = f" after {opts.max_restarts} restart(s)" if opts.max_restarts else ""
         raise FamtuneError(f"worker rank {rank} failed ({how}){tried}; all workers were stopped. Checkpoints "
@@ -118,3 +119,17 @@ def launch(opts: LaunchOptions, worker: list[str], output_dir: str) -> int:
             raise FamtuneError(f"torchrun could not run the workers: {exc.__class__.__name__}: {exc}") from None
         raise
     return 0
+
+
+def _how(failure) -> str:
+    return f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+
+
+def _root_cause_first(item) -> tuple:
+    """A worker killed by a signal torchrun does not send (SIGTERM is how it stops the others) is
+    the cause; the others' exits (a collective that lost its peer) follow from it."""
+    import signal
+
+    rank, failure = item
+    killed = failure.exitcode < 0 and failure.exitcode != -signal.SIGTERM
+    return (not killed, failure.timestamp, rank)
