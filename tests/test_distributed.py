@@ -284,3 +284,16 @@ def test_estimate_per_device_under_each_preset(tmp_path):
     (tmp_path / "r.yaml").write_text(f"model: {tmp_path / 'm'}\ndistributed: zero3\n")
     res = famtune_cli("estimate", tmp_path / "r.yaml", "--nproc", "4")
     assert "per device: zero3 on 4 processes: weights, LoRA, gradients and optimizer state split" in res.stdout
+
+
+def test_a_failed_launch_blames_the_killed_worker_not_the_ones_that_lost_their_peer():
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    lost_peer = ProcessFailure(local_rank=0, pid=10, exitcode=1, error_file="")
+    stopped = ProcessFailure(local_rank=2, pid=12, exitcode=-signal.SIGTERM, error_file="")
+    killed = ProcessFailure(local_rank=1, pid=11, exitcode=-signal.SIGKILL, error_file="")
+    ordered = sorted({0: lost_peer, 1: killed, 2: stopped}.items(), key=launch._root_cause_first)
+    assert ordered[0][0] == 1
+    assert launch._how(killed) == "signal SIGKILL" and launch._how(lost_peer) == "exit code 1"

@@ -108,10 +108,10 @@ def launch(opts: LaunchOptions, worker: list[str], output_dir: str) -> int:
     except ChildFailedError as exc:
         failures = sorted(exc.failures.items(), key=_root_cause_first)
         rank, failure = failures[0]
-        how = _how(failure) + "".join(f", then rank {r} ({_how(f)})" for r, f in failures[1:])
+        then = "".join(f", then rank {r} ({_how(f)})" for r, f in failures[1:])
         again = f" --nproc {opts.nproc}" + (f" --nnodes {opts.nnodes} ..." if opts.nnodes > 1 else "")
         tried = f" after {opts.max_restarts} restart(s)" if opts.max_restarts else ""
-        raise FamtuneError(f"worker rank {rank} failed ({how}){tried}; all workers were stopped. Checkpoints "
+        raise FamtuneError(f"worker rank {rank} failed ({_how(failure)}){then}{tried}; all workers were stopped. Checkpoints "
                            f"are in {output_dir}/checkpoints; continue with: famtune train RECIPE{again} "
                            "--resume") from None
     except Exception as exc:  # rendezvous and agent errors
