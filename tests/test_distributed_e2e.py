@@ -217,3 +217,13 @@ def test_two_nodes_on_localhost_train_like_one_process(setup, one_process):
     assert [n.returncode for n in nodes] == [0, 0], results
     assert "done: 12 steps" in results[0][0] and "done:" not in results[1][0]
     _assert_same_training(out, one_process)
+
+
+def test_fsdp_preset_trains_lora_on_a_full_precision_base_like_one_process(setup):
+    work, model, data = setup
+    settings = dict(quantization="none", max_steps=4, save_steps=0)
+    famtune_cli("train", _recipe(work / "fsdp-ref.yaml", model, data, work / "fsdp-ref", **settings))
+    res = famtune_cli("train", _recipe(work / "fsdp.yaml", model, data, work / "fsdp", batch_size=4,
+                                       distributed="fsdp", **settings), "--nproc", "2")
+    assert "distributed: 2 processes x batch 4 (FSDP, fsdp, cpu)" in res.stdout
+    _assert_same_training(work / "fsdp", work / "fsdp-ref", steps=range(1, 5))

@@ -102,6 +102,10 @@ def launch(opts: LaunchOptions, worker: list[str], output_dir: str) -> int:
 
     # Workers share the node's cores: one thread each unless the user chose otherwise.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Workers get a fresh store per attempt instead of sharing the rendezvous store, where the keys
+    # of a failed attempt make the restarted workers' process-group set-up wait forever
+    # (pytorch/pytorch#135712; seen here as a hang after --max-restarts restarted them).
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     argv = opts.torchrun_args(worker)
     try:
         run(get_args_parser().parse_args(argv))
