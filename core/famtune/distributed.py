@@ -95,25 +95,34 @@ def make_accelerator(recipe):
             recipe.distributed, batch_size=recipe.batch_size, grad_accum=recipe.grad_accum,
             max_grad_norm=recipe.max_grad_norm, world=world_size(),
             compute_dtype_name=str(resolve_dtype(recipe.compute_dtype)).removeprefix("torch.")))
-    return Accelerator(**kwargs)
+    accelerator = Accelerator(**kwargs)
+    if cpu and "fsdp_plugin" in kwargs:
+        # accelerate turns FSDP on for accelerator devices only and would silently run DDP here;
+        # FSDP2 itself runs on CPU processes (gloo), which is how famtune tests the preset.
+        from accelerate.utils import DistributedType
 
-
-def sharded(accelerator) -> bool:
-    """Whether the model's parameters are split over the processes (FSDP, ZeRO-3)."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return True
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return plugin is not None and plugin.zero_stage == 3
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = kwargs["fsdp_plugin"]
+    return accelerator
 
 
 def full_state_dict(accelerator, model) -> dict[str, Any] | None:
-    """The whole (gathered) state dict of a sharded model, for the main process to save; every
-    process must call this. None when each process already holds the whole model."""
-    if not sharded(accelerator):
-        return None
-    return accelerator.get_state_dict(model)
+    """The whole (gathered) state dict of a sharded model (FSDP2, ZeRO-3), for the main process
+    to save; every process must call this. None when each process holds the whole model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        # asked of torch directly: accelerate's own FSDP flag does not survive on CPU processes
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        if plugin is None or plugin.zero_stage != 3:
+            return None
+        state = accelerator.get_state_dict(model)
+    # plain tensors with storage of their own: PEFT's save_pretrained reads storage pointers
+    return {k: v.detach().cpu().clone() for k, v in (state or {}).items()}
 
 
 def quantization_settings(recipe) -> dict[str, Any] | None:
