@@ -227,3 +227,18 @@ def test_fsdp_preset_trains_lora_on_a_full_precision_base_like_one_process(setup
                                        distributed="fsdp", **settings), "--nproc", "2")
     assert "distributed: 2 processes x batch 4 (FSDP, fsdp, cpu)" in res.stdout
     _assert_same_training(work / "fsdp", work / "fsdp-ref", steps=range(1, 5))
+
+
+def test_compare_trains_each_model_in_several_processes(tmp_path):
+    recipe = tmp_path / "compare.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "models": ["tiny:qwen2.5"], "data": str(DEMO_DIR / "identity.jsonl"), "quantization": "nf4",
+        "compute_dtype": "fp32", "max_length": 128, "lora_r": 8, "lora_alpha": 16, "batch_size": 2,
+        "max_steps": 2, "evaluation_inputs": [], "progress": False}), encoding="utf-8")
+    out = tmp_path / "out"
+    famtune_cli("compare", recipe, "--output", out, "--nproc", "2", env={"FAMTUNE_CACHE": str(tmp_path / "cache")})
+    summary = json.loads((out / "tiny-qwen2.5" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 2
+    assert "distributed: 2 processes x batch 2" in (out / "tiny-qwen2.5" / "train.log").read_text()
+    res = famtune_cli("compare", recipe, "--output", out, "--nproc", "0", check=False)
+    assert res.returncode == 2 and "famtune: error: --nproc 0: expected at least 1 process" in res.stderr

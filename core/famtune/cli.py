@@ -133,7 +133,10 @@ def _cmd_compare(args, extra: list[str]) -> int:
         raise FamtuneError(f"give a recipe ({recipe!r}) or --demo, not both")
     if not recipe and not args.demo:
         raise FamtuneError("no recipe given; run `famtune compare RECIPE.yaml --models M1 M2 ...` or `famtune compare --demo`")
-    return compare(recipe, models=args.models, overrides=parse_overrides(extra), output=args.output)
+    if args.nproc is not None and args.nproc < 1:
+        raise FamtuneError(f"--nproc {args.nproc}: expected at least 1 process")
+    return compare(recipe, models=args.models, overrides=parse_overrides(extra), output=args.output,
+                   nproc=args.nproc)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "overridden: --key value. tiny:FAMILY builds a tiny local model of FAMILY.")
     cp.add_argument("--models", nargs="+", metavar="MODEL", help="models to compare (instead of the recipe's list)")
     cp.add_argument("--output", help="comparison directory (default: the recipe's output_dir, else famtune-compare)")
+    cp.add_argument("--nproc", type=int, metavar="N", help="train each model in N processes (famtune train --nproc N)")
     cp.add_argument("--demo", action="store_true",
                     help="the built-in comparison of the four families on tiny local models (nothing downloaded)")
     cp.set_defaults(func=_cmd_compare, extra_ok=True)

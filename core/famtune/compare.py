@@ -204,8 +204,9 @@ class Runner:
     """Runs the models one after another and reports progress with an ETA."""
 
     def __init__(self, shared: dict[str, Any], runs: list[ModelRun], work: Path, log: Callable[[str], Any],
-                 poll_s: float = 2.0) -> None:
+                 poll_s: float = 2.0, train_args: list[str] | None = None) -> None:
         self.shared, self.runs, self.work, self.log, self.poll_s = shared, runs, work, log, poll_s
+        self.train_args = list(train_args or [])  # e.g. --nproc N: each model trained distributed
         self.walls: list[float] = []
         self.total_steps = int(shared.get("max_steps") or 0)
 
@@ -257,7 +258,8 @@ class Runner:
         return sum(self.walls) / len(self.walls)
 
     def _train(self, recipe_file: Path, run: ModelRun, resume: bool, tag: str, remaining_after: int) -> int:
-        cmd = [sys.executable, "-m", "famtune.cli", "train", str(recipe_file)] + (["--resume"] if resume else [])
+        cmd = ([sys.executable, "-m", "famtune.cli", "train", str(recipe_file)] + (["--resume"] if resume else [])
+               + self.train_args)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(run.out / "train.log", "w", encoding="utf-8") as logf:
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
@@ -310,7 +312,7 @@ def read_status(run_out: Path) -> dict[str, Any]:
 
 
 def compare(recipe_path: str | None, models: list[str] | None = None, overrides: dict[str, Any] | None = None,
-            output: str | None = None, log: Callable[[str], Any] = print) -> int:
+            output: str | None = None, log: Callable[[str], Any] = print, nproc: int | None = None) -> int:
     """Run the comparison and write its report; 0 when every model trained, 1 when any failed."""
     from famtune.report import write_report
 
@@ -323,7 +325,7 @@ def compare(recipe_path: str | None, models: list[str] | None = None, overrides:
         family = spec[len(TINY_PREFIX):] if spec.startswith(TINY_PREFIX) else None
         runs.append(ModelRun(spec=spec, name=(name := run_name(spec, taken)), out=work / name, family=family))
     log(f"compare: {len(runs)} models ({', '.join(r.spec for r in runs)}) in {work}")
-    Runner(shared, runs, work, log).run_all()
+    Runner(shared, runs, work, log, train_args=["--nproc", str(nproc)] if nproc else None).run_all()
     report_dir = write_report(work, shared, specs, runs)
     failed = [r for r in runs if r.status == "failed"]
     earlier = sum(r.status == "skipped" for r in runs)
