@@ -174,19 +174,6 @@ def _merged_tensor(plan: StreamPlan, name: str, raw: Any) -> tuple[Any, float | 
     return w.to(plan.out_dtype), gap
 
 
-def _heap_trimmer():
-    """glibc keeps freed tensor buffers below its mmap threshold (which grows to 32 MB after the
-    first large free) in the heap; handing them back after each tensor keeps the peak at a few
-    tensors instead of a heap that grows with fragmentation."""
-    try:
-        import ctypes
-
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    return lambda: trim(0)
-
-
 def write_merged(plan: StreamPlan, out_dir: str, max_shard_bytes: int) -> float | None:
     """Write the merged weights and config.json; return the NF4 gap when it was measured."""
     import torch
@@ -208,7 +195,9 @@ def write_merged(plan: StreamPlan, out_dir: str, max_shard_bytes: int) -> float 
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     handles: dict[str, tuple[Any, int]] = {}
     worst: float | None = None
-    release = _heap_trimmer()
+    from famtune.backends.cpu import heap_trimmer
+
+    release = heap_trimmer()  # host memory, whatever device trained the adapter
     try:
         for shard, fname in zip(shards, names):
             header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
