@@ -3,6 +3,7 @@ when the output is not a terminal."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -47,6 +48,12 @@ def test_tensorboard_scalars_and_plain_log_lines(tiny_qwen25, tmp_path):
         assert read_back[step] == pytest.approx(loss, rel=1e-6)
     summary = json.loads((out / "summary.json").read_text())
     assert [e.value for e in events.Scalars("eval/loss")] == [pytest.approx(summary["eval_loss"], rel=1e-6)]
+
+    # every field a run writes is documented
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "users" / "outputs.md").read_text(encoding="utf-8")
+    fields = set(summary) | {k for r in logged for k in r}
+    fields |= {k for v in summary.values() if isinstance(v, dict) for k in v}
+    assert sorted(f for f in fields if f"`{f}`" not in doc) == []
 
 
 def test_progress_false_still_prints_loss_lines():
