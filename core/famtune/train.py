@@ -342,6 +342,10 @@ class Trainer:
                    "peak_rss_mib": run_state.peak_rss_mib(), "peak_accelerator_mib": run_state.peak_accelerator_mib(),
                    "family": self.family.describe(), "kernels": self.kernels}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.accelerator.is_main_process:
+            from famtune.modelcard import write_model_card
+
+            write_model_card(self.out)  # after summary.json: the card quotes its losses
         self.log(f"done: {step} steps, final loss {last_loss:.4f}"
                  + (f", eval loss {final['eval_loss']:.4f}" if final.get("eval_loss") is not None else "")
                  + f"; adapter in {self.out}")
