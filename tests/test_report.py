@@ -28,7 +28,8 @@ def _run(root: Path, spec: str, name: str, final: float, eval_loss: float | None
             records.append({"step": 4, "eval_loss": eval_loss})
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         (out / "famtune.json").write_text(json.dumps({"family": family, "masking": "all_assistant"}))
-    return ModelRun(spec=spec, name=name, out=out, family=spec.split(":")[-1] if status == "ok" else None, status=status,
+    family = spec.split(":")[-1] if status == "ok" else None
+    return ModelRun(spec=spec, name=name, out=out, family=family, status=status,
                     error="" if status == "ok" else "no plugin claims it", wall_s=12.0)
 
 

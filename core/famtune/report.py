@@ -276,8 +276,9 @@ def plot_run_curves(models: list[dict[str, Any]], png: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    cols = min(len(models), 3) or 1
+    cols = 2 if len(models) in (2, 4) else min(len(models), 3) or 1
     rows = max(1, -(-len(models) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     for i, ax in enumerate(axes.flat):
@@ -292,6 +293,10 @@ def plot_run_curves(models: list[dict[str, Any]], png: Path) -> None:
             ax.plot(*zip(*m["curve"]["eval"]), "o--", color="black", label="eval")
         if m["curve"]["train"] or m["curve"]["eval"]:
             ax.set_yscale("log")
+            values = [v for _, v in m["curve"]["train"] + m["curve"]["eval"] if v > 0]
+            if values and max(values) / min(values) >= 10:
+                # across decades the major ticks suffice; minor labels (3x10^-1, ...) would clutter
+                ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.legend(fontsize=7, loc="upper right", framealpha=0.6)
         else:
             ax.text(0.5, 0.5, "no curve" + (" (failed)" if m["status"] != "ok" else ""), ha="center",
@@ -330,7 +335,8 @@ def answers_by_prompt(models: list[dict[str, Any]], prompts: list[str]) -> list[
 
 def render_markdown(doc: dict[str, Any]) -> str:
     lines = ["# famtune comparison", ""]
-    lines += [f"> **Note:** {c}" for c in doc.get("caveats", [])] + ([""] if doc.get("caveats") else [])
+    for note in doc.get("caveats", []):
+        lines += [f"> **Note:** {note}", ""]
     lines += [doc["headline"], ""]
     if "ranking" in doc:
         lines += ["## Ranking", ""] + ranking_lines(doc["ranking"]) + [""] + _md_table(
@@ -370,7 +376,7 @@ def render_html(doc: dict[str, Any], png: bytes) -> str:
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>famtune comparison</title><style>",
         "body{font-family:system-ui,'WenQuanYi Zen Hei','Noto Sans CJK SC',sans-serif;margin:2em;max-width:1200px}"
-        ".wide{overflow-x:auto}img{max-width:100%}.banner{background:#fff4e5;border:1px solid #f0a020;"
+        ".wide{overflow-x:auto}.wide table{font-size:.9em}img{max-width:100%}.banner{background:#fff4e5;border:1px solid #f0a020;"
         "border-radius:4px;padding:.6em 1em;margin:1em 0}.winner{font-size:1.15em;font-weight:600}"
         "table{border-collapse:collapse;"
         "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left}"
