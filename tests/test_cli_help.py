@@ -8,12 +8,11 @@ from importlib import metadata
 
 import pytest
 
+from conftest import famtune_cli
 from famtune.cli import build_parser
 from famtune.envinfo import collect_env, env_lines, known_problems
 from famtune.recipe import Recipe
 from famtune.recipe_help import KEY_MEANINGS
-
-from conftest import famtune_cli
 
 
 def _parsers(parser: argparse.ArgumentParser, path: str = "famtune"):

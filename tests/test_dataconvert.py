@@ -7,11 +7,10 @@ import json
 
 import pytest
 
+from conftest import famtune_cli
 from famtune.data import read_conversations
 from famtune.dataconvert import ColumnMap, convert_file
 from famtune.errors import FamtuneError
-
-from conftest import famtune_cli
 
 
 def _xlsx(path, rows):

@@ -9,14 +9,13 @@ import pytest
 import yaml
 
 import famtune
+from conftest import famtune_cli
 from famtune.data import read_conversations
 from famtune.errors import FamtuneError
 from famtune.plugins import PluginSet, get_plugins
 from famtune.recipe import Recipe, load_recipe
 from famtune.recipes import builtin_recipes, copy_recipe, is_model_source, list_recipes
 from famtune.types import PluginInfo
-
-from conftest import famtune_cli
 
 RECIPES = builtin_recipes()
 

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import famtune_cli
 from famtune.demo import DEMO_DIR
 from famtune.errors import FamtuneError
 from famtune.tracking import check_trackers, progress_bar_wanted, progress_line, tracker_config
-
-from conftest import famtune_cli
 
 
 @pytest.mark.slow
