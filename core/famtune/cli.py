@@ -175,7 +175,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
             return action.help or ""
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or ""
 
 
 class _RecipeKeysFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):

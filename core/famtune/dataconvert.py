@@ -235,6 +235,7 @@ def _table_conversations(src: str, header: list[str], rows: list[list[Any]], col
         s_col, s_text = None, columns.system  # not a column: the same system prompt for every row
     else:
         s_col, s_text = _find(header, None, SYSTEM_COLUMNS, "system", src, ""), None
+    assert q_col is not None and a_col is not None  # _find raises when a required column is missing
     report.columns = {"question": header[q_col], "answer": header[a_col]}
     if s_col is not None:
         report.columns["system"] = header[s_col]
@@ -286,7 +287,7 @@ def _row_messages(values, row, header, q_col, a_col, s_col, s_text, h_col, repor
 def _history(raw: str, column: str) -> list[tuple[str, str]]:
     try:
         pairs = json.loads(raw)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise _BadRow(f"the history cell (column {column!r}) is not JSON ({exc.msg})") from None
     if not isinstance(pairs, list) or not all(
             isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) and x for x in p) for p in pairs):

@@ -82,7 +82,7 @@ def build_card(run_dir: str | Path, merged_dir: str | Path | None = None, merge_
     from famtune.recipes import is_model_source
 
     run = Path(run_dir)
-    meta = read_metadata(run)
+    meta = read_metadata(run) or {}
     recipe = _recipe(run)
     summary = _read_json(run / "summary.json") or {}
     plugin = meta.get("plugin") or {}

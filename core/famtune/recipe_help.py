@@ -50,8 +50,9 @@ def recipe_keys_help(width: int = 100) -> str:
     from famtune.recipe import Recipe
 
     rows = []
+    defaults = Recipe()
     for f in dataclasses.fields(Recipe):
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        default = getattr(defaults, f.name)
         shown = "null" if default is None else ("''" if default == "" else str(default).lower()
                                                  if isinstance(default, bool) else str(default))
         rows.append((f.name, shown, KEY_MEANINGS.get(f.name, "")))

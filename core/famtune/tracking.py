@@ -69,7 +69,7 @@ class RunTracker:
         self.accelerator = accelerator
         self.active = bool(check_trackers(recipe.report_to))
         if self.active:
-            kwargs = {"tensorboard": {}} if "tensorboard" in recipe.report_to else {}
+            kwargs: dict[str, Any] = {"tensorboard": {}} if "tensorboard" in recipe.report_to else {}
             accelerator.init_trackers(run_name, config=tracker_config(recipe.to_dict()), init_kwargs=kwargs)
 
     def log(self, values: dict[str, Any], step: int) -> None:
