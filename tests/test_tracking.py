@@ -81,3 +81,11 @@ def test_tracker_names_are_checked():
 def test_recipe_becomes_a_flat_tracker_config():
     config = tracker_config({"lora_r": 8, "lora_targets": ["q_proj", "v_proj"], "system": None, "packing": "auto"})
     assert config == {"lora_r": 8, "lora_targets": '["q_proj", "v_proj"]', "system": "null", "packing": "auto"}
+
+
+def test_every_tracker_name_is_one_accelerate_knows():
+    from accelerate.utils import LoggerType
+
+    from famtune.tracking import TRACKER_MODULES
+
+    assert set(TRACKER_MODULES) <= {t.value for t in LoggerType}
