@@ -128,6 +128,10 @@ def check_resume(model: Path, work: Path, quantization: str, **keys) -> Path:
     assert sorted(got) == [3, 4]
     for step in (3, 4):
         assert got[step] == pytest.approx(want[step], abs=1e-6), (step, got, want)
+    # AdaLoRA: the allocation resumed mid-budget reaches the same final rank pattern
+    patterns = [json.loads((d / "adapter_config.json").read_text()).get("rank_pattern")
+                for d in (work / "straight", resumed_out)]
+    assert patterns[0] == patterns[1]
     a = load_file(work / "straight" / "adapter_model.safetensors")
     b = load_file(resumed_out / "adapter_model.safetensors")
     assert a.keys() == b.keys()
