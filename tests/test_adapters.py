@@ -240,3 +240,33 @@ def test_bundled_baichuan2_recipe_runs_on_a_tiny_baichuan2(tmp_path):
     assert acfg["peft_type"] == "ADALORA" and (acfg["init_r"], acfg["target_r"]) == (12, 8)
     ranks = [sum(v) for v in acfg["rank_pattern"].values()]
     assert sum(ranks) / len(ranks) == pytest.approx(8, abs=0.5)
+
+
+def test_unknown_method_in_compare_is_a_one_line_error(tmp_path):
+    recipe = tmp_path / "c.yaml"
+    recipe.write_text(yaml.safe_dump({"models": ["tiny:qwen2.5"], "data": str(DEMO_DIR / "identity.jsonl")}))
+    res = famtune_cli("compare", recipe, "--adapters", "lora,lokr", "--output", tmp_path / "out", check=False)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "'lokr' is not one of" in res.stderr and "dora" in res.stderr
+    res = famtune_cli("compare", recipe, "--adapters", "lora+loftq", "--quantization", "none",
+                      "--output", tmp_path / "out", check=False)
+    assert res.returncode != 0 and "adapter method 'lora+loftq'" in res.stderr and "nf4" in res.stderr
+
+
+@pytest.mark.slow
+def test_compare_trains_one_model_once_per_adapter_method(tmp_path):
+    recipe = tmp_path / "c.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "models": ["tiny:qwen2.5"], "adapters": ["lora", "adalora"], "data": str(DEMO_DIR / "identity.jsonl"),
+        "quantization": "nf4", "compute_dtype": "fp32", "max_length": 128, "lora_r": 8, "lora_targets": "all-linear",
+        "learning_rate": 0.01, "batch_size": 6, "max_steps": 3, "evaluation_inputs": [], "progress": False}))
+    out = tmp_path / "out"
+    famtune_cli("compare", recipe, "--output", out, env={"FAMTUNE_CACHE": str(tmp_path / "cache")})
+    rows = json.loads((out / "report" / "results.json").read_text())["models"]
+    assert [r["model"] for r in rows] == ["tiny:qwen2.5 [lora]", "tiny:qwen2.5 [adalora]"]
+    assert all(r["status"] == "ok" for r in rows)
+    methods = [json.loads(Path(r["dir"], "famtune.json").read_text())["adapter"]["method"] for r in rows]
+    assert methods == ["lora", "adalora"]
+    trainable = [r["trainable_parameters"] for r in rows]
+    assert trainable[1] == trainable[0] + 8 * 14  # AdaLoRA adds r singular values per target
+    assert "tiny:qwen2.5 [adalora]" in (out / "report" / "report.md").read_text()

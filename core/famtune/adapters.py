@@ -347,6 +347,25 @@ class AdapterRun:
             model.save_pretrained(str(out))  # AdaLoRA: pruned to the final rank pattern, which the config records
 
 
+# Names ``famtune compare --adapters`` accepts, joined with "+" (e.g. dora+rslora), as recipe keys.
+METHOD_KEYS: dict[str, dict[str, Any]] = {
+    "lora": {"adapter": "lora"}, "dora": {"adapter": "dora"}, "adalora": {"adapter": "adalora"},
+    "rslora": {"rslora": True}, "loraplus": {"loraplus_lr_ratio": 16.0},
+    **{init: {"lora_init": init} for init in LORA_INITS if init != "default"},
+}
+
+
+def method_overrides(name: str) -> dict[str, Any]:
+    """Recipe keys of a method name such as ``dora`` or ``lora+pissa+loraplus``."""
+    keys: dict[str, Any] = {}
+    for part in name.strip().lower().split("+"):
+        if part not in METHOD_KEYS:
+            raise FamtuneError(f"adapter method {name!r}: {part!r} is not one of {', '.join(METHOD_KEYS)} "
+                               "(join several with +, e.g. dora+rslora)")
+        keys.update(METHOD_KEYS[part])
+    return keys
+
+
 def _plain_pattern(pattern: dict[str, Any] | None) -> dict[str, list[bool]] | None:
     if pattern is None:
         return None
