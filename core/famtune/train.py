@@ -101,7 +101,6 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
-        import torch
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
