@@ -7,11 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import test_estimate
 import yaml
 
-import test_estimate
 from conftest import ROOT, build_tiny, famtune_cli
-
 from famtune.adapters import adalora_schedule, validate_adapter_recipe
 from famtune.demo import DEMO_DIR
 from famtune.errors import FamtuneError
@@ -112,10 +111,10 @@ def test_estimate_adds_each_methods_memory(tmp_path, adapter, lora_init):
 
 
 def _targets(model_dir: Path):
+    import torch
+
     from famtune.checkpoint import open_checkpoint
     from famtune.estimate import meta_model
-
-    import torch
 
     ckpt = open_checkpoint(str(model_dir))
     model = meta_model(ckpt, torch.bfloat16)
@@ -176,9 +175,9 @@ def test_adalora_orthogonal_regulariser_reaches_the_gradients(tiny, tmp_path):
     logs: list[str] = []
     r = load_recipe(None, {"model": str(tiny), "data": "d", "adapter": "adalora", "output_dir": str(tmp_path)})
     adapters = AdapterRun(r, 4, tmp_path, logs.append)
-    from famtune.checkpoint import open_checkpoint
-
     import torch
+
+    from famtune.checkpoint import open_checkpoint
 
     model = open_checkpoint(str(tiny)).load_model("none", "fp32")
     model = adapters.attach(model, ["q_proj", "v_proj"], quantized=False)

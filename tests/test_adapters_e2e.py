@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from conftest import build_tiny
-
 from famtune.demo import DEMO_DIR
 from famtune.recipe import load_recipe
 from famtune.train import train

@@ -6,7 +6,6 @@ query_key_value) and each family trains, resumes, merges and chats with a non-pl
 from __future__ import annotations
 
 import pytest
-
 import test_adapters_e2e as matrix
 from test_adapters_e2e import tiny_models  # noqa: F401  (the fixture)
 

@@ -120,10 +120,13 @@ def peft_config(recipe: Any, targets: list[str], total_steps: int, quantized: bo
     from peft import AdaLoraConfig, LoraConfig
 
     r = recipe
-    common = dict(lora_alpha=r.lora_alpha, lora_dropout=r.lora_dropout, target_modules=targets, bias="none",
+    common: dict[str, Any] = dict(lora_alpha=r.lora_alpha, lora_dropout=r.lora_dropout, target_modules=targets, bias="none",
                   task_type="CAUSAL_LM")
     if r.adapter == "adalora":
-        return AdaLoraConfig(init_r=r.lora_r, target_r=adalora_target_r(r), **adalora_schedule(total_steps), **common)
+        phases = adalora_schedule(total_steps)
+        return AdaLoraConfig(init_r=r.lora_r, target_r=adalora_target_r(r), tinit=phases["tinit"],
+                             tfinal=phases["tfinal"], deltaT=phases["deltaT"], total_step=phases["total_step"],
+                             **common)
     init: Any = True
     if r.lora_init == "gaussian" or r.lora_init == "olora":
         init = r.lora_init
@@ -302,7 +305,7 @@ class AdapterRun:
     def check_resume(self, ckpt_dir: Path) -> None:
         """Before the optimizer state is loaded: the checkpoint was written by the same adapter method."""
         path = Path(ckpt_dir, STATE_FILE)
-        saved = json.loads(path.read_text(encoding="utf-8")) if path.exists() else \
+        saved: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.exists() else \
             {"adapter": {"method": "lora", "init": "default", "rslora": False, "loraplus_lr_ratio": 0.0}}
         now = adapter_settings(self.recipe)
         changed = [k for k in ("method", "r", "rslora", "init", "loraplus_lr_ratio", "target_r")
@@ -380,7 +383,7 @@ def rank_distribution(pattern: dict[str, list[bool]] | None) -> dict[str, int]:
 def method_of(meta: dict[str, Any] | None, adapter_config: dict[str, Any] | None = None) -> str:
     """A short name of an adapter's method for reports: from famtune.json, else from adapter_config.json."""
     if meta and isinstance(meta.get("adapter"), dict):
-        a = meta["adapter"]
+        a: dict[str, Any] = meta["adapter"]
         extras = (["rslora"] if a.get("rslora") else []) + ([a["init"]] if a.get("init") not in (None, "default") else []) \
             + (["lora+"] if a.get("loraplus_lr_ratio") else [])
         return "+".join([a.get("method", "lora"), *extras])

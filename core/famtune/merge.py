@@ -69,7 +69,8 @@ def merge(adapter_dir: str, out_dir: str, *, max_shard_size: str = "2GB", base: 
 
     if meta.get("quantization") == "nf4" and base_precision == "trained":
         log(f"famtune: loading {spec} as NF4, as the adapter was trained, and dequantizing it")
-        model = ckpt.load_model(quantization="nf4", compute_dtype=meta.get("compute_dtype", "auto"))
+        model = ckpt.load_model(quantization="nf4", compute_dtype=meta.get("compute_dtype", "auto"),
+                                quantization_config=meta.get("quantization_config"))
         replace_linear4bit(model)
         report["base_precision"] = "trained (dequantized NF4)"
     else:
@@ -95,7 +96,7 @@ def merge(adapter_dir: str, out_dir: str, *, max_shard_size: str = "2GB", base: 
     return _finish(report, out_dir, log)
 
 
-def _adapter_method(adapter_dir: str, meta: dict[str, Any], log) -> str:
+def _adapter_method(adapter_dir: str, meta: dict[str, Any] | None, log) -> str:
     """The adapter's method, logged so the user sees what is folded in (famtune.adapters)."""
     import json
 
@@ -104,7 +105,7 @@ def _adapter_method(adapter_dir: str, meta: dict[str, Any], log) -> str:
     path = Path(adapter_dir, "adapter_config.json")
     acfg = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
     method = method_of(meta, acfg)
-    if (meta.get("adapter") or {}).get("converted_to_lora"):
+    if ((meta or {}).get("adapter") or {}).get("converted_to_lora"):
         log(f"famtune: {method} adapter: saved as a plain LoRA delta against the original base, merged as such")
     return method
 
