@@ -147,7 +147,15 @@ def test_adalora_prunes_to_target_rank_on_average_unevenly_and_peft_reloads_it(t
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    run(tiny, tmp_path / "out", adapter="adalora", lora_r=8, adalora_target_r=4, max_steps=12)
+    from famtune.train import Trainer
+
+    recipe = load_recipe(None, dict(model=str(tiny), data=str(DEMO_DIR / "identity.jsonl"), output_dir=str(tmp_path / "out"),
+                                    progress=False, max_length=128, batch_size=2, evaluation_inputs=[],
+                                    compute_dtype="fp32", lora_dropout=0.0, learning_rate=0.02, lora_targets="all-linear",
+                                    adapter="adalora", lora_r=8, adalora_target_r=4, max_steps=12, quantization="none"))
+    trainer = Trainer(recipe, log=lambda *a: None)
+    trainer.run()
+    trained = trainer.accelerator.unwrap_model(trainer.model).eval()
     acfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert (acfg["init_r"], acfg["target_r"]) == (8, 4)
     assert {k: acfg[k] for k in ("tinit", "tfinal", "deltaT", "total_step")} == adalora_schedule(12)
@@ -158,7 +166,11 @@ def test_adalora_prunes_to_target_rank_on_average_unevenly_and_peft_reloads_it(t
     meta = json.loads((tmp_path / "out" / "famtune.json").read_text())
     assert meta["adapter"]["ranks"] == ranks
     # PEFT rebuilds each module at its final rank from the saved pattern
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), tmp_path / "out")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), tmp_path / "out").eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():  # the pruned, reloaded adapter computes what the trained one did
+        want, got = trained(input_ids=ids).logits, model(input_ids=ids).logits
+    assert (got - want).abs().max().item() < 1e-5 * max(1.0, want.abs().max().item())
     for name, param in model.named_parameters():
         if "lora_E" in name:
             key = name.replace("base_model.model.", "").replace(".default", "")
