@@ -305,6 +305,11 @@ class AdapterRun:
     def check_resume(self, ckpt_dir: Path) -> None:
         """Before the optimizer state is loaded: the checkpoint was written by the same adapter method."""
         path = Path(ckpt_dir, STATE_FILE)
+        needs_state = self.recipe.adapter == "adalora" or bool(self.recipe.loraplus_lr_ratio)
+        if needs_state and not path.exists():
+            raise FamtuneError(f"{ckpt_dir}: no {STATE_FILE}, which {describe(self.recipe)} needs to resume (a checkpoint "
+                               "of a plain LoRA run, or one whose save was cut short); resume from another checkpoint "
+                               "with --resume PATH or start a new output_dir")
         saved: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.exists() else \
             {"adapter": {"method": "lora", "init": "default", "rslora": False, "loraplus_lr_ratio": 0.0}}
         now = adapter_settings(self.recipe)
