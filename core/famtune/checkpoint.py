@@ -74,13 +74,16 @@ class Checkpoint:
             compute_dtype = quantization_config.get("bnb_4bit_compute_dtype", compute_dtype)
         kwargs = model_load_kwargs(quantization, compute_dtype, device, quantization_config)
         kwargs["trust_remote_code"] = self.trust_remote_code
-        model = self.family.load_model(self.path, dict(kwargs))
-        if model is None:
-            from transformers import AutoModelForCausalLM
+        grad_enabled = torch.is_grad_enabled()
+        try:
+            model = self.family.load_model(self.path, dict(kwargs))
+            if model is None:
+                from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(self.path, **kwargs)
+                model = AutoModelForCausalLM.from_pretrained(self.path, **kwargs)
+        finally:  # a loader must not change the caller's autograd mode
+            torch.set_grad_enabled(grad_enabled)
         model.eval()
-        torch.set_grad_enabled(True)
         if quantization == "nf4":
             use_nf4_kernel(model)
         return model

@@ -67,9 +67,10 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1")) if launched_worker() else 1
 
 
-def make_accelerator(recipe):
+def make_accelerator(recipe, **extra: Any):
     """The run's Accelerator: gloo on CPU, NCCL on CUDA, a bounded wait for missing peers, and the
-    recipe's sharding preset (see :mod:`famtune.presets`)."""
+    recipe's sharding preset (see :mod:`famtune.presets`); ``extra`` are more Accelerator keyword
+    arguments (the experiment trackers)."""
     from datetime import timedelta
 
     import torch
@@ -86,6 +87,7 @@ def make_accelerator(recipe):
         # famtune shards its own batches and counts optimizer steps over the whole world; without
         # split_batches accelerate's scheduler would advance once per process at every step.
         "dataloader_config": DataLoaderConfiguration(split_batches=True),
+        **extra,
     }
     if world_size() > 1:
         if recipe.distributed == "fsdp" and recipe.save_steps:

@@ -73,6 +73,13 @@ def stream_plan(ckpt: Any, adapter_dir: str, meta: dict[str, Any], base_precisio
     if not acfg_path.exists() or not weights_path.exists():
         return None, "the adapter has no adapter_config.json or adapter_model.safetensors"
     acfg = json.loads(acfg_path.read_text(encoding="utf-8"))
+    if acfg.get("peft_type") == "ADALORA":
+        return None, "AdaLoRA's SVD form (B, E, A with per-module ranks) is merged by PEFT"
+    if acfg.get("use_dora"):
+        return None, "DoRA's magnitude vector rescales each row by the norm of the merged weight, which PEFT computes"
+    if str(acfg.get("init_lora_weights")).lower().startswith(("pissa", "olora", "corda")):
+        return None, (f"the adapter is an unconverted {acfg['init_lora_weights']} adapter, which needs the residual "
+                      "base PEFT derives from the original")
     unusual = [k for k in ("use_dora", "fan_in_fan_out", "modules_to_save", "rank_pattern", "alpha_pattern",
                            "layers_to_transform", "target_parameters") if acfg.get(k)]
     if acfg.get("peft_type") != "LORA" or acfg.get("bias", "none") != "none" or unusual:
@@ -174,19 +181,6 @@ def _merged_tensor(plan: StreamPlan, name: str, raw: Any) -> tuple[Any, float | 
     return w.to(plan.out_dtype), gap
 
 
-def _heap_trimmer():
-    """glibc keeps freed tensor buffers below its mmap threshold (which grows to 32 MB after the
-    first large free) in the heap; handing them back after each tensor keeps the peak at a few
-    tensors instead of a heap that grows with fragmentation."""
-    try:
-        import ctypes
-
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    return lambda: trim(0)
-
-
 def write_merged(plan: StreamPlan, out_dir: str, max_shard_bytes: int) -> float | None:
     """Write the merged weights and config.json; return the NF4 gap when it was measured."""
     import torch
@@ -208,7 +202,9 @@ def write_merged(plan: StreamPlan, out_dir: str, max_shard_bytes: int) -> float 
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     handles: dict[str, tuple[Any, int]] = {}
     worst: float | None = None
-    release = _heap_trimmer()
+    from famtune.backends.cpu import heap_trimmer
+
+    release = heap_trimmer()  # host memory, whatever device trained the adapter
     try:
         for shard, fname in zip(shards, names):
             header: dict[str, Any] = {"__metadata__": {"format": "pt"}}

@@ -19,6 +19,10 @@ from famtune import distributed
 from famtune import kernels
 from famtune import packing as packing_mod
 from famtune import run_state
+from famtune import tracking
+from famtune.adapters import AdapterRun, adapter_settings, rank_distribution
+from famtune.adapters import describe as describe_adapter
+from famtune.backends import training_policy
 from famtune.encoding import IGNORE_INDEX
 from famtune.errors import FamtuneError
 from famtune.loss import causal_lm_loss
@@ -48,32 +52,6 @@ def collate(samples: list[Sample], pad_id: int, device) -> dict[str, Any]:
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
-def keep_freed_memory() -> bool:
-    """Stop glibc from handing large freed buffers back to the OS between training steps.
-
-    Every step allocates and frees the same activation buffers; by default glibc serves each large
-    one with a fresh mmap and unmaps it on free, so every step pays page faults to zero the same
-    memory again (a third of the page faults and 1.25-1.9x faster steps on a 2-core CPU). Heap-only
-    allocation with a high trim threshold keeps those pages mapped and reuses them, at the price of
-    some heap fragmentation (peak RSS +5% on the benchmark fixture). This does at run time what MALLOC_MMAP_MAX_=0
-    MALLOC_TRIM_THRESHOLD_=... MALLOC_TOP_PAD_=... do at start-up; FAMTUNE_MALLOC_TUNING=0 turns it off.
-    """
-    import ctypes
-    import ctypes.util
-    import os
-    import sys
-
-    if os.environ.get("FAMTUNE_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
-    return bool(mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, 2**31 - 1) and mallopt(m_top_pad, 256 << 20))
-
-
 def resolve_packing(setting: Any, family) -> bool:
     """The recipe's ``packing`` against what the family's model can keep apart."""
     if setting is False:
@@ -100,15 +78,15 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
-        import torch
         from accelerate.utils import set_seed
 
         r = self.recipe
-        self.malloc_tuned = keep_freed_memory()
-        self.accelerator = distributed.make_accelerator(r)
+        self.accelerator = distributed.make_accelerator(r, **tracking.accelerator_kwargs(
+            r.report_to, str(Path(r.output_dir) / tracking.TENSORBOARD_DIR)))
         self.dp = distributed.DataParallel.of(self.accelerator)
         if not self.dp.main:  # one voice: rank 0 speaks for the run
             self.log = lambda *args, **kwargs: None
+        self.device_policy = training_policy(self.accelerator.device)
         set_seed(r.seed)
         self.ckpt = ckpt_mod.open_checkpoint(r.model, family=r.family, trust_remote_code=r.trust_remote_code)
         self.family = self.ckpt.family
@@ -140,15 +118,16 @@ class Trainer:
             rows = len(self.train_samples)
             self.log("packing: off" + (f" ({self.family.name} does not support it)" if r.packing == "auto" else ""))
 
-        self.model = self._build_model()
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=r.learning_rate, weight_decay=r.weight_decay)
         self.micro_per_epoch = self.dp.global_micro_batches(rows, r.batch_size)
         if self.dp.world > 1:
             self.log(f"distributed: {self.dp.world} processes x batch {r.batch_size} "
                      f"({self.accelerator.distributed_type.value}, {r.distributed}, {self.accelerator.device.type})")
         self.steps_per_epoch = max(1, math.ceil(self.micro_per_epoch / r.grad_accum))
         self.total_steps = r.max_steps if r.max_steps > 0 else max(1, math.ceil(r.epochs * self.steps_per_epoch))
+        # The adapter method needs the real step count (AdaLoRA's schedule) before it is built.
+        self.adapters = AdapterRun(r, self.total_steps, self.out, self.log)
+        self.model = self._build_model()
+        self.optimizer = self.adapters.optimizer(self.model)
         from transformers import get_cosine_schedule_with_warmup
 
         self.scheduler = get_cosine_schedule_with_warmup(
@@ -173,7 +152,7 @@ class Trainer:
         return collate([self.train_samples[i] for i in spec], self.pad_id, device), sum(self._lengths[i] for i in spec)
 
     def _build_model(self):
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from peft import prepare_model_for_kbit_training
 
         from famtune.plugins import validate_targets
 
@@ -183,12 +162,6 @@ class Trainer:
                                      quantization_config=self.nf4_settings)
         self.ckpt.check_vocabulary(model)
         model.config.use_cache = False
-        for module in model.modules():
-            # bitsandbytes (0.50) repacks 4-bit weights for CPU inference the first time a layer runs
-            # in eval mode, and the repacked path breaks backward once training resumes; evaluation
-            # inside a run must leave the weights as training uses them.
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
         if r.quantization == "nf4":
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=r.gradient_checkpointing,
@@ -202,9 +175,8 @@ class Trainer:
             targets = r.lora_targets if isinstance(r.lora_targets, list) else [r.lora_targets]
             validate_targets(targets, model, lambda why: FamtuneError(f"recipe lora_targets: {why}"))
         self.targets = targets
-        config = LoraConfig(r=r.lora_r, lora_alpha=r.lora_alpha, lora_dropout=r.lora_dropout,
-                            target_modules=targets, bias="none", task_type="CAUSAL_LM")
-        model = get_peft_model(model, config)
+        model = self.adapters.attach(model, targets, quantized=r.quantization == "nf4",
+                                     is_main=self.accelerator.is_main_process)
         self.kernels = {"lora_dropout_replaced": kernels.use_fast_lora_dropout(model), "half_matmul_widened": 0}
         if r.quantization == "nf4":
             from famtune.checkpoint import resolve_dtype
@@ -217,7 +189,7 @@ class Trainer:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         self.param_counts = {"trainable": n_train, "total": n_all}
-        self.log(f"lora: r={r.lora_r} alpha={r.lora_alpha} on {', '.join(targets)}; "
+        self.log(f"adapter: {describe_adapter(r)} on {', '.join(targets)}; "
                  f"{n_train:,} trainable of {n_all:,} parameters ({r.quantization} base)")
         return model
 
@@ -279,9 +251,11 @@ class Trainer:
         step, epoch, pos = 0, 0, 0  # pos: units (samples or packed rows) of the epoch consumed so far
         if self.resume:
             state_dir = run_state.find_checkpoint(self.out, self.resume)
+            self.adapters.check_resume(state_dir)
             step, epoch, batch_in_epoch = run_state.load_checkpoint(
                 state_dir, self.model, self.optimizer, self.scheduler, self.accelerator)
             pos = distributed.data_position(state_dir, batch_in_epoch, r.batch_size)
+            self.adapters.restore(state_dir, self.accelerator.unwrap_model(self.model))
             metrics.truncate_after(step)
             self.log(f"resumed from {state_dir} at step {step} (epoch {epoch}, sample {pos})")
         else:
@@ -292,8 +266,13 @@ class Trainer:
                 for g in before:
                     self.log(f"[step 0] {g['input']!r} -> {g['output']!r}")
         self.model.train()
+        # A bar only on an interactive terminal; elsewhere (or with progress: false) a plain line per
+        # logging step, so log files get readable lines instead of one line of carriage returns.
+        use_bar = self.accelerator.is_local_main_process and tracking.progress_bar_wanted(r.progress)
+        print_lines = self.accelerator.is_main_process and not use_bar
         bar = tqdm(total=self.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not (r.progress and self.accelerator.is_local_main_process))
+                   disable=not use_bar)
+        self.tracker = tracking.RunTracker(self.accelerator, r, run_name=self.out.resolve().name)
         t_start, tokens_seen, last_loss = time.perf_counter(), 0, float("nan")
         self.counts = {"tokens_total": 0, "tokens_supervised": 0}
         with run_state.StopOnInterrupt() as stop:
@@ -301,7 +280,7 @@ class Trainer:
                 units = self.epoch_units(epoch)
                 while pos < len(units) and step < self.total_steps and not stop.requested:
                     group, pos = self.dp.step_batches(units, pos, r.batch_size, r.grad_accum)
-                    step_loss, step_tokens = self._optimizer_step(group)
+                    step_loss, step_tokens = self._optimizer_step(group, step)
                     step += 1
                     tokens_seen += step_tokens
                     last_loss = step_loss
@@ -310,9 +289,14 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / elapsed:.0f}")
                     if step % max(r.logging_steps, 1) == 0 or step == self.total_steps:
-                        metrics.write({"step": step, "epoch": epoch, "loss": step_loss, "lr": lr,
-                                       "grad_norm": self.last_grad_norm, "tokens_per_s": tokens_seen / elapsed,
-                                       "elapsed_s": elapsed})
+                        record = {"step": step, "epoch": epoch, "loss": step_loss, "lr": lr,
+                                  "grad_norm": self.last_grad_norm, "tokens_per_s": tokens_seen / elapsed,
+                                  "elapsed_s": elapsed}
+                        metrics.write(record)
+                        self.tracker.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step)
+                        if print_lines:
+                            self.log(tracking.progress_line(step, self.total_steps, step_loss, lr,
+                                                            tokens_seen / elapsed, elapsed))
                     if r.eval_steps and step % r.eval_steps == 0 and step < self.total_steps:
                         self._evaluate(step, metrics, bar)
                     if r.save_steps and step % r.save_steps == 0 and step < self.total_steps:
@@ -321,12 +305,14 @@ class Trainer:
                     epoch, pos = epoch + 1, 0
         if stop.requested and step < self.total_steps:
             bar.close()
+            self.tracker.finish()
             path = self._save_checkpoint(step, epoch, pos)
             raise FamtuneError(f"interrupted at step {step}/{self.total_steps}; state saved in {path}; "
                                f"continue with: famtune train RECIPE --resume")
         bar.close()
         train_wall = time.perf_counter() - t_start
         final = self._evaluate(step, metrics, None)
+        self.tracker.finish()
         self._save_final(metrics)
         self.counts = {k: int(v) for k, v in zip(self.counts, self.dp.sum(list(self.counts.values())))}
         summary = {"steps": step, "final_loss": last_loss, "eval_loss": final.get("eval_loss"),
@@ -334,15 +320,31 @@ class Trainer:
                    "tokens_nonpad": tokens_seen, **self.counts,
                    "parameters": self.param_counts, "data": self.report.to_dict(), "output_dir": str(self.out),
                    "peak_rss_mib": run_state.peak_rss_mib(), "peak_accelerator_mib": run_state.peak_accelerator_mib(),
-                   "family": self.family.describe(), "kernels": self.kernels, "processes": self.dp.world}
+                   "family": self.family.describe(), "kernels": self.kernels,
+                   "device_policy": self.device_policy.as_dict(), "processes": self.dp.world}
+        summary["adapter"] = adapter_settings(r)
         if self.dp.main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            from famtune.modelcard import write_model_card
+
+            write_model_card(self.out)  # after summary.json: the card quotes its losses
         self.log(f"done: {step} steps, final loss {last_loss:.4f}"
                  + (f", eval loss {final['eval_loss']:.4f}" if final.get("eval_loss") is not None else "")
                  + f"; adapter in {self.out}")
         return summary
 
-    def _optimizer_step(self, group: list[distributed.MicroBatch]) -> tuple[float, int]:
+    def _save_checkpoint(self, step: int, epoch: int, pos: int) -> Path:
+        # The data position is saved in units, which mean the same for any number of processes.
+        global_micro = -(-pos // (self.recipe.batch_size * self.dp.world))
+        model = self.accelerator.unwrap_model(self.model)
+        with self.adapters.saving_checkpoint(model):
+            path = run_state.save_checkpoint(self.out, step, epoch, global_micro, self.model, self.optimizer,
+                                             self.scheduler, self.accelerator, extra={"units_in_epoch": pos})
+        if self.accelerator.is_main_process:
+            self.adapters.save_state(path, model)
+        return path
+
+    def _optimizer_step(self, group: list[distributed.MicroBatch], step_index: int) -> tuple[float, int]:
         import torch
 
         r = self.recipe
@@ -363,7 +365,8 @@ class Trainer:
             ctx = self.accelerator.no_sync(self.model) if not sync else contextlib.nullcontext()
             with ctx:
                 loss = causal_lm_loss(self.model, batch, n_items_t)
-                self.accelerator.backward(loss)
+                regulariser = self.adapters.take_regulariser()  # AdaLoRA's; once per step, not logged
+                self.accelerator.backward(loss if regulariser is None else loss + regulariser / len(batches))
             total_loss += float(loss.detach())
             tokens += real[k]
             padded += int(batch["input_ids"].numel()) if group[k].real else 0
@@ -375,6 +378,7 @@ class Trainer:
             [p for p in self.model.parameters() if p.requires_grad], r.max_grad_norm))
         self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.optimizer.step()
+        self.adapters.after_optimizer_step(self.accelerator.unwrap_model(self.model), step_index)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total_loss, tokens
@@ -384,6 +388,7 @@ class Trainer:
         loss = self.eval_loss()
         if loss is not None:
             record["eval_loss"] = loss
+            self.tracker.log({"eval/loss": loss}, step)
         gens = self.generate(self.recipe.evaluation_inputs)
         if gens:
             record["generations"] = gens
@@ -410,7 +415,10 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         model = self.accelerator.unwrap_model(self.model)
-        model.save_pretrained(self.out, state_dict=state)
+        if state is not None:  # a sharded model: its gathered weights, as a plain LoRA adapter
+            model.save_pretrained(self.out, state_dict=state)
+        else:
+            self.adapters.save_final(model, self.out)
         meta = build_metadata(
             family=self.family, template_name=self.conversation.name, generation=self.generation,
             base_model=self.recipe.model, base_path=self.ckpt.path, quantization=self.recipe.quantization,
@@ -419,6 +427,10 @@ class Trainer:
         meta["lora_targets"] = list(self.targets)
         if self.nf4_settings:  # the preset's 4-bit storage dtype, so merge rebuilds the same base
             meta["quantization_config"] = self.nf4_settings
+        meta["adapter"] = adapter_settings(self.recipe)
+        pattern = self.adapters.rank_pattern(model)
+        if pattern is not None:
+            meta["adapter"]["ranks"] = rank_distribution(pattern)
         write_metadata(self.out, meta)
         (self.out / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False, allow_unicode=True))
         run_state.plot_losses(metrics.path, self.out / "loss.png")
