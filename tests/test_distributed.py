@@ -7,7 +7,6 @@ import argparse
 import pytest
 
 from conftest import famtune_cli
-
 from famtune import distributed, launch, packing
 from famtune.errors import FamtuneError
 from famtune.recipe import load_recipe

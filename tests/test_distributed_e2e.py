@@ -21,7 +21,6 @@ import pytest
 import yaml
 
 from conftest import famtune_cli
-
 from famtune.demo import DEMO_DIR
 
 pytestmark = pytest.mark.slow

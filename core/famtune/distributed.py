@@ -13,9 +13,10 @@ The launcher (torchrun) is in :mod:`famtune.launch`; this module runs in each wo
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from famtune.errors import FamtuneError
 
@@ -113,11 +114,13 @@ def full_state_dict(accelerator, model) -> dict[str, Any] | None:
     to save; every process must call this. None when each process holds the whole model."""
     from torch.distributed.fsdp import FSDPModule
 
+    state: Any
     if isinstance(model, FSDPModule):
         # asked of torch directly: accelerate's own FSDP flag does not survive on CPU processes
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        torch_module: Any = model
+        state = get_model_state_dict(torch_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         plugin = getattr(accelerator.state, "deepspeed_plugin", None)
         if plugin is None or plugin.zero_stage != 3:
@@ -162,7 +165,7 @@ class DataParallel:
     accelerator: Any = None
 
     @classmethod
-    def of(cls, accelerator) -> "DataParallel":
+    def of(cls, accelerator) -> DataParallel:
         return cls(accelerator.process_index, accelerator.num_processes, accelerator)
 
     @property

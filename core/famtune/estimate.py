@@ -338,7 +338,7 @@ class LiveTensorBytes:
     def _free(self, key: int) -> None:
         self.current -= self.live.pop(key, 0)
 
-    def __enter__(self) -> "LiveTensorBytes":
+    def __enter__(self) -> LiveTensorBytes:
         self._mode.__enter__()
         return self
 

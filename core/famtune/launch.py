@@ -34,7 +34,7 @@ class LaunchOptions:
     max_restarts: int = 0
 
     @classmethod
-    def from_args(cls, args) -> "LaunchOptions | None":
+    def from_args(cls, args) -> LaunchOptions | None:
         """The options given on the command line, or None when the run is a single process."""
         given = args.nproc is not None or args.nnodes != 1 or args.master is not None or args.max_restarts
         if not given:

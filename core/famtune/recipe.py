@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from famtune.errors import FamtuneError
 from famtune.distributed import PRESETS as DISTRIBUTED_PRESETS
+from famtune.errors import FamtuneError
 from famtune.kernels import HALF_MATMUL_CHOICES
 
 

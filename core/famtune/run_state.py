@@ -34,7 +34,7 @@ class StopOnInterrupt:
         self.requested = True
         print("\nfamtune: stopping after this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
 
-    def __enter__(self) -> "StopOnInterrupt":
+    def __enter__(self) -> StopOnInterrupt:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self

@@ -15,11 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from famtune import checkpoint as ckpt_mod
-from famtune import distributed
-from famtune import kernels
+from famtune import distributed, kernels, run_state, tracking
 from famtune import packing as packing_mod
-from famtune import run_state
-from famtune import tracking
 from famtune.adapters import AdapterRun, adapter_settings, rank_distribution
 from famtune.adapters import describe as describe_adapter
 from famtune.backends import training_policy
@@ -211,9 +208,9 @@ class Trainer:
                 if k is not None:
                     total += loss * n
                     count += n
-        total, count = self.dp.sum([total, count])
+        total_all, count_all = self.dp.sum([total, count])
         self.model.train()
-        return total / max(count, 1)
+        return total_all / max(count_all, 1)
 
     def generate(self, prompts: list[str]) -> list[dict[str, str]]:
         import torch
@@ -373,7 +370,8 @@ class Trainer:
         self.counts["tokens_total"] += padded
         self.counts["tokens_supervised"] += n_local
         if self.dp.world > 1:
-            total_loss, tokens = self.dp.sum([total_loss / self.dp.world, tokens])
+            total_loss, tokens_all = self.dp.sum([total_loss / self.dp.world, tokens])
+            tokens = int(tokens_all)
         self.last_grad_norm = float(self.accelerator.clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], r.max_grad_norm))
         self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step used
@@ -400,13 +398,6 @@ class Trainer:
             for g in gens:
                 write(f"[step {step}] {g['input']!r} -> {g['output']!r}")
         return record
-
-    def _save_checkpoint(self, step: int, epoch: int, pos: int) -> Path:
-        # The data position is saved in units, which mean the same for any number of processes.
-        global_micro = -(-pos // (self.recipe.batch_size * self.dp.world))
-        return run_state.save_checkpoint(self.out, step, epoch, global_micro, self.model,
-                                         self.optimizer, self.scheduler, self.accelerator,
-                                         extra={"units_in_epoch": pos})
 
     def _save_final(self, metrics) -> None:
         import yaml
