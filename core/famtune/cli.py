@@ -125,6 +125,12 @@ def _cmd_compare(args, extra: list[str]) -> int:
     return compare(recipe, models=args.models, overrides=parse_overrides(extra), output=args.output)
 
 
+def _cmd_eval(args, extra: list[str]) -> int:
+    from famtune.evaluate.cli import run_eval_command
+
+    return run_eval_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="famtune",
@@ -219,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("recipe", help="recipe YAML file")
     es.add_argument("--budget", help="memory to fit in, e.g. 8GB")
     es.set_defaults(func=_cmd_estimate, extra_ok=True)
+
+    from famtune.evaluate.cli import add_eval_parser
+
+    add_eval_parser(sub).set_defaults(func=_cmd_eval)
 
     de = sub.add_parser("demo", help="build a tiny model, fine-tune it on a self-identity set, merge and chat")
     de.add_argument("--workdir", default="famtune-demo")

@@ -20,6 +20,7 @@ from famtune import packing as packing_mod
 from famtune import run_state
 from famtune.encoding import IGNORE_INDEX
 from famtune.errors import FamtuneError
+from famtune.evaluate.training import score_during_training
 from famtune.loss import causal_lm_loss
 from famtune.metadata import build_metadata, write_metadata
 from famtune.recipe import Recipe
@@ -276,6 +277,7 @@ class Trainer:
             self.log(f"resumed from {state_dir} at step {step} (epoch {epoch}, batch {micro_in_epoch})")
         else:
             metrics.reset()
+            score_during_training(self, "base")
             before = self.generate(r.evaluation_inputs)
             if before:
                 metrics.write({"step": 0, "generations": before})
@@ -320,6 +322,7 @@ class Trainer:
         bar.close()
         train_wall = time.perf_counter() - t_start
         final = self._evaluate(step, metrics, None)
+        task_eval = score_during_training(self, "tuned")
         self._save_final(metrics)
         summary = {"steps": step, "final_loss": last_loss, "eval_loss": final.get("eval_loss"),
                    "train_wall_s": train_wall, "tokens_per_s": tokens_seen / train_wall if train_wall else None,
@@ -327,6 +330,8 @@ class Trainer:
                    "parameters": self.param_counts, "data": self.report.to_dict(), "output_dir": str(self.out),
                    "peak_rss_mib": run_state.peak_rss_mib(), "peak_accelerator_mib": run_state.peak_accelerator_mib(),
                    "family": self.family.describe(), "kernels": self.kernels}
+        if task_eval:
+            summary["task_eval"] = task_eval
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.log(f"done: {step} steps, final loss {last_loss:.4f}"
                  + (f", eval loss {final['eval_loss']:.4f}" if final.get("eval_loss") is not None else "")
