@@ -112,8 +112,12 @@ class Scorer:
         msgs = messages_for(prompt, system if system is not None else self.sm.system)
         return list(self.sm.family.encode(self.sm.tokenizer, msgs, "all_assistant", add_generation_prompt=True).input_ids)
 
-    def reply_tokens(self, prompt: str, system: str | None, reply: str) -> tuple[list[int], list[int]]:
-        """(ids of prompt + reply, positions of the reply's tokens), checked against the prompt alone."""
+    def reply_tokens(self, prompt: str, system: str | None, reply: str, end_of_turn: bool = True
+                     ) -> tuple[list[int], list[int]]:
+        """(ids of prompt + reply, positions of the reply's tokens), checked against the prompt alone.
+
+        With ``end_of_turn`` false the reply's closing stop token is not scored (a continuation
+        that may not be the whole answer, as lm-eval's requests are)."""
         sm = self.sm
         msgs = messages_for(prompt, system if system is not None else sm.system)
         head = self.prompt_ids(prompt, system)
@@ -123,6 +127,10 @@ class Scorer:
             raise FamtuneError(f"{sm.family.info.describe()}: the {sm.family.name} generation prompt is not a prefix "
                                "of the same conversation with an answer; options cannot be scored after it")
         positions = [i for i in range(len(head), len(ids)) if enc.labels[i] != IGNORE_INDEX]
+        if not end_of_turn:
+            stops = set(sm.stop_ids)
+            while positions and ids[positions[-1]] in stops:
+                positions.pop()
         if not positions:
             raise FamtuneError(f"{sm.family.info.describe()}: the reply {reply!r} has no supervised token to score")
         return ids, positions
@@ -131,6 +139,11 @@ class Scorer:
     def sequence_logliks(self, rows: list[tuple[list[int], list[int]]], on_batch: Callable[[int], Any] | None = None
                          ) -> list[float]:
         """Sum of log p(token | everything before it) over each row's positions, right-padded batches."""
+        return [s for s, _ in self.sequence_scores(rows, on_batch)]
+
+    def sequence_scores(self, rows: list[tuple[list[int], list[int]]], on_batch: Callable[[int], Any] | None = None
+                        ) -> list[tuple[float, bool]]:
+        """(log-likelihood, whether greedy decoding would produce exactly these tokens) per row."""
         import torch
 
         sm, out = self.sm, []
@@ -147,7 +160,8 @@ class Scorer:
                 pos = torch.tensor(positions, device=logits.device)
                 # Token t is predicted by the logits at t - 1; log-softmax in fp32 for a stable sum.
                 logp = torch.log_softmax(logits[b, pos - 1].float(), dim=-1)
-                out.append(float(logp.gather(1, torch.tensor(row, device=logits.device)[pos, None]).sum()))
+                target = torch.tensor(row, device=logits.device)[pos]
+                out.append((float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())))
             if on_batch:
                 on_batch(len(part))
         return out
