@@ -174,3 +174,69 @@ def test_batched_greedy_answers_equal_chat_replies(tiny):
     assert [d["generation"]["text"] for d in again["items"]] == [d["generation"]["text"] for d in result["items"]]
     assert [d["loglikelihood"]["prediction"] for d in again["items"]] == \
         [d["loglikelihood"]["prediction"] for d in result["items"]]
+
+
+def test_open_qa_run_writes_the_scores_of_its_own_answers(tiny, tmp_path):
+    from famtune.evaluate.runner import run_eval
+    from famtune.evaluate.scoring import EvalSettings
+
+    base, _ = tiny
+    f = write_lines(tmp_path / "qa.jsonl", [{"question": "Who are you?", "answer": "I am FamBot."},
+                                            {"question": "你是谁？", "answer": "我是FamBot。"}])
+    said: list[str] = []
+    run_eval(str(base), str(f), "qa", output=str(tmp_path / "out"),
+             settings=EvalSettings(max_new_tokens=8, progress=False), log=said.append)
+    saved = json.loads((tmp_path / "out" / "eval.json").read_text(encoding="utf-8"))
+    figures, per_item = qa_scores([it["prediction"].strip() for it in saved["items"]], ["I am FamBot.", "我是FamBot。"])
+    assert saved["bleu"] == figures["bleu"] and saved["rougeL"] == figures["rougeL"]
+    assert saved["exact_match"] == figures["exact_match"] and saved["questions"] == 2
+    assert [it["line"] for it in saved["items"]] == [1, 2]
+    assert any(line.startswith("eval: ROUGE-L F1: ") for line in said)
+    assert "| line | reference | answer | exact | ROUGE-L |" in (tmp_path / "out" / "eval.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("section, words", [
+    ({"task": "mcq"}, "eval has no data"),
+    ({"data": "t.jsonl", "task": "essay"}, "eval.task is 'essay'"),
+    ({"data": "t.jsonl", "batchsize": 4}, "unknown eval key 'batchsize'"),
+    ({"data": "t.jsonl", "batch_size": "4"}, "eval.batch_size is '4'; expected int"),
+    ("t.jsonl", "expected a mapping"),
+])
+def test_recipe_eval_section_is_checked_when_the_recipe_loads(tmp_path, section, words):
+    import yaml
+
+    from famtune.recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": "m", "data": "d.jsonl", "eval": section}), encoding="utf-8")
+    with pytest.raises(FamtuneError, match=words):
+        load_recipe(str(recipe))
+
+
+def test_recipe_eval_data_is_relative_to_the_recipe(tmp_path):
+    import yaml
+
+    from famtune.recipe import load_recipe
+
+    (tmp_path / "test.jsonl").write_text(TEST.read_text(encoding="utf-8"), encoding="utf-8")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": "m", "data": "d.jsonl", "eval": {"data": "test.jsonl"}}),
+                      encoding="utf-8")
+    assert load_recipe(str(recipe)).eval == {"task": "mcq", "data": str(tmp_path / "test.jsonl")}
+
+
+def test_demo_trains_on_the_prompt_form_eval_asks_in(tmp_path):
+    import yaml
+
+    from famtune.data import read_conversations
+    from famtune.evaluate.demo import demo_recipe
+    from famtune.evaluate.scoring import mcq_prompt
+    from famtune.recipe import load_recipe
+
+    path = demo_recipe(tmp_path, family="internlm2", steps=7)
+    spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert spec["models"] == ["tiny:internlm2"] and spec["max_steps"] == 7 and spec["eval"]["data"] == str(TEST)
+    convs = read_conversations(spec["data"]).conversations
+    train = read_eval_file(str(DEMO_DIR / "mcq_train.jsonl"), "mcq")
+    assert [[m["content"] for m in c.messages] for c in convs] == [[mcq_prompt(it), it.answer] for it in train]
+    load_recipe(None, {**{k: v for k, v in spec.items() if k != "models"}, "model": "m"})  # every key is valid
