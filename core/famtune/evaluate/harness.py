@@ -18,8 +18,13 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
+from famtune.errors import FamtuneError
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError as exc:
+    raise FamtuneError(f"lm-evaluation-harness is not installed ({exc}); pip install 'famtune[lm-eval]'") from None
 
 from famtune.evaluate.scoring import EvalSettings, Scorer, ScoringModel, inference
 
@@ -84,7 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except FamtuneError as exc:  # a bad model path or adapter: one line, as famtune's own commands print
+        print(f"famtune: error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

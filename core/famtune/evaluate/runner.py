@@ -44,10 +44,11 @@ def score_file(sm: ScoringModel, data: str, task: str, settings: EvalSettings, l
     items = read_eval_file(data, task)
     if not items:
         raise FamtuneError(f"{data}: no eval records; add at least one")
+    in_file = len(items)
     if limit:
         items = items[:limit]
     result = (evaluate_mcq if task == "mcq" else evaluate_qa)(sm, items, settings)
-    return {"data": str(data), **result}
+    return {"data": str(data), "questions_in_file": in_file, **result}
 
 
 def headline(result: dict[str, Any]) -> list[str]:
@@ -63,7 +64,9 @@ def headline(result: dict[str, Any]) -> list[str]:
     else:
         lines = [f"exact match: {acc(result['exact_match'])}", f"BLEU: {result['bleu']:.2f}",
                  f"ROUGE-L F1: {result['rougeL']:.4f}"]
-    lines.append(f"{result['questions']} questions in {result['seconds']:.1f}s "
+    left = result.get("questions_in_file", result["questions"]) - result["questions"]
+    lines.append(f"{result['questions']} questions" + (f" (--limit: {left} more in the file not scored)" if left else "")
+                 + f" in {result['seconds']:.1f}s "
                  f"({result['questions_per_s']:.2f} questions/s)")
     return lines
 

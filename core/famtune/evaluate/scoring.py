@@ -98,10 +98,10 @@ def _batches(n: int, size: int) -> list[range]:
     return [range(i, min(i + size, n)) for i in range(0, n, max(size, 1))]
 
 
-def _bar(total: int, desc: str, enabled: bool):
+def _bar(total: int, desc: str, enabled: bool, unit: str = "q"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="q", dynamic_ncols=True, disable=not enabled, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, disable=not enabled, leave=False)
 
 
 class Scorer:
@@ -208,10 +208,8 @@ def evaluate_mcq(sm: ScoringModel, items: list[MCQItem], settings: EvalSettings)
             owner.append((q, letter))
     prompts = [scorer.prompt_ids(mcq_prompt(it), it.system) for it in items]
     with inference(sm.model):
-        bar = _bar(len(items), "eval log-likelihood", settings.progress)
-        per_q = {len(it.options) for it in items}
-        step = (lambda n: bar.update(n / next(iter(per_q)))) if len(per_q) == 1 else None
-        scores = scorer.sequence_logliks(rows, step)
+        bar = _bar(len(rows), "eval log-likelihood", settings.progress, unit="option")
+        scores = scorer.sequence_logliks(rows, bar.update)
         bar.close()
         bar = _bar(len(items), "eval generation", settings.progress)
         replies = scorer.generate(prompts, bar.update)
