@@ -36,4 +36,7 @@ if [ "$latest" = 1 ]; then
 else
   "${pip[@]}" "${constraints[@]}" -e ".[test]" "${plugins[@]}"
 fi
+if [ "$latest" = 0 ]; then
+  .venv/bin/python scripts/check_lock.py
+fi
 .venv/bin/famtune plugins
