@@ -7,8 +7,8 @@ import json
 import math
 
 import pytest
-from conftest import build_tiny, famtune_cli
 
+from conftest import build_tiny, famtune_cli
 from famtune.demo import DEMO_DIR
 from famtune.errors import FamtuneError
 from famtune.evaluate.metrics import extract_letter, qa_scores, wilson_interval

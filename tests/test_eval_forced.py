@@ -17,8 +17,8 @@ from fractions import Fraction
 
 import pytest
 import yaml
-from conftest import famtune_cli
 
+from conftest import famtune_cli
 from famtune.demo import DEMO_DIR
 from famtune.evaluate.records import read_eval_file
 from famtune.evaluate.scoring import mcq_conversations

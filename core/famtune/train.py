@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from famtune import checkpoint as ckpt_mod
-from famtune import kernels
+from famtune import kernels, run_state
 from famtune import packing as packing_mod
-from famtune import run_state
 from famtune.backends import training_policy
 from famtune.encoding import IGNORE_INDEX
 from famtune.errors import FamtuneError

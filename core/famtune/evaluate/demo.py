@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -63,7 +64,7 @@ def run_eval_demo(workdir: str, family: str | None = None, steps: int | None = N
     after = run_eval(str(base), str(TEST), "mcq", adapter=str(adapter), output=str(work / "eval-tuned"),
                      settings=settings, log=log)
     n = before["questions"]
-    chance = sum(1 / len(it.options) for it in read_eval_file(str(TEST), "mcq")) / n
+    chance = sum(1.0 / len(it.options) for it in read_eval_file(str(TEST), "mcq")) / n
     log(f"eval demo: {fam}, {n} held-out questions, chance {chance:.0%}")
     log(f"  {'method':<26}{'base':>8}{'tuned':>8}")
     for label, key in (("option log-likelihood", "loglikelihood"), ("greedy answer", "generation")):

@@ -42,7 +42,7 @@ class QAItem:
     system: str | None = None
 
 
-def read_eval_file(path: str, task: str) -> list[MCQItem] | list[QAItem]:
+def read_eval_file(path: str, task: str) -> list[Any]:
     """Every record of ``path`` as ``task`` items; the first bad record stops with ``FILE:LINE``."""
     if task not in TASKS:
         raise DataError(path, None, f"unknown eval task {task!r}", f"use one of {', '.join(TASKS)}")

@@ -32,9 +32,10 @@ def _load(path: Path) -> dict[str, Any] | None:
 def read_task_eval(run_dir: str | Path) -> dict[str, Any] | None:
     """The base (step 0) and tuned eval results a training run wrote, or None without an eval task."""
     before, after = _load(Path(run_dir) / BEFORE_FILE), _load(Path(run_dir) / AFTER_FILE)
-    if before is None and after is None:
+    latest = after or before
+    if latest is None:
         return None
-    task = (after or before)["task"]
+    task = latest["task"]
     metrics = MCQ_METRICS if task == "mcq" else QA_METRICS
     figures = []
     for label, get, fraction in metrics:
@@ -46,7 +47,7 @@ def read_task_eval(run_dir: str | Path) -> dict[str, Any] | None:
     if task == "mcq":
         extra["unparseable"] = {"base": (before or {}).get("generation", {}).get("unparseable"),
                                 "tuned": (after or {}).get("generation", {}).get("unparseable")}
-    return {"task": task, "data": (after or before)["data"], "figures": figures,
+    return {"task": task, "data": latest["data"], "figures": figures,
             "changed": changed_answers(before, after), **extra}
 
 

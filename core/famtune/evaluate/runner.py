@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from famtune.errors import FamtuneError
 from famtune.evaluate.records import TASKS, read_eval_file

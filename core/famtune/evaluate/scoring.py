@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from famtune.encoding import IGNORE_INDEX
 from famtune.errors import FamtuneError
@@ -34,7 +35,7 @@ class ScoringModel:
     system: str | None = None  # the run's system prompt (None: the family's default)
 
     @classmethod
-    def from_session(cls, session: Any) -> "ScoringModel":
+    def from_session(cls, session: Any) -> ScoringModel:
         return cls(session.model, session.tokenizer, session.family, list(session.stop_ids), session.pad_id,
                    session.system)
 
@@ -220,7 +221,7 @@ def evaluate_mcq(sm: ScoringModel, items: list[MCQItem], settings: EvalSettings)
         by_q[q][letter] = s
     details, right_ll, right_gen, unparsed = [], 0, 0, 0
     for it, option_scores, reply in zip(items, by_q, replies):
-        ll_pred = max(option_scores, key=option_scores.get)  # ties: the first option listed
+        ll_pred = max(option_scores, key=option_scores.__getitem__)  # ties: the first option listed
         gen_pred = extract_letter(reply, it.options)
         right_ll += ll_pred == it.answer
         right_gen += gen_pred == it.answer
