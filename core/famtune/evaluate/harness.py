@@ -88,12 +88,15 @@ class FamtuneLM(LM):
 def main(argv: list[str] | None = None) -> None:
     from lm_eval.__main__ import cli_evaluate
 
-    sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
+    saved = sys.argv
+    sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]  # lm-eval parses sys.argv itself
     try:
         cli_evaluate()
     except FamtuneError as exc:  # a bad model path or adapter: one line, as famtune's own commands print
         print(f"famtune: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":
