@@ -88,6 +88,9 @@ class FamtuneLM(LM):
 def main(argv: list[str] | None = None) -> None:
     from lm_eval.__main__ import cli_evaluate
 
+    from famtune.cli import _quiet_libraries
+
+    _quiet_libraries()
     saved = sys.argv
     sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]  # lm-eval parses sys.argv itself
     try:
