@@ -6,9 +6,9 @@ import argparse
 from famtune.errors import FamtuneError
 
 
-def add_eval_parser(sub) -> argparse.ArgumentParser:
+def add_eval_parser(sub, **parser_kwargs) -> argparse.ArgumentParser:
     ev = sub.add_parser(
-        "eval", help="score a model (or base + adapter) on multiple-choice or open QA questions",
+        "eval", **parser_kwargs, help="score a model (or base + adapter) on multiple-choice or open QA questions",
         usage="famtune eval MODEL [--adapter DIR] --data FILE [--task mcq|qa] [options] | famtune eval --demo",
         description="Load MODEL as `famtune chat` does (NF4 base + --adapter, or a merged directory), ask every "
                     "question in the family's chat format and write OUTPUT/eval.json and OUTPUT/eval.md. "
