@@ -12,7 +12,7 @@ def add_eval_parser(sub, **parser_kwargs) -> argparse.ArgumentParser:
         usage="famtune eval MODEL [--adapter DIR] --data FILE [--task mcq|qa] [options] | famtune eval --demo",
         description="Load MODEL as `famtune chat` does (NF4 base + --adapter, or a merged directory), ask every "
                     "question in the family's chat format and write OUTPUT/eval.json and OUTPUT/eval.md. "
-                    "mcq: accuracy by option log-likelihood and by greedy answer, with 95%% intervals; "
+                    "mcq: accuracy by option log-likelihood and by greedy answer, with 95% intervals; "
                     "qa: exact match, BLEU and ROUGE-L. --demo fine-tunes a tiny model on a bundled MCQ set "
                     "and shows its accuracy before and after.")
     ev.add_argument("model", nargs="?", help="base or merged model directory (or Org/Name, modelscope:Org/Name)")
