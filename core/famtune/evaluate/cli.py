@@ -18,17 +18,20 @@ def add_eval_parser(sub, **parser_kwargs) -> argparse.ArgumentParser:
     ev.add_argument("model", nargs="?", help="base or merged model directory (or Org/Name, modelscope:Org/Name)")
     ev.add_argument("--adapter", help="adapter directory written by famtune train")
     ev.add_argument("--data", help="eval file: JSONL or JSON array (layouts in docs/users/eval.md)")
-    ev.add_argument("--task", choices=["mcq", "qa"], default="mcq")
+    ev.add_argument("--task", choices=["mcq", "qa"], default="mcq",
+                    help="mcq: lettered options, scored by log-likelihood and by greedy answer; qa: open answers")
     ev.add_argument("--output", help="directory for eval.json and eval.md (default: ADAPTER/eval, else famtune-eval)")
-    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--batch-size", type=int, default=8,
+                    help="option sequences (log-likelihood) or prompts (generation) per forward pass")
     ev.add_argument("--max-new-tokens", type=int, default=None,
                     help="longest generated answer (default: 16 for mcq, 128 for qa)")
     ev.add_argument("--choice-format", default="{letter}",
-                    help="the assistant reply scored for each option, from {letter} and {text} (default: {letter})")
+                    help="the assistant reply scored for each option, from {letter} and {text}")
     ev.add_argument("--limit", type=int, default=0, help="score only the first N questions")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--no-progress", action="store_true")
-    ev.add_argument("--trust-remote-code", action="store_true")
+    ev.add_argument("--seed", type=int, default=0, help="torch seed (decoding is greedy)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ev.add_argument("--trust-remote-code", action="store_true",
+                    help="allow the checkpoint's own Python code to run")
     ev.add_argument("--demo", action="store_true", help="the bundled before/after demo on a tiny model (offline)")
     ev.add_argument("--workdir", default="famtune-eval-demo", help="with --demo: where its models and reports go")
     ev.add_argument("--family", help="with --demo: family of the tiny model (default qwen2.5)")
