@@ -36,6 +36,13 @@ def _cmd_chat(args, extra: list[str]) -> int:
                     max_new_tokens=args.max_new_tokens)
 
 
+def _cmd_serve(args, extra: list[str]) -> int:
+    from famtune.serve import serve
+
+    return serve(args.model, args.adapter, host=args.host, port=args.port, api_key=args.api_key, name=args.name,
+                 trust_remote_code=args.trust_remote_code)
+
+
 def _cmd_plugins(args, extra: list[str]) -> int:
     from famtune.plugins import get_plugins
 
@@ -163,6 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-new-tokens", type=int, default=256)
     c.add_argument("--trust-remote-code", action="store_true")
     c.set_defaults(func=_cmd_chat)
+
+    sv = sub.add_parser("serve", help="serve models over an OpenAI-compatible API with a chat page",
+                        description="Answer OpenAI-style requests (/v1/models, /v1/chat/completions, "
+                                    "/v1/completions) and serve a chat page at /. The request's `model` picks the "
+                                    "base or one of the adapters, which share one copy of the base weights.")
+    sv.add_argument("model", help="base or merged model directory (or an adapter directory: its base is loaded)")
+    sv.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                    help="serve this adapter of MODEL as NAME (repeatable; a bare DIR is named after its folder)")
+    sv.add_argument("--name", help="the model name of MODEL itself (default: its folder name)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    sv.add_argument("--api-key", default=os.environ.get("FAMTUNE_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' on /v1 (default: $FAMTUNE_API_KEY, else none)")
+    sv.add_argument("--trust-remote-code", action="store_true")
+    sv.set_defaults(func=_cmd_serve)
 
     pl = sub.add_parser("plugins", help="list installed family plugins")
     pl.add_argument("--json", action="store_true")
