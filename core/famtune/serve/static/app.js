@@ -129,6 +129,7 @@ async function reply(pane, controller) {
             if (first === null) first = performance.now();
             text += piece;
             content.textContent = text;
+            div.dataset.pieces = String(Number(div.dataset.pieces || 0) + 1);
             const log = pane.el.querySelector(".log");
             log.scrollTop = log.scrollHeight;
           }
