@@ -270,3 +270,28 @@ def test_cli_reports_an_adapter_that_is_not_one(built, tmp_path):
 
     res = famtune_cli("serve", built["base"], "--adapter", f"x={tmp_path}", check=False, timeout=120)
     assert res.returncode == 2 and res.stderr.startswith("famtune: error: --adapter x=") and "Traceback" not in res.stderr
+
+
+def test_a_comparison_output_serves_each_run_beside_its_base(built, tmp_path):
+    import shutil
+
+    from famtune.serve.models import is_comparison, load_comparison
+
+    # The layout `famtune compare` writes: one run directory per model and report/results.json.
+    work = tmp_path / "comparison"
+    runs = []
+    for name in ("qwen-a", "qwen-b"):
+        shutil.copytree(built["adapter"], work / name)
+        runs.append({"name": name, "dir": str(work / name), "status": "ok"})
+    runs.append({"name": "broken", "dir": str(work / "broken"), "status": "failed"})
+    (work / "report").mkdir()
+    (work / "report" / "results.json").write_text(json.dumps({"models": runs}), encoding="utf-8")
+    assert is_comparison(str(work)) and not is_comparison(str(built["adapter"]))
+    models = load_comparison(str(work))
+    assert list(models) == ["qwen-a/base", "qwen-a", "qwen-b/base", "qwen-b"]
+    assert [m.kind for m in models.values()] == ["base", "adapter"] * 2
+    with ServerThread(create_app(models)) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=TIMEOUT)
+        for name in ("qwen-a", "qwen-b"):
+            reply = client.chat.completions.create(model=name, messages=user("hi"), temperature=0)
+            assert reply.choices[0].message.content == ADAPTER_ANSWERS["hi"]

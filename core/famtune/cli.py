@@ -129,7 +129,14 @@ def _cmd_compare(args, extra: list[str]) -> int:
         raise FamtuneError(f"give a recipe ({recipe!r}) or --demo, not both")
     if not recipe and not args.demo:
         raise FamtuneError("no recipe given; run `famtune compare RECIPE.yaml --models M1 M2 ...` or `famtune compare --demo`")
-    return compare(recipe, models=args.models, overrides=parse_overrides(extra), output=args.output)
+    code = compare(recipe, models=args.models, overrides=parse_overrides(extra), output=args.output)
+    if args.serve:  # try the trained models side by side in the chat page
+        from famtune.compare import DEMO_RECIPE, read_comparison
+        from famtune.serve import serve
+
+        work = read_comparison(str(recipe or DEMO_RECIPE), args.models, parse_overrides(extra), args.output)[2]
+        return serve(str(work), port=args.port)
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--output", help="comparison directory (default: the recipe's output_dir, else famtune-compare)")
     cp.add_argument("--demo", action="store_true",
                     help="the built-in comparison of the four families on tiny local models (nothing downloaded)")
+    cp.add_argument("--serve", action="store_true",
+                    help="afterwards, serve every trained model (famtune serve OUTPUT) to try them in the chat page")
+    cp.add_argument("--port", type=int, default=8000, help="port for --serve (default: 8000)")
     cp.set_defaults(func=_cmd_compare, extra_ok=True)
 
     es = sub.add_parser("estimate", help="predict the peak accelerator memory of a recipe's run",

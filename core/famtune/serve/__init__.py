@@ -15,16 +15,27 @@ def serve(model: str, adapters: list[str] | None = None, *, host: str = "127.0.0
     import uvicorn
 
     from famtune.serve.app import create_app
-    from famtune.serve.models import load_served, parse_adapter_specs
+    from urllib.parse import urlencode
+
+    from famtune.serve.models import is_comparison, load_comparison, load_served, parse_adapter_specs
 
     if not _loopback(host) and not api_key:
         log(f"famtune: warning: serving on {host} without --api-key: anyone who reaches this port can use the models")
-    models = load_served(model, parse_adapter_specs(adapters or []), base_name=name,
-                         trust_remote_code=trust_remote_code)
+    if is_comparison(model):
+        if adapters or name:
+            raise FamtuneError(f"{model} is a comparison: its runs are served as they are; drop --adapter/--name")
+        models = load_comparison(model, trust_remote_code=trust_remote_code)
+    else:
+        models = load_served(model, parse_adapter_specs(adapters or []), base_name=name,
+                             trust_remote_code=trust_remote_code)
     app = create_app(models, api_key=api_key)
     shown = f"[{host}]" if ":" in host else host
-    log(f"famtune serve: models {', '.join(models)}; chat page http://{shown}:{port}/ , "
-        f"API http://{shown}:{port}/v1 (Ctrl-C stops)")
+    page = f"http://{shown}:{port}/"
+    log(f"famtune serve: models {', '.join(models)}; chat page {page} , API {page}v1 (Ctrl-C stops)")
+    tuned = [m.name for m in models.values() if m.kind == "adapter"]
+    if len(tuned) > 1 or (tuned and len(models) > 1):
+        pair = tuned[:2] if len(tuned) > 1 else [tuned[0], next(n for n in models if n != tuned[0])]
+        log(f"famtune serve: side by side: {page}?{urlencode({'a': pair[0], 'b': pair[1]})}")
     sys.stdout.flush()
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)

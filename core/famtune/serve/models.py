@@ -79,3 +79,29 @@ def load_served(model: str, adapters: dict[str, str] | None = None, *, base_name
         session = ChatSession(loaded, tokenizer, ckpt.family, stop_ids, sampling, system, adapter=f"a{i}")
         served[name] = ServedModel(name, session, str(path), "adapter")
     return served
+
+
+def is_comparison(directory: str) -> bool:
+    """Whether ``directory`` is a ``famtune compare`` output (it holds report/results.json)."""
+    return Path(directory, "report", "results.json").is_file()
+
+
+def load_comparison(directory: str, *, trust_remote_code: bool = False) -> dict[str, ServedModel]:
+    """Every finished run of a ``famtune compare`` output: each run's adapter under the run's name
+    and its base as ``NAME/base``, so the chat page can put two families side by side."""
+    import json
+
+    results = Path(directory, "report", "results.json")
+    try:
+        runs = json.loads(results.read_text(encoding="utf-8"))["models"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise FamtuneError(f"{results}: not a readable comparison result ({exc}); re-run famtune compare") from None
+    served: dict[str, ServedModel] = {}
+    for run in runs:
+        run_dir = Path(run.get("dir") or Path(directory, run["name"]))
+        if run.get("status") != "ok" or not Path(run_dir, "adapter_config.json").is_file():
+            continue
+        served.update(load_served(str(run_dir), base_name=f"{run['name']}/base", trust_remote_code=trust_remote_code))
+    if not served:
+        raise FamtuneError(f"{directory}: no finished run with an adapter in this comparison; run famtune compare first")
+    return served
