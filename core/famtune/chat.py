@@ -8,6 +8,7 @@ whose weights several sessions share.
 """
 from __future__ import annotations
 
+import json
 import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -218,19 +219,6 @@ def _held_back(text: str, stops: list[str]) -> int:
     return longest
 
 
-def compute_as_trained(model: Any) -> None:
-    """Keep NF4 layers computing in the compute dtype training used.
-
-    At inference on CPUs with AVX512-BF16, bitsandbytes repacks NF4 weights and computes in bf16
-    whatever the compute dtype; logits then drift ~1e-3 from training's and from the merged model's.
-    """
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-
-
 def profile(meta: dict | None, family: Any, tokenizer: Any) -> tuple[list[int], dict[str, Any], str | None]:
     """Stop ids, sampling defaults and system prompt: from ``famtune.json`` when present, else the family's."""
     if meta and meta.get("stop_ids"):
@@ -252,15 +240,16 @@ def load_base(model: str, adapter_metas: list[dict], *, trust_remote_code: bool 
                            "serve one base and its own adapters per process")
     family = next(iter(families)) if families else (own["family"] if own else None)
     ckpt = open_checkpoint(path, family=family, trust_remote_code=trust_remote_code)
-    loads = {(m.get("quantization", "none"), m.get("compute_dtype", "auto")) for m in adapter_metas}
+    loads = {json.dumps([m.get("quantization", "none"), m.get("compute_dtype", "auto"), m.get("quantization_config")],
+                        sort_keys=True) for m in adapter_metas}
     if len(loads) > 1:
         raise FamtuneError(f"the adapters were trained against differently loaded bases ({sorted(loads)}); "
                            "serve them from separate processes")
     # The adapter learned a correction to the base as training loaded it (NF4 for QLoRA).
-    quantization, compute_dtype = next(iter(loads)) if loads else ("none", "auto")
-    loaded = ckpt.load_model(quantization=quantization, compute_dtype=compute_dtype)
-    if quantization == "nf4":
-        compute_as_trained(loaded)
+    quantization, compute_dtype, quantization_config = json.loads(next(iter(loads))) if loads else ("none", "auto", None)
+    loaded = ckpt.load_model(quantization=quantization, compute_dtype=compute_dtype,
+                             quantization_config=quantization_config)
+    ckpt.check_vocabulary(loaded)
     loaded.eval()
     return ckpt, own, loaded
 
