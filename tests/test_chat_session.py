@@ -132,6 +132,7 @@ def test_ipython_chat_cell_magic(built):
         InteractiveShell.clear_instance()
 
 
+@pytest.mark.slow  # starts famtune chat in a subprocess (loads the model)
 def test_non_utf8_stdin_is_replaced_and_reported_and_long_messages_refused(built):
     res = subprocess.run([sys.executable, "-m", "famtune.cli", "chat", str(built["base"]), "--adapter",
                           str(built["adapter"]), "--greedy", "--max-new-tokens", "24"],
@@ -143,6 +144,7 @@ def test_non_utf8_stdin_is_replaced_and_reported_and_long_messages_refused(built
     assert "famtune: error: the message is " in out and "context is 512; shorten it" in out
 
 
+@pytest.mark.slow  # starts famtune chat in a pseudo-terminal (loads the model)
 def test_terminal_chat_in_a_pseudo_terminal(built, tmp_path):
     # The bare base (random weights) with a prompt it answers at length (no stop token in 100
     # tokens), for Ctrl-C to cut short. Replies stay short enough that the conversation fits the

@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Answer OpenAI-style requests (/v1/models, /v1/chat/completions, "
                                     "/v1/completions) and serve a chat page at /. The request's `model` picks the "
                                     "base or one of the adapters, which share one copy of the base weights.")
-    sv.add_argument("model", help="base or merged model directory (or an adapter directory: its base is loaded)")
+    sv.add_argument("model", help="base or merged model directory, an adapter directory (its base is loaded), "
+                                  "or a famtune compare output (every run beside its base)")
     sv.add_argument("--adapter", action="append", metavar="NAME=DIR",
                     help="serve this adapter of MODEL as NAME (repeatable; a bare DIR is named after its folder)")
     sv.add_argument("--name", help="the model name of MODEL itself (default: its folder name)")
