@@ -295,3 +295,12 @@ def test_a_comparison_output_serves_each_run_beside_its_base(built, tmp_path):
         for name in ("qwen-a", "qwen-b"):
             reply = client.chat.completions.create(model=name, messages=user("hi"), temperature=0)
             assert reply.choices[0].message.content == ADAPTER_ANSWERS["hi"]
+
+
+def test_streamed_completion_equals_the_whole_one(client):
+    kw = dict(model="base", prompt="hello there", max_tokens=6, temperature=0, echo=True)
+    whole = client.completions.create(**kw)
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert whole.choices[0].text.startswith("hello there") and len(whole.choices[0].text) > len("hello there")
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 6
