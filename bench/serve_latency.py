@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from serving import ServerProcess  # noqa: E402
+from serving import ServerProcess
 
-from famtune.chat import load_chat_model  # noqa: E402
+from famtune.chat import load_chat_model
 
 PROMPTS = ["Who are you?", "请介绍一下你自己", "tell me a story", "hello there"]
 
@@ -29,10 +29,11 @@ def measure_chat(model, adapter, max_tokens, runs):
     rows = []
     for i in range(runs):
         prompt = PROMPTS[i % len(PROMPTS)]
-        first, start = [], time.perf_counter()
+        first: list[float] = []
+        start = time.perf_counter()
         gen = session.generate(session.prompt_ids([{"role": "user", "content": prompt}]),
                                session.settings(greedy=True), max_new_tokens=max_tokens,
-                               on_text=lambda t: first or first.append(time.perf_counter()))
+                               on_text=lambda t, first=first: first or first.append(time.perf_counter()))
         total = time.perf_counter() - start
         rows.append((first[0] - start, len(gen.new_ids) / total))
     return rows

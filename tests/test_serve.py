@@ -4,7 +4,6 @@ give known answers, served on 127.0.0.1 (a free port) with the official ``openai
 from __future__ import annotations
 
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,10 +11,9 @@ import httpx
 import openai
 import pytest
 import torch
-
-from conftest import ADAPTER_ANSWERS, build_base_and_adapter
 from serving import ServerThread
 
+from conftest import ADAPTER_ANSWERS, build_base_and_adapter
 from famtune.chat import ChatSession, load_base, load_chat_model, profile
 from famtune.metadata import read_metadata
 from famtune.serve.app import create_app

@@ -26,7 +26,7 @@ def load_ipython_extension(ipython: Any) -> None:
         def _chat(self, line: str):
             name = line.strip()
             if name:
-                chat = self.shell.user_ns.get(name)
+                chat = self.shell.user_ns.get(name) if self.shell is not None else None
                 if chat is None or not hasattr(chat, "chat"):
                     raise FamtuneError(f"%%chat {name}: no chat called {name!r} in this notebook; "
                                        f"create one with {name} = famtune.load_chat(MODEL)")

@@ -7,14 +7,15 @@ through this class; the server answers stateless requests with the same
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from famtune.chat import ChatSession, load_chat_model
 from famtune.errors import FamtuneError
 
 
 def load_chat(model: str, adapter: str | None = None, *, system: str | None = None,
-              trust_remote_code: bool = False, **sampling) -> "Chat":
+              trust_remote_code: bool = False, **sampling) -> Chat:
     """Load ``model`` (a base or a ``famtune merge`` output; with ``adapter``, the directory
     ``famtune train`` wrote) and return a :class:`Chat` on it.
 

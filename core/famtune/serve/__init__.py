@@ -12,11 +12,11 @@ def serve(model: str, adapters: list[str] | None = None, *, host: str = "127.0.0
           api_key: str | None = None, name: str | None = None, trust_remote_code: bool = False,
           log=print) -> int:
     """Load the models, then answer HTTP requests until interrupted."""
+    from urllib.parse import urlencode
+
     import uvicorn
 
     from famtune.serve.app import create_app
-    from urllib.parse import urlencode
-
     from famtune.serve.models import is_comparison, load_comparison, load_served, parse_adapter_specs
 
     if not _loopback(host) and not api_key:

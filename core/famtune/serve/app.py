@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import secrets
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,7 +47,9 @@ class EventStream(StreamingResponse):
         try:
             await super().stream_response(send)
         finally:
-            await self.body_iterator.aclose()
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()
 
 
 def create_app(models: dict[str, ServedModel], *, api_key: str | None = None) -> FastAPI:
@@ -210,7 +214,7 @@ def create_app(models: dict[str, ServedModel], *, api_key: str | None = None) ->
                            usage_only=lambda usage: head(choices=[], usage=usage))
 
         def work() -> list[dict]:
-            choices = []
+            choices: list[dict] = []
             for ids in prompts:
                 gens = _generate_n(session, served.name, ids, settings, body.max_tokens, stops, body, cancel, record)
                 for gen in gens:
@@ -237,6 +241,9 @@ def create_app(models: dict[str, ServedModel], *, api_key: str | None = None) ->
             except RuntimeError:  # the server is shutting down
                 cancel.set()
 
+        def put_piece(i: int, text: str) -> None:
+            put(("piece", i, text))
+
         def work() -> None:
             try:
                 if body.seed is not None:
@@ -246,7 +253,7 @@ def create_app(models: dict[str, ServedModel], *, api_key: str | None = None) ->
                 for i in range(body.n):
                     put(("start", i, None))
                     gen = served.session.generate(ids, settings, max_new_tokens=max_tokens, stop=stops,
-                                                  on_text=lambda text, i=i: put(("piece", i, text)), cancel=cancel)
+                                                  on_text=functools.partial(put_piece, i), cancel=cancel)
                     on_done(served.name, gen)
                     put(("done", i, gen))
                     if cancel.is_set():

@@ -46,15 +46,15 @@ def load_served(model: str, adapters: dict[str, str] | None = None, *, base_name
     served under the directory's name."""
     adapters = dict(adapters or {})
     if Path(model, "adapter_config.json").is_file():
-        meta = read_metadata(model)
+        meta = read_metadata(model) or {}
         adapters = {Path(os.path.abspath(model)).name: model, **adapters}
         model = meta.get("base_path") or meta["base_model"]
-    metas = {}
+    metas: dict[str, dict] = {}
     for name, path in adapters.items():
         if not Path(path, "adapter_config.json").is_file():
             raise FamtuneError(f"--adapter {name}={path}: no adapter_config.json there; pass an adapter "
                                "directory written by famtune train")
-        metas[name] = read_metadata(path)
+        metas[name] = read_metadata(path) or {}
     ckpt, own, loaded = load_base(model, list(metas.values()), trust_remote_code=trust_remote_code)
     tokenizer = ckpt.load_tokenizer()
     base_name = base_name or (Path(os.path.abspath(model)).name if os.path.isdir(model) else model)
@@ -64,7 +64,7 @@ def load_served(model: str, adapters: dict[str, str] | None = None, *, base_name
         from peft import PeftModel
 
         # peft keeps adapters in module dicts, whose keys cannot hold every name a user may choose.
-        for i, (name, path) in enumerate(adapters.items()):
+        for i, path in enumerate(adapters.values()):
             if i == 0:
                 loaded = PeftModel.from_pretrained(loaded, path, adapter_name=f"a{i}")
             else:
