@@ -55,7 +55,7 @@ def merge(adapter_dir: str, out_dir: str, *, max_shard_size: str = "2GB", base: 
         if os.path.abspath(out_dir) == os.path.abspath(other):
             raise FamtuneError(f"output {out_dir!r} is the {what} directory; choose a new directory for the merged model")
     out_dtype = _output_dtype(dtype, ckpt.config, log)
-    report: dict[str, Any] = {"out_dir": str(out_dir), "base": ckpt.path, "family": ckpt.family.name,
+    report: dict[str, Any] = {"out_dir": str(out_dir), "adapter_dir": str(adapter_dir), "base": ckpt.path, "family": ckpt.family.name,
                               "dtype": _dtype_name(out_dtype), "layout": layout}
 
     plan, why_not = (stream_plan(ckpt, adapter_dir, meta, base_precision, out_dtype) if stream
@@ -135,6 +135,9 @@ def _write_layout(write_native, ckpt: Any, out_dir: str, layout: str) -> None:
 
 
 def _finish(report: dict[str, Any], out_dir: str, log) -> dict:
+    from famtune.modelcard import write_model_card
+
+    write_model_card(report["adapter_dir"], out_dir, report)  # replaces any README.md copied from the base
     report["files"] = sorted(p.name for p in Path(out_dir).iterdir())
     report["shards"] = sum(1 for n in report["files"] if n.endswith(".safetensors"))
     log(f"famtune: wrote the merged model to {out_dir} ({report['shards']} safetensors file(s), {report['dtype']})")

@@ -59,6 +59,7 @@ class Recipe:
     evaluation_inputs: list[str] = field(default_factory=list)
     max_new_tokens: int = 64
     progress: bool = True
+    report_to: list[str] = field(default_factory=list)  # experiment trackers (famtune.tracking)
 
     @classmethod
     def keys(cls) -> list[str]:

@@ -18,6 +18,7 @@ from famtune import checkpoint as ckpt_mod
 from famtune import kernels
 from famtune import packing as packing_mod
 from famtune import run_state
+from famtune import tracking
 from famtune.backends import training_policy
 from famtune.encoding import IGNORE_INDEX
 from famtune.errors import FamtuneError
@@ -79,7 +80,8 @@ class Trainer:
         from accelerate.utils import set_seed
 
         r = self.recipe
-        self.accelerator = Accelerator()
+        self.accelerator = Accelerator(**tracking.accelerator_kwargs(
+            r.report_to, str(Path(r.output_dir) / tracking.TENSORBOARD_DIR)))
         self.device_policy = training_policy(self.accelerator.device)
         set_seed(r.seed)
         self.ckpt = ckpt_mod.open_checkpoint(r.model, family=r.family, trust_remote_code=r.trust_remote_code)
@@ -252,8 +254,13 @@ class Trainer:
                 for g in before:
                     self.log(f"[step 0] {g['input']!r} -> {g['output']!r}")
         self.model.train()
+        # A bar only on an interactive terminal; elsewhere (or with progress: false) a plain line per
+        # logging step, so log files get readable lines instead of one line of carriage returns.
+        use_bar = self.accelerator.is_local_main_process and tracking.progress_bar_wanted(r.progress)
+        print_lines = self.accelerator.is_main_process and not use_bar
         bar = tqdm(total=self.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not (r.progress and self.accelerator.is_local_main_process))
+                   disable=not use_bar)
+        self.tracker = tracking.RunTracker(self.accelerator, r, run_name=self.out.resolve().name)
         t_start, tokens_seen, last_loss = time.perf_counter(), 0, float("nan")
         self.counts = {"tokens_total": 0, "tokens_supervised": 0}
         with run_state.StopOnInterrupt() as stop:
@@ -271,9 +278,14 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / elapsed:.0f}")
                     if step % max(r.logging_steps, 1) == 0 or step == self.total_steps:
-                        metrics.write({"step": step, "epoch": epoch, "loss": step_loss, "lr": lr,
-                                       "grad_norm": self.last_grad_norm, "tokens_per_s": tokens_seen / elapsed,
-                                       "elapsed_s": elapsed})
+                        record = {"step": step, "epoch": epoch, "loss": step_loss, "lr": lr,
+                                  "grad_norm": self.last_grad_norm, "tokens_per_s": tokens_seen / elapsed,
+                                  "elapsed_s": elapsed}
+                        metrics.write(record)
+                        self.tracker.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step)
+                        if print_lines:
+                            self.log(tracking.progress_line(step, self.total_steps, step_loss, lr,
+                                                            tokens_seen / elapsed, elapsed))
                     if r.eval_steps and step % r.eval_steps == 0 and step < self.total_steps:
                         self._evaluate(step, metrics, bar)
                     if r.save_steps and step % r.save_steps == 0 and step < self.total_steps:
@@ -283,6 +295,7 @@ class Trainer:
                     epoch, micro_in_epoch = epoch + 1, 0
         if stop.requested and step < self.total_steps:
             bar.close()
+            self.tracker.finish()
             path = run_state.save_checkpoint(self.out, step, epoch, micro_in_epoch, self.model, self.optimizer,
                                              self.scheduler, self.accelerator)
             raise FamtuneError(f"interrupted at step {step}/{self.total_steps}; state saved in {path}; "
@@ -290,6 +303,7 @@ class Trainer:
         bar.close()
         train_wall = time.perf_counter() - t_start
         final = self._evaluate(step, metrics, None)
+        self.tracker.finish()
         self._save_final(metrics)
         summary = {"steps": step, "final_loss": last_loss, "eval_loss": final.get("eval_loss"),
                    "train_wall_s": train_wall, "tokens_per_s": tokens_seen / train_wall if train_wall else None,
@@ -299,6 +313,10 @@ class Trainer:
                    "family": self.family.describe(), "kernels": self.kernels,
                    "device_policy": self.device_policy.as_dict()}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.accelerator.is_main_process:
+            from famtune.modelcard import write_model_card
+
+            write_model_card(self.out)  # after summary.json: the card quotes its losses
         self.log(f"done: {step} steps, final loss {last_loss:.4f}"
                  + (f", eval loss {final['eval_loss']:.4f}" if final.get("eval_loss") is not None else "")
                  + f"; adapter in {self.out}")
@@ -336,6 +354,7 @@ class Trainer:
         loss = self.eval_loss()
         if loss is not None:
             record["eval_loss"] = loss
+            self.tracker.log({"eval/loss": loss}, step)
         gens = self.generate(self.recipe.evaluation_inputs)
         if gens:
             record["generations"] = gens
