@@ -130,7 +130,8 @@ def _cmd_compare(args, extra: list[str]) -> int:
         raise FamtuneError(f"give a recipe ({recipe!r}) or --demo, not both")
     if not recipe and not args.demo:
         raise FamtuneError("no recipe given; run `famtune compare RECIPE.yaml --models M1 M2 ...` or `famtune compare --demo`")
-    code = compare(recipe, models=args.models, overrides=parse_overrides(extra), output=args.output)
+    code = compare(recipe, models=args.models, overrides=parse_overrides(extra), output=args.output,
+                   adapters=[args.adapters] if args.adapters else None)
     if args.serve:  # try the trained models side by side in the chat page
         from famtune.compare import DEMO_RECIPE, read_comparison
         from famtune.serve import serve
@@ -334,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "overridden: --key value. tiny:FAMILY builds a tiny local model of FAMILY.")
     cp.add_argument("--models", nargs="+", metavar="MODEL", help="models to compare (instead of the recipe's list)")
     cp.add_argument("--output", help="comparison directory (default: the recipe's output_dir, else famtune-compare)")
+    cp.add_argument("--adapters", metavar="M1,M2", help="compare adapter methods too: every model once per method, "
+                    "e.g. lora,dora,adalora or lora+pissa (docs/users/adapters.md)")
     cp.add_argument("--demo", action="store_true",
                     help="the built-in comparison of the four families on tiny local models (nothing downloaded)")
     cp.add_argument("--serve", action="store_true",

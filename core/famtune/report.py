@@ -88,7 +88,8 @@ def model_result(run: Any) -> dict[str, Any]:
         resolved = None
     s = summary or {}
     return {
-        "model": run.spec, "name": run.name, "dir": str(d),
+        "model": run.spec + (f" [{run.adapter}]" if getattr(run, "adapter", "") else ""), "name": run.name,
+        "dir": str(d),
         "family": plugin.get("family") or run.family,
         "plugin": {k: plugin.get(k) for k in ("plugin", "distribution", "version")} if plugin else None,
         "parameters": count_parameters(meta.get("base_path")) if summary else None,
