@@ -48,6 +48,7 @@ KEY_MEANINGS = {
     "progress": "show a progress bar on a terminal (a plain log line otherwise)",
     "report_to": "experiment trackers: tensorboard, wandb, mlflow, trackio, ... (accelerate's)",
     "distributed": "with --nproc N: ddp, fsdp, zero2 or zero3 (docs/users/distributed.md)",
+    "eval": "task scored on the base at step 0 and the adapter at the end: {data: FILE, task: mcq|qa}",
 }
 
 
