@@ -18,9 +18,15 @@ MODELSCOPE_PREFIX = "modelscope:"
 
 
 def resolve_source(spec: str) -> str:
-    """A local directory holding the checkpoint named by ``spec``, downloading it if needed."""
-    if os.path.isdir(spec):
-        return os.path.abspath(spec)
+    """A local directory holding the checkpoint named by ``spec``, downloading it if needed.
+
+    Asks ``famtune_resolve_model_source`` (plugins first, famtune's own resolvers last).
+    """
+    return get_plugins().resolve_model_source(spec)
+
+
+def resolve_builtin_source(spec: str) -> str:
+    """famtune's own resolvers: a ModelScope id, a Hugging Face hub id, else an error."""
     if spec.startswith(MODELSCOPE_PREFIX):
         model_id = spec[len(MODELSCOPE_PREFIX):]
         try:
