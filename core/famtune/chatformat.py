@@ -35,7 +35,9 @@ class ChatFormat:
     used when a conversation has no system message (``None``: no system block then).
     ``final_assistant_prefix`` replaces ``assistant_prefix`` for an assistant message that ends the
     conversation (Qwen3's empty think block); ``generation_prefix`` is what a generation prompt
-    ends with (default: the final assistant prefix). ``special_tokens`` are the control tokens the
+    ends with (default: the final assistant prefix). ``assistant_suffix`` (the end-of-turn token) is
+    supervised with the reply; ``assistant_trailer`` follows it unsupervised (ChatML's newline).
+    ``special_tokens`` are the control tokens the
     strings spell; each becomes one id. ``strip_content`` trims whitespace around every content.
     """
 
@@ -51,6 +53,7 @@ class ChatFormat:
     default_system: str | None = None
     final_assistant_prefix: str | None = None
     generation_prefix: str | None = None
+    assistant_trailer: str = ""
     strip_content: bool = False
     stop_tokens: tuple[str, ...] = field(default_factory=tuple)
 
@@ -73,7 +76,8 @@ class ChatFormat:
         for i, m in enumerate(messages):
             if m["role"] == "assistant":
                 prefix = self._last_prefix() if i == len(messages) - 1 else self.assistant_prefix
-                out += [(prefix, None), (self._content(m["content"]) + self.assistant_suffix, turn)]
+                out += [(prefix, None), (self._content(m["content"]) + self.assistant_suffix, turn),
+                        (self.assistant_trailer, None)]
                 turn += 1
             else:
                 out.append((self.user_prefix + self._content(m["content"]) + self.user_suffix, None))
@@ -136,9 +140,11 @@ class ChatFormat:
             "{%- if message['role'] != 'assistant' -%}"
             "{{- " + q(self.user_prefix) + " + " + content + " + " + q(self.user_suffix) + " -}}"
             "{%- elif loop.last -%}"
-            "{{- " + q(self._last_prefix()) + " + " + content + " + " + q(self.assistant_suffix) + " -}}"
+            "{{- " + q(self._last_prefix()) + " + " + content + " + " + q(self.assistant_suffix + self.assistant_trailer)
+            + " -}}"
             "{%- else -%}"
-            "{{- " + q(self.assistant_prefix) + " + " + content + " + " + q(self.assistant_suffix) + " -}}"
+            "{{- " + q(self.assistant_prefix) + " + " + content + " + " + q(self.assistant_suffix + self.assistant_trailer)
+            + " -}}"
             "{%- endif -%}"
             "{%- endfor -%}"
             "{%- if add_generation_prompt -%}{{- " + q(self._gen_prefix()) + " -}}{%- endif -%}"
@@ -163,7 +169,8 @@ class ChatFormat:
             roles=(self.user_prefix, self.assistant_prefix),
             sep_style=SeparatorStyle.NO_COLON_TWO,
             sep=self.user_suffix,
-            sep2=self.assistant_suffix,
+            sep2=self.assistant_suffix + self.assistant_trailer,
+            messages=[],
             stop_str=list(self.stop_tokens) or None,
         )
 
