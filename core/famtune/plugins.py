@@ -33,6 +33,7 @@ from famtune.types import GenerationDefaults, PluginInfo
 
 ENTRY_POINT_GROUP = "famtune"
 ALLOW_ENV = "FAMTUNE_LOAD_PLUGINS"
+_SINGULAR = {"families": "family", "masking_policies": "masking policy", "data_formats": "data format"}
 BUILTIN = PluginInfo("famtune.builtins", "famtune", __import__("famtune").__version__)
 
 
@@ -163,6 +164,7 @@ class PluginSet:
         # The same name from two plugins would be decided by load order: both are disabled, each
         # error naming the other. famtune's built-ins are defaults any plugin may replace.
         clashing: dict[str, list[str]] = {}
+        partners: dict[str, set[str]] = {}
         for kind in ("families", "masking_policies", "data_formats"):
             owners: dict[str, list[str]] = {}
             for name, reg in regs.items():
@@ -170,11 +172,13 @@ class PluginSet:
                     owners.setdefault(obj.name, []).append(name)
             for obj_name, names in owners.items():
                 plugins = [n for n in dict.fromkeys(names) if n != BUILTIN.name]
-                if len(plugins) > 1 or (len(names) > len(set(names))):
+                if len(plugins) > 1 or len(names) > len(set(names)):
                     for n in plugins:
-                        clashing.setdefault(n, []).append(f"{kind.replace('_', ' ')[:-1]} {obj_name!r}")
+                        clashing.setdefault(n, []).append(f"{_SINGULAR[kind]} {obj_name!r}")
+                        partners.setdefault(n, set()).update(p for p in plugins if p != n)
+        described = {n: self.infos[n].describe() for n in clashing}
         for name, what in clashing.items():
-            others = sorted({self.infos[o].describe() for o in clashing if o != name})
+            others = sorted(described[o] for o in partners[name])
             self._disable(name, f"{', '.join(what)} is also provided by {', '.join(others) or 'itself twice'}; "
                                 f"uninstall one, or choose one with {ALLOW_ENV}=name,...")
         for name in [BUILTIN.name, *self.infos]:
