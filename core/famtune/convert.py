@@ -36,7 +36,7 @@ SINGLE_NAME = "model.safetensors"
 MAX_SHARD_BYTES = 4 << 30
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
-__all__ = ["MARKER_KEY", "TensorReader", "cache_key", "copy_generation_config", "mark", "native_copy",
+__all__ = ["MARKER_KEY", "TensorReader", "cache_key", "cached_copy", "copy_generation_config", "mark", "native_copy",
            "read_json", "weight_files", "write_json", "write_shards"]
 
 
@@ -76,9 +76,11 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     files = sorted(root.glob("*.safetensors"))
     if files:
         return files
-    if list(root.glob("*.bin")):
-        raise FamtuneError(f"{root}: has only pickled .bin weights; famtune never unpickles, so convert them to "
-                           "safetensors first (or download the checkpoint's safetensors files)")
+    pickled = sorted(p.name for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth")) if root.is_dir() else []
+    if pickled:
+        raise FamtuneError(f"{root}: no *.safetensors weights (only pickled {pickled[0]}, ...); famtune loads "
+                           "safetensors only and never unpickles: download the checkpoint's safetensors files "
+                           "or convert them first")
     raise FamtuneError(f"{root}: no *.safetensors weights found; pass the checkpoint directory")
 
 
@@ -158,10 +160,15 @@ def cache_key(src: str | os.PathLike, family: str, converter_version: int | str)
     return h.hexdigest()[:24]
 
 
+def cached_copy(family: str, key: str) -> Path:
+    """Where the native copy with cache key ``key`` lives (whether or not it exists yet)."""
+    return cache_dir() / "native" / family / key
+
+
 def native_copy(src: str | os.PathLike, family: str, converter_version: int | str,
                 write: Callable[[Path, Path], None]) -> Path:
     """The cached native copy of the original checkpoint ``src``; ``write(src, out_dir)`` makes it once."""
-    target = cache_dir() / "native" / family / cache_key(src, family, converter_version)
+    target = cached_copy(family, cache_key(src, family, converter_version))
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
