@@ -99,7 +99,7 @@ def write_tiny_checkpoint(family: str, out_dir: str, corpus: list[str], seed: in
     config = original_config(family, len(tok), eos_ids, pad_id)
 
     native = convert.native_config(config, family)
-    for key in ("model_type", "architectures", convert.FAMILY_MARKER, "dtype"):
+    for key in ("model_type", "architectures", convert.MARKER_KEY, "dtype"):
         native.pop(key, None)
     # A wide init lets the frozen head give confident logits, so a short LoRA run reaches a low loss.
     native["initializer_range"] = 0.25
