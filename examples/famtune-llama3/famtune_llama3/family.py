@@ -15,7 +15,7 @@ from famtune_llama3.template import LLAMA3
 
 VOCAB_SIZE = 128256
 # Llama-3.1 and later add a dated system preamble to every conversation: a different family.
-LLAMA31_MARKER = "Cutting Knowledge Date"
+NEWER_TEMPLATE_MARKER = "Cutting Knowledge Date"
 
 
 class Llama3(ModelFamily):
@@ -33,7 +33,7 @@ class Llama3(ModelFamily):
         if config.get("model_type") != "llama" or config.get("vocab_size") != VOCAB_SIZE:
             return False
         tpl = _chat_template_text(path)
-        return "<|start_header_id|>" in tpl and LLAMA31_MARKER not in tpl
+        return "<|start_header_id|>" in tpl and NEWER_TEMPLATE_MARKER not in tpl
 
     def tiny_checkpoint(self, out_dir: str, corpus: list[str]) -> bool:
         from famtune_llama3 import tiny

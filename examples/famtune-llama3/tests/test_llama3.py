@@ -28,7 +28,7 @@ def tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(out)
 
 
-def test_renders_meta_llama3_instruct_format(tokenizer):
+def test_renders_the_meta_llama_3_instruct_format(tokenizer):
     from famtune_llama3.template import LLAMA3
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi there "},
