@@ -45,6 +45,28 @@ def famtune_register_data_formats(register):
 
 
 @famtune.hookimpl
+def famtune_register_commands(subparsers):
+    p = subparsers.add_parser("ext-hello", help="say hello from the extension")
+    p.add_argument("who")
+    p.set_defaults(func=lambda args, extra: print(f"hello {args.who}") or 0)
+
+
+class Tracker:
+    def on_log(self, step, metrics):
+        with open(os.environ["TRACKED"], "a") as f:
+            f.write(f"{step} {metrics['loss']:.6f}\\n")
+
+    def on_train_end(self, summary):
+        with open(os.environ["TRACKED"], "a") as f:
+            f.write(f"end {summary['steps']}\\n")
+
+
+@famtune.hookimpl
+def famtune_training_callbacks(recipe):
+    return [Tracker()] if "TRACKED" in os.environ else []
+
+
+@famtune.hookimpl
 def famtune_resolve_model_source(spec):
     if spec.startswith("shelf:"):
         return os.path.join(os.environ["SHELF"], spec.removeprefix("shelf:"))
@@ -140,3 +162,28 @@ def test_two_plugins_registering_one_policy_are_both_disabled():
     errors = {b.info.name: b.error for b in plugins.broken}
     assert "masking policy 'mine' is also provided by plugin 'b' (famtune-b 2.0)" in errors["a"]
     assert "plugin 'a' (famtune-a 1.0)" in errors["b"]
+
+
+def test_extension_adds_a_command(tmp_path):
+    site = install_extension(tmp_path / "site")
+    res = _famtune(site, "ext-hello", "world")
+    assert (res.returncode, res.stdout) == (0, "hello world\n"), res.stderr
+    assert "ext-hello" in _famtune(site, "--help").stdout
+
+
+@pytest.mark.slow
+def test_extension_tracks_a_training_run(tmp_path, tiny_qwen25):
+    site = install_extension(tmp_path / "site")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"q": q, "a": a}) + "\n" for q, a in [("Hi?", "Hello."), ("Name?", "Tiny.")]))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {tiny_qwen25}\ndata: {data}\noutput_dir: {tmp_path / 'out'}\nquantization: none\n"
+                      "compute_dtype: fp32\nmax_steps: 2\nbatch_size: 2\nlora_r: 4\nlogging_steps: 1\n"
+                      "gradient_checkpointing: false\nprogress: false\nmasking: first_turn\n")
+    tracked = tmp_path / "tracked.txt"
+    res = _famtune(site, "train", recipe, TRACKED=str(tracked))
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = tracked.read_text().splitlines()
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    losses = {m["step"]: m["loss"] for m in metrics if "loss" in m}
+    assert lines == [f"1 {losses[1]:.6f}", f"2 {losses[2]:.6f}", "end 2"]

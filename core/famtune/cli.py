@@ -225,7 +225,21 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--family", help="family of the tiny model (default: the bundled demo recipe's)")
     de.add_argument("--steps", type=int, help="optimizer steps (default: the demo recipe's)")
     de.set_defaults(func=_cmd_demo)
+    _add_plugin_commands(sub)
     return p
+
+
+def _add_plugin_commands(sub) -> None:
+    """Plugins' own subcommands (famtune_register_commands); a failing plugin costs only its commands."""
+    from famtune.plugins import get_plugins
+
+    try:
+        get_plugins().add_commands(sub)
+    except FamtuneError:
+        pass  # a plugin set that cannot load is reported by the command that needs it
+    except Exception as exc:
+        print(f"famtune: warning: a plugin's famtune_register_commands raised {type(exc).__name__}: {exc}",
+              file=sys.stderr)
 
 
 def _quiet_libraries() -> None:

@@ -18,6 +18,7 @@ from famtune import checkpoint as ckpt_mod
 from famtune import kernels
 from famtune import packing as packing_mod
 from famtune import run_state
+from famtune.callbacks import Callbacks
 from famtune.encoding import IGNORE_INDEX
 from famtune.errors import FamtuneError
 from famtune.loss import causal_lm_loss
@@ -266,6 +267,9 @@ class Trainer:
         r = self.recipe
         self.setup()
         self.out.mkdir(parents=True, exist_ok=True)
+        callbacks = Callbacks(r)  # plugins' trackers (famtune_training_callbacks)
+        callbacks.on_train_begin({"family": self.family.describe(), "total_steps": self.total_steps,
+                                  "output_dir": str(self.out)})
         metrics = run_state.MetricsLog(self.out / "metrics.jsonl", enabled=self.accelerator.is_main_process)
         step, epoch, micro_in_epoch = 0, 0, 0
         if self.resume:
@@ -301,9 +305,11 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / elapsed:.0f}")
                     if step % max(r.logging_steps, 1) == 0 or step == self.total_steps:
-                        metrics.write({"step": step, "epoch": epoch, "loss": step_loss, "lr": lr,
-                                       "grad_norm": self.last_grad_norm, "tokens_per_s": tokens_seen / elapsed,
-                                       "elapsed_s": elapsed})
+                        logged = {"step": step, "epoch": epoch, "loss": step_loss, "lr": lr,
+                                  "grad_norm": self.last_grad_norm, "tokens_per_s": tokens_seen / elapsed,
+                                  "elapsed_s": elapsed}
+                        metrics.write(logged)
+                        callbacks.on_log(step, logged)
                     if r.eval_steps and step % r.eval_steps == 0 and step < self.total_steps:
                         self._evaluate(step, metrics, bar)
                     if r.save_steps and step % r.save_steps == 0 and step < self.total_steps:
@@ -328,6 +334,7 @@ class Trainer:
                    "peak_rss_mib": run_state.peak_rss_mib(), "peak_accelerator_mib": run_state.peak_accelerator_mib(),
                    "family": self.family.describe(), "kernels": self.kernels}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        callbacks.on_train_end(summary)
         self.log(f"done: {step} steps, final loss {last_loss:.4f}"
                  + (f", eval loss {final['eval_loss']:.4f}" if final.get("eval_loss") is not None else "")
                  + f"; adapter in {self.out}")
