@@ -86,3 +86,15 @@ def test_user_and_author_docs_are_apart_and_linked():
         assert step in tutorial, step
     readme = (DOCS.parent / "README.md").read_text(encoding="utf-8")
     assert "docs/" in readme
+
+
+def test_tutorial_excerpts_are_the_example_plugins_code():
+    """Every python block of the tutorial that is code (not a signature) appears verbatim in a file of
+    examples/famtune-llama3, which tests/test_example_plugin.py installs and runs."""
+    tutorial = (DOCS / "authors" / "tutorial.md").read_text(encoding="utf-8")
+    example = DOCS.parent / "examples" / "famtune-llama3"
+    sources = {p: p.read_text(encoding="utf-8") for p in example.rglob("*.py")}
+    blocks = re.findall(r"```python\n(.*?)```", tutorial, flags=re.DOTALL)
+    assert len(blocks) >= 5
+    for block in blocks:
+        assert any(block in text for text in sources.values()), f"not in the example plugin:\n{block}"
