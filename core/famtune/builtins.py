@@ -5,7 +5,6 @@ same hook comes first (a resolver for another hub, a masking policy of the same 
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 import famtune
@@ -45,9 +44,7 @@ def famtune_register_data_formats(register: Callable[[Any], None]) -> None:
 
 @famtune.hookimpl(trylast=True)
 def famtune_resolve_model_source(spec: str) -> str | None:
-    # The local directory, ModelScope and Hugging Face resolvers; see famtune.checkpoint.
-    from famtune.checkpoint import resolve_builtin_source
+    # The local directory, Hugging Face and ModelScope resolvers: they answer or raise a one-line error.
+    from famtune.sources import resolve_source
 
-    if os.path.isdir(spec):
-        return os.path.abspath(spec)
-    return resolve_builtin_source(spec)
+    return resolve_source(spec)
