@@ -10,6 +10,8 @@ validates every answer, naming the plugin, its distribution and version when one
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -105,6 +107,23 @@ def all_linear_modules(model: Any) -> list[str]:
     head = model.get_output_embeddings()
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                    if isinstance(module, torch.nn.Linear) and module is not head})
+
+
+def chat_template_of(path: str) -> str:
+    """The chat template a checkpoint ships (tokenizer_config.json's, else chat_template.jinja), or "".
+
+    Many families share a ``model_type``; their published template is often what tells them apart.
+    """
+    try:
+        with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as f:
+            tpl = json.load(f).get("chat_template") or ""
+    except (OSError, ValueError):
+        tpl = ""
+    jinja = os.path.join(path, "chat_template.jinja")
+    if not tpl and os.path.exists(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            tpl = f.read()
+    return tpl if isinstance(tpl, str) else json.dumps(tpl)
 
 
 @dataclass(frozen=True)

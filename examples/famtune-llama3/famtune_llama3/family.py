@@ -6,11 +6,9 @@ write back.
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
-from famtune.family import ModelFamily
+from famtune.family import ModelFamily, chat_template_of
 from famtune_llama3.template import LLAMA3
 
 VOCAB_SIZE = 128256
@@ -32,7 +30,7 @@ class Llama3(ModelFamily):
         # Plain "llama" is shared by many families; only Llama-3's vocabulary and header tokens mark it.
         if config.get("model_type") != "llama" or config.get("vocab_size") != VOCAB_SIZE:
             return False
-        tpl = _chat_template_text(path)
+        tpl = chat_template_of(path)
         return "<|start_header_id|>" in tpl and NEWER_TEMPLATE_MARKER not in tpl
 
     def tiny_checkpoint(self, out_dir: str, corpus: list[str]) -> bool:
@@ -40,11 +38,3 @@ class Llama3(ModelFamily):
 
         return tiny.write_tiny_checkpoint(out_dir, corpus)
 
-
-def _chat_template_text(path: str) -> str:
-    try:
-        with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as f:
-            tpl = json.load(f).get("chat_template") or ""
-    except (OSError, ValueError):
-        return ""
-    return tpl if isinstance(tpl, str) else json.dumps(tpl)

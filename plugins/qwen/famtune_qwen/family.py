@@ -6,11 +6,10 @@ into a per-sample block-diagonal mask and whose RoPE takes the same position ids
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
-from famtune.family import ModelFamily
+from famtune.family import ModelFamily, chat_template_of
 from famtune_qwen import template
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -37,7 +36,7 @@ class QwenChatML(ModelFamily):
         if model_type == "qwen3":
             return self.name == "qwen3"
         if model_type == "qwen2":
-            return self.name == ("qwen2.5" if QWEN25_MARKER in _chat_template_text(path) else "qwen2")
+            return self.name == ("qwen2.5" if QWEN25_MARKER in chat_template_of(path) else "qwen2")
         return False
 
     def tiny_checkpoint(self, out_dir: str, corpus: list[str]) -> bool:
@@ -90,15 +89,3 @@ def families() -> list[ModelFamily]:
             # Qwen3's recommended non-thinking settings (famtune trains and chats with thinking off).
             QwenChatML("qwen3", template.QWEN3, {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20})]
 
-
-def _chat_template_text(path: str) -> str:
-    try:
-        with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as f:
-            tpl = json.load(f).get("chat_template") or ""
-    except (OSError, ValueError):
-        tpl = ""
-    jinja = os.path.join(path, "chat_template.jinja")
-    if not tpl and os.path.exists(jinja):
-        with open(jinja, encoding="utf-8") as f:
-            tpl = f.read()
-    return tpl if isinstance(tpl, str) else json.dumps(tpl)
