@@ -166,6 +166,10 @@ def test_two_plugins_registering_one_policy_are_both_disabled():
 
 def test_extension_adds_a_command(tmp_path):
     site = install_extension(tmp_path / "site")
+    listed = json.loads(_famtune(site, "plugins", "--json").stdout)
+    [ext] = [p for p in listed["plugins"] if p["name"] == "ext"]
+    assert (ext["families"], ext["masking_policies"], ext["data_formats"]) == ([], ["first_turn"], ["qa"])
+    assert "  masking policies: first_turn" in _famtune(site, "plugins").stdout
     res = _famtune(site, "ext-hello", "world")
     assert (res.returncode, res.stdout) == (0, "hello world\n"), res.stderr
     assert "ext-hello" in _famtune(site, "--help").stdout

@@ -41,7 +41,8 @@ def _cmd_plugins(args, extra: list[str]) -> int:
 
     plugins = get_plugins()
     rows = [{"name": n, "distribution": i.distribution, "version": i.version,
-             "families": plugins.families_of(n), "hooks": plugins.hooks_of(n)} for n, i in plugins.infos.items()]
+             "families": plugins.families_of(n), "hooks": plugins.hooks_of(n), **plugins.extensions_of(n)}
+            for n, i in plugins.infos.items()]
     broken = [{"name": b.info.name, "distribution": b.info.distribution, "version": b.info.version,
                "error": b.error} for b in plugins.broken]
     if args.json:
@@ -53,6 +54,9 @@ def _cmd_plugins(args, extra: list[str]) -> int:
         print(f"{r['name']} ({r['distribution']} {r['version']})")
         print(f"  families: {', '.join(r['families']) or '-'}")
         print(f"  hooks:    {', '.join(h.removeprefix('famtune_') for h in r['hooks'])}")
+        for kind in ("masking_policies", "data_formats"):
+            if r[kind]:
+                print(f"  {kind.replace('_', ' ')}: {', '.join(r[kind])}")
     for b in broken:
         print(f"{b['name']} ({b['distribution']} {b['version']}): DISABLED: {b['error']}")
     return 0

@@ -261,6 +261,11 @@ class PluginSet:
     def families_of(self, plugin_name: str) -> list[str]:
         return [n for n, (_, owner) in self.registry.families.items() if owner == plugin_name]
 
+    def extensions_of(self, plugin_name: str) -> dict[str, list[str]]:
+        """The masking policies and data formats ``plugin_name`` registered, for listings."""
+        return {kind: [n for n, (_, owner) in getattr(self.registry, kind).items() if owner == plugin_name]
+                for kind in ("masking_policies", "data_formats")}
+
     def describe_installed(self) -> str:
         if not self.infos:
             return "none"
