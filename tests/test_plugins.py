@@ -67,7 +67,7 @@ def test_plugin_installed_by_pip_is_discovered_and_uninstall_removes_it(fresh_en
     listed = json.loads(_famtune(py, "plugins", "--json").stdout)
     [qwen] = [p for p in listed["plugins"] if p["name"] == "qwen"]
     assert qwen["distribution"] == "famtune-qwen"
-    assert "qwen2.5" in qwen["families"] and qwen["hooks"] == ["famtune_register_families"]
+    assert "qwen2.5" in qwen["families"] and qwen["hooks"] == ["famtune_recipe_dirs", "famtune_register_families"]
 
     subprocess.run([*pip, "uninstall", "-y", "famtune-qwen"], check=True, capture_output=True)
     assert json.loads(_famtune(py, "plugins", "--json").stdout)["plugins"] == []

@@ -1,4 +1,4 @@
-"""What plugins register: model families, masking policies, data formats, recipes.
+"""What plugins register: model families, masking policies, data formats.
 
 A family plugin's ``famtune_register_families(register)`` hands ``ModelFamily`` objects to famtune.
 A family is mostly data (its chat format, LoRA targets, sampling defaults, packing support); the
@@ -155,16 +155,6 @@ class DataFormat:
     description: str = ""
 
 
-@dataclass(frozen=True)
-class ShippedRecipe:
-    """A recipe a plugin ships: a YAML file in its package, listed by ``famtune recipes``."""
-
-    name: str
-    path: str
-    description: str = ""
-    family: str | None = None
-
-
 @dataclass
 class Registry:
     """Everything registered through the registrar hooks, by name, with who registered it."""
@@ -172,4 +162,3 @@ class Registry:
     families: dict[str, tuple[ModelFamily, str]] = field(default_factory=dict)
     masking_policies: dict[str, tuple[MaskingPolicy, str]] = field(default_factory=dict)
     data_formats: dict[str, tuple[DataFormat, str]] = field(default_factory=dict)
-    recipes: dict[str, tuple[ShippedRecipe, str]] = field(default_factory=dict)

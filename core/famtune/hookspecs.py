@@ -52,16 +52,6 @@ def famtune_register_data_formats(register: Callable[[Any], None]) -> None:
 
 
 @hookspec
-def famtune_register_recipes(register: Callable[[Any], None]) -> None:
-    """Called when shipped recipes are listed or copied (``famtune recipes``), on every plugin.
-
-    Call ``register(recipe)`` with ``famtune.family.ShippedRecipe`` objects: a name, the path of a
-    YAML recipe inside the plugin's package, a description and optionally the family it is for.
-    Not firstresult: every plugin registers.
-    """
-
-
-@hookspec
 def famtune_register_commands(subparsers: argparse._SubParsersAction) -> None:
     """Called when the ``famtune`` command line is built, on every plugin.
 
@@ -91,4 +81,14 @@ def famtune_resolve_model_source(spec: str) -> str | None:
     directory holding that checkpoint (downloading it if needed), or ``None`` if the spec is not
     yours. famtune's own resolvers (local directory, ``Org/Name`` on the Hugging Face hub,
     ``modelscope:Org/Name``) are ``trylast``. Stops at first non-None result.
+    """
+
+
+@hookspec
+def famtune_recipe_dirs() -> list[str]:
+    """Called by ``famtune recipes list`` and ``famtune recipes copy``, on every plugin.
+
+    Return directories holding the plugin's built-in recipes: ``NAME.yaml`` files (ordinary
+    recipes whose first comment line describes them) and any data files they name by a relative
+    path. Recipe names must be unique across plugins. Not firstresult: every plugin answers.
     """

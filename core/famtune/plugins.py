@@ -28,7 +28,7 @@ from famtune import builtins as builtin_plugin
 from famtune import hookspecs, hookspecs_v1
 from famtune.errors import FamtuneError, PluginError
 from famtune.facade import Family, validate_targets
-from famtune.family import MARKER_KEY, DataFormat, MaskingPolicy, ModelFamily, Registry, ShippedRecipe
+from famtune.family import MARKER_KEY, DataFormat, MaskingPolicy, ModelFamily, Registry
 from famtune.legacy import LEGACY_HOOKS, LegacyFamily
 from famtune.types import PluginInfo
 
@@ -223,17 +223,15 @@ class PluginSet:
     def data_formats(self) -> dict[str, DataFormat]:
         return {n: obj for n, (obj, _) in self.registry.data_formats.items()}
 
-    def recipes(self) -> dict[str, tuple[ShippedRecipe, PluginInfo]]:
-        """Recipes plugins ship, by name; asked on demand (``famtune recipes``), not at load."""
-        out: dict[str, tuple[ShippedRecipe, PluginInfo]] = {}
-        for name in self.infos:
-            info = self.infos[name]
-            for r in self._registered("famtune_register_recipes", name, ShippedRecipe):
-                if r.name in out:
-                    raise FamtuneError(f"recipe {r.name!r} is shipped by {out[r.name][1].describe()} and "
-                                       f"{info.describe()}; uninstall one, or choose one with {ALLOW_ENV}=name,...")
-                out[r.name] = (r, info)
-        return out
+    def call_one(self, hook_name: str, plugin_name: str, **kwargs: Any) -> Any:
+        """One plugin's answer to a hook every plugin answers (``famtune_recipe_dirs``), through pluggy."""
+        if self.impl(hook_name, plugin_name) is None:
+            return None
+        answers = self._only(hook_name, plugin_name)(**kwargs)
+        spec = getattr(self.pm.hook, hook_name).spec
+        if spec is not None and spec.opts.get("firstresult"):
+            return answers
+        return answers[0] if answers else None
 
     def add_commands(self, subparsers: Any) -> None:
         self.pm.hook.famtune_register_commands(subparsers=subparsers)

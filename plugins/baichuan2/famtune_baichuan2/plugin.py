@@ -1,6 +1,8 @@
 """famtune's entry point for the Baichuan2 plugin: registration only."""
 from __future__ import annotations
 
+import os
+
 import famtune
 
 
@@ -11,3 +13,9 @@ def famtune_register_families(register):
 
     for name in FAMILIES:
         register(Baichuan2(name))
+
+
+@famtune.hookimpl
+def famtune_recipe_dirs() -> list[str]:
+    # Built-in recipes and their small data sets ship as package data beside this module.
+    return [os.path.join(os.path.dirname(__file__), "recipes")]

@@ -14,7 +14,7 @@ def test_famtune_discovers_the_plugin():
                          check=True)
     [me] = [p for p in json.loads(out.stdout)["plugins"] if p["name"] == "chatglm"]
     assert me["distribution"] == "famtune-chatglm" and me["families"] == ["chatglm3", "glm4"]
-    assert me["hooks"] == ["famtune_register_families"]
+    assert me["hooks"] == ["famtune_recipe_dirs", "famtune_register_families"]
 
 
 def test_conformance(famtune_conformance):
