@@ -14,8 +14,10 @@ def _cmd_train(args, extra: list[str]) -> int:
     from famtune.recipe import load_recipe, parse_overrides
     from famtune.train import train
 
+    if args.resume and args.overwrite:
+        raise FamtuneError("--resume continues a run and --overwrite replaces it; give one of them")
     recipe = load_recipe(args.recipe, parse_overrides(extra))
-    train(recipe, resume=args.resume)
+    train(recipe, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -133,11 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"famtune {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
+    from famtune.recipe import Recipe
+    from famtune.validate import help_text
+
     t = sub.add_parser("train", help="fine-tune a model with a recipe",
-                       description="Train a LoRA/QLoRA adapter. Any recipe key can be overridden: --key value.")
+                       description="Train a LoRA/QLoRA adapter. Any recipe key can be overridden: --key value.",
+                       epilog=help_text(Recipe()), formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("recipe", help="recipe YAML file")
     t.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from the latest checkpoint in output_dir (or the given checkpoint dir)")
+                   help="continue from the newest verified checkpoint in output_dir (or the given checkpoint dir)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in output_dir (its checkpoints, adapter and metrics) instead of refusing")
     t.set_defaults(func=_cmd_train, extra_ok=True)
 
     m = sub.add_parser("merge", help="merge an adapter into its base and save a full model")
@@ -262,6 +270,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("famtune: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # no traceback reaches a user unless they ask for it
+        if os.environ.get("FAMTUNE_DEBUG") == "1":
+            raise
+        from famtune.durable import is_disk_full
+
+        if is_disk_full(exc):
+            print(f"famtune: error: disk full ({str(exc).splitlines()[0][:200]}); free space and run again "
+                  "(training continues with --resume)", file=sys.stderr)
+            return 2
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        print(f"famtune: error: unexpected {type(exc).__name__}: {first} (FAMTUNE_DEBUG=1 shows the traceback; "
+              "please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,13 +6,13 @@ file and the key. The resolved recipe is written beside the adapter so a run can
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from famtune.errors import FamtuneError
 from famtune.kernels import HALF_MATMUL_CHOICES
+from famtune.validate import canonical_key, check_ranges
 
 
 @dataclass
@@ -52,6 +52,7 @@ class Recipe:
     gradient_checkpointing: bool = True
     packing: Any = "auto"  # auto: pack where the family keeps packed samples apart; true: required; false: off
     seed: int = 42
+    nan_policy: str = "stop"  # non-finite loss or gradient norm: stop the run, or skip_step (skip that update)
     # logging, evaluation, checkpoints
     logging_steps: int = 1
     eval_steps: int = 0  # 0: only at the end
@@ -70,8 +71,14 @@ class Recipe:
 
 def _coerce(name: str, value: Any, default: Any, where: str) -> Any:
     """Check a value against the default's type; strings from the command line are YAML-parsed."""
-    if value is None or default is None:
-        return value
+    if value is None:
+        if default is None:  # the keys whose default is null may be set back to null
+            return None
+        raise FamtuneError(f"{where}: {name} is null; give a value (default {default!r})")
+    if default is None:
+        if isinstance(value, str):
+            return value
+        raise FamtuneError(f"{where}: {name} is {value!r} ({type(value).__name__}); expected a string or null")
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -154,12 +161,15 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
     values: dict[str, Any] = {}
     known = set(Recipe.keys())
     for source, items in ((where, raw), ("command line", overrides or {})):
+        given: dict[str, str] = {}
         for key, value in items.items():
-            if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=3)
-                hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-                raise FamtuneError(f"{source}: unknown recipe key {key!r}{hint}; the recipe keys are listed in the README")
-            values[key] = _coerce(key, value, getattr(defaults, key), source)
+            if not isinstance(key, str):
+                raise FamtuneError(f"{source}: recipe key {key!r} is not a name; keys are words like lora_r")
+            name = canonical_key(key, known, source)
+            if name in given:
+                raise FamtuneError(f"{source}: {given[name]} and {key} both set {name}; keep one")
+            given[name] = key
+            values[name] = _coerce(name, value, getattr(defaults, name), source)
     recipe = dataclasses.replace(defaults, **values)
     if not recipe.model:
         raise FamtuneError(f"{where}: no model given; set `model:` to a directory, Org/Name or modelscope:Org/Name")
@@ -173,4 +183,8 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
         raise FamtuneError(f"{where}: packing is {recipe.packing!r}; expected auto, true or false")
     if not 0 <= recipe.eval_split < 1:
         raise FamtuneError(f"{where}: eval_split is {recipe.eval_split}; expected a fraction in [0, 1)")
+    try:
+        check_ranges(recipe)
+    except FamtuneError as exc:
+        raise FamtuneError(f"{where}: {exc}") from None
     return recipe

@@ -17,7 +17,7 @@ from typing import Any
 from famtune import checkpoint as ckpt_mod
 from famtune import kernels
 from famtune import packing as packing_mod
-from famtune import run_state
+from famtune import run_state, runlock, schedule
 from famtune.encoding import IGNORE_INDEX
 from famtune.errors import FamtuneError
 from famtune.loss import causal_lm_loss
@@ -91,9 +91,12 @@ def supervised_count(batch: dict[str, Any]) -> int:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, resume: str | bool | None = None, log=print) -> None:
+    def __init__(self, recipe: Recipe, resume: str | bool | None = None, log=print, overwrite: bool = False) -> None:
         self.recipe = recipe
         self.resume = resume
+        self.overwrite = overwrite
+        self.resume_state: dict[str, Any] | None = None
+        self.skipped_steps: list[int] = []
         self.log = log
         self.out = Path(recipe.output_dir)
 
@@ -145,10 +148,9 @@ class Trainer:
         self.micro_per_epoch = math.ceil(batches_per_epoch / world)
         self.steps_per_epoch = max(1, math.ceil(self.micro_per_epoch / r.grad_accum))
         self.total_steps = r.max_steps if r.max_steps > 0 else max(1, math.ceil(r.epochs * self.steps_per_epoch))
-        from transformers import get_cosine_schedule_with_warmup
-
-        self.scheduler = get_cosine_schedule_with_warmup(
-            self.optimizer, math.ceil(r.warmup_ratio * self.total_steps), self.total_steps)
+        self._plan_schedule()
+        self.scheduler = schedule.build_scheduler(self.optimizer, self.warmup_steps, self.schedule_total,
+                                                  self.schedule_segments)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, self.optimizer, self.scheduler)
 
     def epoch_batches(self, epoch: int) -> list[list[Any]]:
@@ -261,6 +263,17 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        from famtune.validate import check_paths
+
+        check_paths(self.recipe, "the recipe")  # before any model loads
+        with runlock.RunDirectory(self.recipe, self.resume, self.overwrite, self.log) as self.run_dir:
+            if self.resume:
+                self.state_dir = run_state.find_checkpoint(self.out, self.resume, self.log)
+                self.resume_state = run_state.read_trainer_state(self.state_dir)
+                self.run_dir.verify_checkpoint(self.resume_state, self.state_dir)
+            return self._run_locked()
+
+    def _run_locked(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         r = self.recipe
@@ -269,7 +282,7 @@ class Trainer:
         metrics = run_state.MetricsLog(self.out / "metrics.jsonl", enabled=self.accelerator.is_main_process)
         step, epoch, micro_in_epoch = 0, 0, 0
         if self.resume:
-            state_dir = run_state.find_checkpoint(self.out, self.resume)
+            state_dir = self.state_dir
             step, epoch, micro_in_epoch = run_state.load_checkpoint(
                 state_dir, self.model, self.optimizer, self.scheduler, self.accelerator)
             metrics.truncate_after(step)
@@ -308,26 +321,29 @@ class Trainer:
                         self._evaluate(step, metrics, bar)
                     if r.save_steps and step % r.save_steps == 0 and step < self.total_steps:
                         run_state.save_checkpoint(self.out, step, epoch, micro_in_epoch, self.model, self.optimizer,
-                                                  self.scheduler, self.accelerator)
+                                                  self.scheduler, self.accelerator, self._checkpoint_fields())
                 if micro_in_epoch >= len(batches):
                     epoch, micro_in_epoch = epoch + 1, 0
         if stop.requested and step < self.total_steps:
             bar.close()
             path = run_state.save_checkpoint(self.out, step, epoch, micro_in_epoch, self.model, self.optimizer,
-                                             self.scheduler, self.accelerator)
-            raise FamtuneError(f"interrupted at step {step}/{self.total_steps}; state saved in {path}; "
+                                             self.scheduler, self.accelerator, self._checkpoint_fields())
+            raise FamtuneError(f"interrupted ({stop.signal_name}) at step {step}/{self.total_steps}; state saved in {path}; "
                                f"continue with: famtune train RECIPE --resume")
         bar.close()
         train_wall = time.perf_counter() - t_start
         final = self._evaluate(step, metrics, None)
-        self._save_final(metrics)
+        self._save_final_or_rescue(metrics, step, epoch, micro_in_epoch)
         summary = {"steps": step, "final_loss": last_loss, "eval_loss": final.get("eval_loss"),
                    "train_wall_s": train_wall, "tokens_per_s": tokens_seen / train_wall if train_wall else None,
                    "tokens_nonpad": tokens_seen, **self.counts,
                    "parameters": self.param_counts, "data": self.report.to_dict(), "output_dir": str(self.out),
                    "peak_rss_mib": run_state.peak_rss_mib(), "peak_accelerator_mib": run_state.peak_accelerator_mib(),
                    "family": self.family.describe(), "kernels": self.kernels}
+        if self.skipped_steps:
+            summary["skipped_steps"] = self.skipped_steps
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.run_dir.finish()
         self.log(f"done: {step} steps, final loss {last_loss:.4f}"
                  + (f", eval loss {final['eval_loss']:.4f}" if final.get("eval_loss") is not None else "")
                  + f"; adapter in {self.out}")
@@ -355,6 +371,9 @@ class Trainer:
         self.last_grad_norm = float(self.accelerator.clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], r.max_grad_norm))
         self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step used
+        if not (math.isfinite(total_loss) and math.isfinite(self.last_grad_norm)):
+            if not self._non_finite_step(group, total_loss):
+                return total_loss, tokens
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -383,7 +402,7 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         model = self.accelerator.unwrap_model(self.model)
-        model.save_pretrained(self.out)
+        run_state.save_adapter(model, self.out)
         meta = build_metadata(
             family=self.family, template_name=self.conversation.name, generation=self.generation,
             base_model=self.recipe.model, base_path=self.ckpt.path, quantization=self.recipe.quantization,
@@ -395,5 +414,75 @@ class Trainer:
         run_state.plot_losses(metrics.path, self.out / "loss.png")
 
 
-def train(recipe: Recipe, resume: str | bool | None = None, log=print) -> dict[str, Any]:
-    return Trainer(recipe, resume=resume, log=log).run()
+    # -- hardening: schedule, checkpoints' identity, non-finite steps, a final save that loses nothing
+    def _plan_schedule(self) -> None:
+        """Warmup, last step and extension segments; a changed step budget on resume adds a segment."""
+        r, state = self.recipe, self.resume_state
+        self.warmup_steps = math.ceil(r.warmup_ratio * self.total_steps)
+        self.schedule_total, self.schedule_segments = self.total_steps, []
+        if not state or "total_steps" not in state:
+            return
+        self.warmup_steps, self.schedule_total = state["warmup_steps"], state["total_steps"]
+        self.schedule_segments = [list(s) for s in state.get("schedule", [])]
+        old_end = self.schedule_segments[-1][2] if self.schedule_segments else self.schedule_total
+        if self.total_steps != old_end:
+            if self.total_steps <= state["step"]:
+                raise FamtuneError(f"--resume: the step budget is now {self.total_steps} steps but the checkpoint is "
+                                   f"at step {state['step']}; raise max_steps or epochs")
+            self.schedule_segments = schedule.extend(self.schedule_segments, state["step"], self.warmup_steps,
+                                                     self.schedule_total, self.total_steps)
+            self.log(f"step budget {old_end} -> {self.total_steps}: from step {state['step']} the learning rate "
+                     "decays by cosine from its current value to 0 at the new last step")
+
+    def _checkpoint_fields(self) -> dict[str, Any]:
+        return {**self.run_dir.checkpoint_fields(), "total_steps": self.schedule_total,
+                "warmup_steps": self.warmup_steps, "schedule": self.schedule_segments,
+                "skipped_steps": self.skipped_steps}
+
+    def _non_finite_step(self, group: list[Any], loss: float) -> bool:
+        """nan_policy on a non-finite loss or gradient norm: stop with the culprits, or skip the update."""
+        step = self.scheduler.last_epoch + 1
+        flat = [i for spec in group for item in spec for i in (item if isinstance(item, list) else [item])]
+        where = ", ".join(f"{self.train_samples[i].source}:{self.train_samples[i].line}" for i in flat[:5])
+        what = f"step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} " \
+               f"(loss {loss}, grad norm {self.last_grad_norm}) on samples {flat[:5]} ({where})"
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.recipe.nan_policy == "skip_step":
+            self.skipped_steps.append(step)
+            self.log(f"famtune: warning: {what}; update skipped (nan_policy: skip_step)")
+            self.scheduler.step()  # the schedule stays aligned with the step count
+            return False
+        kept = run_state.checkpoint_dirs(self.out)
+        raise FamtuneError(f"{what}; nothing of this step was applied"
+                           + (f", the last good checkpoint is {kept[0]}" if kept else "")
+                           + "; lower learning_rate or check those records, or set nan_policy: skip_step")
+
+    def _save_final_or_rescue(self, metrics, step: int, epoch: int, micro_in_epoch: int) -> None:
+        """The final save; if it fails, the trained state goes to a checkpoint so nothing is lost."""
+        from famtune import durable
+
+        try:
+            self._save_final(metrics)
+        except Exception as exc:
+            if not isinstance(exc, OSError) and not durable.is_disk_full(exc):
+                raise
+            why = "disk full" if durable.is_disk_full(exc) else f"{type(exc).__name__}: {exc}"
+            rescue = self._rescue_checkpoint(step, epoch, micro_in_epoch)
+            kept = (f"the trained state is kept in {rescue}; free space, then finish with: famtune train RECIPE "
+                    f"--resume {rescue}") if rescue else "no checkpoint could be written either"
+            raise FamtuneError(f"final save to {self.out} failed ({why}); {kept}") from None
+
+    def _rescue_checkpoint(self, step: int, epoch: int, micro_in_epoch: int):
+        import tempfile
+
+        for root in (self.out, Path(tempfile.gettempdir()) / f"famtune-rescue-{self.run_dir.run['run_id']}"):
+            try:
+                return run_state.save_checkpoint(root, step, epoch, micro_in_epoch, self.model, self.optimizer,
+                                                 self.scheduler, self.accelerator, self._checkpoint_fields())
+            except (FamtuneError, OSError):
+                continue
+        return None
+
+
+def train(recipe: Recipe, resume: str | bool | None = None, log=print, overwrite: bool = False) -> dict[str, Any]:
+    return Trainer(recipe, resume=resume, log=log, overwrite=overwrite).run()
