@@ -127,7 +127,11 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             else:
                 i += 1
                 value = args[i]
-        out[key.replace("-", "_")] = yaml.safe_load(value) if value != "" else ""
+        try:
+            out[key.replace("-", "_")] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as exc:
+            raise FamtuneError(f"command line: --{key} {value!r} is not a valid value "
+                               f"({getattr(exc, 'problem', None) or type(exc).__name__}); quote it") from None
         i += 1
     return out
 
@@ -143,6 +147,8 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise FamtuneError(f"{path}: cannot read recipe ({exc.strerror})") from None
+        except UnicodeDecodeError as exc:
+            raise FamtuneError(f"{path}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
@@ -155,7 +161,7 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
         base = Path(path).resolve().parent
         for key in ("data", "eval_data", "model", "output_dir"):
             v = raw.get(key)
-            if isinstance(v, str) and v and not Path(v).is_absolute() and (base / v).exists():
+            if isinstance(v, str) and v and "\0" not in v and not Path(v).is_absolute() and (base / v).exists():
                 raw[key] = str(base / v)
     defaults = Recipe()
     values: dict[str, Any] = {}

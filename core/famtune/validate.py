@@ -207,8 +207,14 @@ def check_paths(recipe: Any, where: str) -> None:
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         raise FamtuneError(f"output_dir: {out}: {probe} is a file, so the directory cannot be created; choose another")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise FamtuneError(f"output_dir: {out}: {probe} is not writable; choose a writable directory")
+    try:  # a real write: permission bits alone miss read-only mounts and say nothing for root
+        import tempfile
+
+        with tempfile.TemporaryFile(dir=probe, prefix=".famtune-probe-"):
+            pass
+    except OSError as exc:
+        raise FamtuneError(f"output_dir: {out}: cannot write in {probe} ({exc.strerror}); "
+                           "choose a writable directory") from None
 
 
 def help_text(defaults: Any) -> str:
