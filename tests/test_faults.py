@@ -127,7 +127,7 @@ def test_new_run_into_a_finished_run_and_changed_recipe_on_resume_are_refused(re
     with data.open("a") as f:
         f.write(json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}) + "\n")
     line = one_line_error(run_train(recipe, "--resume", "--data", str(data)))
-    assert "changed since step-2: data" in line
+    assert "changed since step-4: data" in line
     # the earlier run is untouched by every refusal
     assert (out / "adapter_model.safetensors").read_bytes() == reference["adapter"]
 

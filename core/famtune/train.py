@@ -441,7 +441,7 @@ class Trainer:
 
     def _non_finite_step(self, group: list[Any], loss: float) -> bool:
         """nan_policy on a non-finite loss or gradient norm: stop with the culprits, or skip the update."""
-        step = self.scheduler.last_epoch + 1
+        step = getattr(self.scheduler, "scheduler", self.scheduler).last_epoch + 1  # accelerate wraps it
         flat = [i for spec in group for item in spec for i in (item if isinstance(item, list) else [item])]
         where = ", ".join(f"{self.train_samples[i].source}:{self.train_samples[i].line}" for i in flat[:5])
         what = f"step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} " \
