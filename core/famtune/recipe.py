@@ -154,7 +154,8 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
-            raise FamtuneError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+            problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line, always
+            raise FamtuneError(f"{path}{line}: invalid YAML ({problem})") from None
         if not isinstance(raw, dict):
             raise FamtuneError(f"{path}: a recipe is a mapping of keys to values, got {type(raw).__name__}")
         # relative data/model paths are relative to the recipe file
