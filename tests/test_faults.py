@@ -130,6 +130,15 @@ def test_new_run_into_a_finished_run_and_changed_recipe_on_resume_are_refused(re
     assert "changed since step-4: data" in line
     # the earlier run is untouched by every refusal
     assert (out / "adapter_model.safetensors").read_bytes() == reference["adapter"]
+    # a longer step budget is allowed; the rate continues down from where it was, no jump
+    res = run_train(recipe, "--resume", "--max_steps", "8")
+    assert res.returncode == 0, res.stderr
+    assert "resumed from" in res.stdout and "at step 4 " in res.stdout and "step budget 6 -> 8" in res.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lr = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    assert sorted(lr) == list(range(1, 9))
+    assert all(lr[s] >= lr[s + 1] for s in range(2, 8)) and lr[8] > 0, lr
+    assert json.loads((out / "summary.json").read_text())["steps"] == 8
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_is_bit_exact(reference, tmp_path):
