@@ -74,10 +74,7 @@ def earlier_run(out: Path) -> str | None:
     """What in ``out`` belongs to an earlier run and would be lost or mixed in by a new one."""
     from famtune.run_state import checkpoint_dirs
 
-    if (out / "summary.json").exists():
-        return "a finished run"
-    run = read_run(out)
-    if run and run.get("finished"):
+    if (out / "summary.json").exists():  # (famtune compare removes it to re-run a model on purpose)
         return "a finished run"
     ckpts = checkpoint_dirs(out)
     if ckpts:

@@ -328,7 +328,7 @@ class Trainer:
             bar.close()
             path = run_state.save_checkpoint(self.out, step, epoch, micro_in_epoch, self.model, self.optimizer,
                                              self.scheduler, self.accelerator, self._checkpoint_fields())
-            raise FamtuneError(f"interrupted ({stop.signal_name}) at step {step}/{self.total_steps}; state saved in {path}; "
+            raise FamtuneError(f"interrupted at step {step}/{self.total_steps} ({stop.signal_name}); state saved in {path}; "
                                f"continue with: famtune train RECIPE --resume")
         bar.close()
         train_wall = time.perf_counter() - t_start
