@@ -114,6 +114,7 @@ class RunDirectory:
     def __enter__(self) -> "RunDirectory":
         from filelock import FileLock, Timeout
 
+        self.created = not self.out.exists()
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -134,10 +135,20 @@ class RunDirectory:
             raise
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        # A run that failed before writing anything of its own leaves no directory behind.
+        if exc_type is not None and self.created and self._holds_nothing():
+            shutil.rmtree(self.out, ignore_errors=True)
         if self.lock is not None:
             self.lock.release()
         return False
+
+    def _holds_nothing(self) -> bool:
+        if not self.out.is_dir():
+            return False
+        names = set(os.listdir(self.out))
+        metrics = self.out / "metrics.jsonl"
+        return names <= {RUN_FILE, LOCK_FILE, "metrics.jsonl"} and (not metrics.exists() or metrics.stat().st_size == 0)
 
     def _claim(self) -> None:
         if self.resume:
