@@ -372,8 +372,8 @@ class Trainer:
             [p for p in self.model.parameters() if p.requires_grad], r.max_grad_norm))
         self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         if not (math.isfinite(total_loss) and math.isfinite(self.last_grad_norm)):
-            if not self._non_finite_step(group, total_loss):
-                return total_loss, tokens
+            self._skip_or_stop_non_finite(group, total_loss)  # raises under nan_policy: stop
+            return total_loss, tokens
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -439,7 +439,7 @@ class Trainer:
                 "warmup_steps": self.warmup_steps, "schedule": self.schedule_segments,
                 "skipped_steps": self.skipped_steps}
 
-    def _non_finite_step(self, group: list[Any], loss: float) -> bool:
+    def _skip_or_stop_non_finite(self, group: list[Any], loss: float) -> None:
         """nan_policy on a non-finite loss or gradient norm: stop with the culprits, or skip the update."""
         step = getattr(self.scheduler, "scheduler", self.scheduler).last_epoch + 1  # accelerate wraps it
         flat = [i for spec in group for item in spec for i in (item if isinstance(item, list) else [item])]
@@ -451,7 +451,7 @@ class Trainer:
             self.skipped_steps.append(step)
             self.log(f"famtune: warning: {what}; update skipped (nan_policy: skip_step)")
             self.scheduler.step()  # the schedule stays aligned with the step count
-            return False
+            return
         kept = run_state.checkpoint_dirs(self.out)
         raise FamtuneError(f"{what}; nothing of this step was applied"
                            + (f", the last good checkpoint is {kept[0]}" if kept else "")
