@@ -92,7 +92,7 @@ def kill_randomly_until_done(recipe: Path, out: Path, seed: int, max_kills: int,
             killed, err = res.returncode == -signal.SIGKILL, res.stderr
         else:
             proc = start_train(recipe, *args)
-            base, after = steps_logged(out) if args == ("--resume",) else 0, rng.randrange(0, SETTINGS["max_steps"])
+            base, after = steps_logged(out) if args == ("--resume",) else 0, rng.randrange(1, SETTINGS["max_steps"])
             try:
                 wait_for(lambda: steps_logged(out) >= base + after, proc)
                 time.sleep(rng.uniform(0, 0.3))
