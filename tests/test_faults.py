@@ -209,6 +209,14 @@ def test_disk_full_at_the_final_save_keeps_the_trained_state(reference, tmp_path
     shutil.rmtree(Path(rescue).parents[1], ignore_errors=True)
 
 
+def test_disk_full_at_a_periodic_checkpoint_is_one_line(reference, tmp_path, small_tmpfs):
+    out = small_tmpfs / "out"  # 48 KB: the run's logs fit, a 270 KB checkpoint does not
+    recipe = write_recipe(tmp_path / "r.yaml", reference["model"], out)
+    line = one_line_error(run_train(recipe))
+    assert f"disk full at {out}/checkpoints (" in line and "MB free); the checkpoint of step 2 could not" in line
+    assert list((out / "checkpoints").iterdir()) == []  # no partial step-2.tmp left behind
+
+
 def test_seeded_random_kills_resume_bit_exact(reference, tmp_path):
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "r.yaml", reference["model"], out)

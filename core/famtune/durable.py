@@ -98,13 +98,18 @@ def directory_size(path: str | os.PathLike) -> int:
 
 
 def disk_full_error(path: str | os.PathLike, needed_bytes: int | None, what: str) -> FamtuneError:
+    """``disk full at PATH (needs ~N MB, M MB free); what``: one line that says where and how much."""
+    details = []
+    if needed_bytes:
+        details.append(f"needs ~{max(1, round(needed_bytes / 2**20))} MB")
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
     try:
-        free = shutil.disk_usage(path if os.path.exists(path) else os.path.dirname(os.path.abspath(path))).free
-        free_text = f", {free / 2**20:.0f} MB free"
+        details.append(f"{shutil.disk_usage(probe).free / 2**20:.1f} MB free")
     except OSError:
-        free_text = ""
-    need = f" (needs ~{max(1, round(needed_bytes / 2**20))} MB{free_text})" if needed_bytes else f" ({free_text[2:]})" if free_text else ""
-    return FamtuneError(f"disk full at {path}{need}; {what}")
+        pass
+    return FamtuneError(f"disk full at {path}" + (f" ({', '.join(details)})" if details else "") + f"; {what}")
 
 
 def replace_directory(staging: str | os.PathLike, dest: str | os.PathLike) -> None:
