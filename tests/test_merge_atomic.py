@@ -64,7 +64,11 @@ def test_merge_killed_at_a_random_moment_leaves_out_complete(merged):
         before = snapshot(merged["out"])
         proc = subprocess.Popen(merge_cmd(merged["adapter"], merged["out"]), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
-        time.sleep(rng.uniform(1.0, 6.0))
+        deadline = time.time() + 300
+        while proc.poll() is None and not any(p.name.startswith("merged.tmp-") for p in merged["root"].iterdir()):
+            assert time.time() < deadline
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.5))  # somewhere inside the write
         proc.kill()
         proc.communicate(timeout=600)
         assert durable.verify_manifest(merged["out"]) is None  # old or new, but whole
