@@ -165,6 +165,9 @@ class RunDirectory:
                                "or pass --overwrite to replace it (or choose another output_dir)")
         if found or self.overwrite:
             self._clear()
+        from famtune.run_state import clean_stale
+
+        clean_stale(self.out, self.log)  # partial writes of a run killed before its first checkpoint
         self.run = {"run_id": uuid.uuid4().hex, "created": time.time(), "finished": False,
                     "identity_hash": identity_hash(self.identity)}
         write_run(self.out, self.run)
