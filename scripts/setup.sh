@@ -23,17 +23,20 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${pip[@]}" --upgrade pip setuptools wheel
 torch_version=${FAMTUNE_TORCH_VERSION:-2.13.0}
 .venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "torch==$torch_version"
-constraints=()
-if [ "$latest" = 0 ]; then
-  # the lock pins torch too; keep whatever torch is already installed (a CUDA build, say)
-  grep -v '^torch==' requirements/lock.txt > .venv/lock-constraints.txt
-  constraints=(-c .venv/lock-constraints.txt)
-fi
+# Whatever torch is installed now stays (the CPU build above, or a CUDA build installed beforehand):
+# an upgrade would pull a multi-GB CUDA build.
+installed_torch=$(.venv/bin/python -c "import torch; print(torch.__version__.split('+')[0])")
+echo "torch==$installed_torch" > .venv/lock-constraints.txt
+if [ "$latest" = 0 ]; then grep -v '^torch==' requirements/lock.txt >> .venv/lock-constraints.txt; fi
+constraints=(-c .venv/lock-constraints.txt)
 plugins=()
 for p in plugins/*/; do [ -f "$p/pyproject.toml" ] && plugins+=(-e "$p"); done
 if [ "$latest" = 1 ]; then
-  "${pip[@]}" --upgrade --upgrade-strategy eager -e ".[test]" "${plugins[@]}"
+  "${pip[@]}" "${constraints[@]}" --upgrade --upgrade-strategy eager -e ".[test]" "${plugins[@]}"
 else
   "${pip[@]}" "${constraints[@]}" -e ".[test]" "${plugins[@]}"
+fi
+if [ "$latest" = 0 ]; then
+  .venv/bin/python scripts/check_lock.py
 fi
 .venv/bin/famtune plugins

@@ -393,6 +393,19 @@ def test_chatglm3_conversations_match_build_chat_input(glm3_tok, name):
     assert rendered["input_ids"] == expected
 
 
+def test_chatglm3_empty_system_message_keeps_its_block(glm3_tok):
+    """build_chat_input writes <|system|> and the header newline (sp("\\n") = 30910, 13) even for an
+    empty system message, and nothing for its empty content."""
+    case = CHAT_IDS["conversations"]["c1_single_user"]
+    messages = [{"role": "system", "content": ""}, *case["messages"]]
+    prefix, rest = case["build_chat_input"]["input_ids"][:2], case["build_chat_input"]["input_ids"][2:]
+    expected = [*prefix, CHAT_IDS["special_token_ids"]["<|system|>"], 30910, 13, *rest]
+    fam = family("chatglm3")
+    assert fam.encode(glm3_tok, messages, "all_assistant", add_generation_prompt=True).input_ids == expected
+    glm3_tok.chat_template = fam.chat_template()
+    assert glm3_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"] == expected
+
+
 def chatglm3_training_sample():
     """c3_multi_turn plus a final reply whose ids the fixture knows (a plain string's)."""
     case = CHAT_IDS["conversations"]["c3_multi_turn"]

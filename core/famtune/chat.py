@@ -108,19 +108,6 @@ class _PieceStreamer:
             self.shown = len(text)
 
 
-def compute_as_trained(model: Any) -> None:
-    """Keep NF4 layers computing in the compute dtype training used.
-
-    At inference on CPUs with AVX512-BF16, bitsandbytes repacks NF4 weights and computes in bf16
-    whatever the compute dtype; logits then drift ~1e-3 from training's and from the merged model's.
-    """
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-
-
 def load_chat_model(model: str, adapter: str | None = None, *, trust_remote_code: bool = False) -> ChatSession:
     """A session on ``model`` (a base or merged checkpoint), with ``adapter`` attached if given."""
     from famtune.checkpoint import open_checkpoint, resolve_source
@@ -131,15 +118,15 @@ def load_chat_model(model: str, adapter: str | None = None, *, trust_remote_code
     if adapter:
         # The adapter learned a correction to the base as training loaded it (NF4 for QLoRA).
         quantization = meta.get("quantization", "none")
-        loaded = ckpt.load_model(quantization=quantization, compute_dtype=meta.get("compute_dtype", "auto"))
-        if quantization == "nf4":
-            compute_as_trained(loaded)
+        loaded = ckpt.load_model(quantization=quantization, compute_dtype=meta.get("compute_dtype", "auto"),
+                                 quantization_config=meta.get("quantization_config"))
         from peft import PeftModel
 
         loaded = PeftModel.from_pretrained(loaded, adapter)
         loaded.eval()
     else:
         loaded = ckpt.load_model(quantization="none", compute_dtype="auto")
+    ckpt.check_vocabulary(loaded)
     tokenizer = ckpt.load_tokenizer()
     if meta and meta.get("stop_ids"):
         stop_ids, sampling = list(meta["stop_ids"]), dict(meta.get("generation") or {})

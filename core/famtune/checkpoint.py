@@ -7,48 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from famtune.errors import FamtuneError
+from famtune.quantization import bitsandbytes_config, nf4_config, use_nf4_kernel
 from famtune.plugins import Family, get_plugins
 
-MODELSCOPE_PREFIX = "modelscope:"
-
-
-def resolve_source(spec: str) -> str:
-    """A local directory holding the checkpoint named by ``spec``, downloading it if needed."""
-    if os.path.isdir(spec):
-        return os.path.abspath(spec)
-    if spec.startswith(MODELSCOPE_PREFIX):
-        model_id = spec[len(MODELSCOPE_PREFIX):]
-        try:
-            from modelscope import snapshot_download
-        except ImportError as exc:
-            raise FamtuneError(f"{spec}: modelscope is not installed ({exc}); pip install modelscope") from exc
-        import logging
-
-        for name in ("modelscope", "modelscope_hub"):  # its retry chatter would bury our one-line error
-            logging.getLogger(name).setLevel(logging.ERROR)
-        try:
-            return snapshot_download(model_id)
-        except Exception as exc:
-            raise FamtuneError(
-                f"{spec}: could not fetch from ModelScope ({type(exc).__name__}: {str(exc)[:200]}); "
-                "check the id and your network, or pass a local directory"
-            ) from exc
-    if spec.count("/") == 1 and not spec.startswith((".", "/")) and not os.path.exists(spec):
-        try:
-            from huggingface_hub import snapshot_download
-            return snapshot_download(spec)
-        except Exception as exc:
-            raise FamtuneError(
-                f"{spec}: not a local directory and the Hugging Face hub could not provide it "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
-                "check the id and your network, or pass a local directory"
-            ) from exc
-    raise FamtuneError(f"{spec}: no such model directory; pass a local directory, Org/Name or modelscope:Org/Name")
+from famtune.sources import MODELSCOPE_PREFIX, resolve_source  # noqa: F401  (public here since 0.1)
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
@@ -70,6 +37,7 @@ class Checkpoint:
     config: dict[str, Any]
     family: Family
     trust_remote_code: bool = False
+    _top_token_id: int | None = field(default=None, repr=False, compare=False)
 
     def load_tokenizer(self) -> Any:
         tok = self.family.load_tokenizer(self.path, self.trust_remote_code)
@@ -79,19 +47,58 @@ class Checkpoint:
             tok = AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
         return tok
 
-    def load_model(self, quantization: str = "none", compute_dtype: str = "auto", device: Any = None) -> Any:
-        """The model in eval mode. ``quantization`` is ``"nf4"`` (QLoRA base) or ``"none"``."""
+    def check_vocabulary(self, model: Any) -> None:
+        """Every id the tokenizer can produce must have an embedding row; otherwise the first such
+        token fails deep inside the model with an IndexError (or, on CUDA, a device-side assert)."""
+        rows = model.get_input_embeddings().num_embeddings
+        if self._top_token_id is None:
+            tok = self.load_tokenizer()
+            try:
+                self._top_token_id = max(tok.get_vocab().values())
+            except (AttributeError, NotImplementedError, ValueError):
+                self._top_token_id = len(tok) - 1
+        top = self._top_token_id
+        if top >= rows:
+            raise FamtuneError(
+                f"{self.path}: the tokenizer has ids up to {top} but the model's embedding has only {rows} rows; "
+                "the tokenizer files do not belong to these weights (copy the tokenizer the model was trained "
+                "with, or resize the embeddings before training)")
+
+    def load_model(self, quantization: str = "none", compute_dtype: str = "auto", device: Any = None,
+                   quantization_config: dict[str, Any] | None = None) -> Any:
+        """The model in eval mode. ``quantization`` is ``"nf4"`` (QLoRA base) or ``"none"``;
+        ``quantization_config`` the exact 4-bit settings recorded in an adapter's famtune.json."""
         import torch
 
-        kwargs = model_load_kwargs(quantization, compute_dtype, device)
+        if quantization_config:
+            compute_dtype = quantization_config.get("bnb_4bit_compute_dtype", compute_dtype)
+        kwargs = model_load_kwargs(quantization, compute_dtype, device, quantization_config)
         kwargs["trust_remote_code"] = self.trust_remote_code
+        grad_enabled = torch.is_grad_enabled()
+        try:
+            model = self.family.load_model(self.path, dict(kwargs))
+            if model is None:
+                from transformers import AutoModelForCausalLM
+
+                model = AutoModelForCausalLM.from_pretrained(self.path, **kwargs)
+        finally:  # a loader must not change the caller's autograd mode
+            torch.set_grad_enabled(grad_enabled)
+        model.eval()
+        if quantization == "nf4":
+            use_nf4_kernel(model)
+        return model
+
+    def load_skeleton(self, dtype: Any) -> Any:
+        """The model's module tree on the meta device: no weight is read or allocated. It comes
+        through the family's loader, which converts an original layout into its cached native copy;
+        the result's ``name_or_path`` is the directory whose safetensors hold its weights."""
+        kwargs = {"dtype": dtype, "device_map": {"": "meta"}, "trust_remote_code": self.trust_remote_code,
+                  "use_kernels": False}
         model = self.family.load_model(self.path, dict(kwargs))
         if model is None:
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(self.path, **kwargs)
-        model.eval()
-        torch.set_grad_enabled(True)
         return model
 
 
@@ -123,20 +130,18 @@ def resolve_dtype(name: str):
     return table[name]
 
 
-def model_load_kwargs(quantization: str, compute_dtype: str, device: Any = None) -> dict[str, Any]:
-    """``from_pretrained`` keyword arguments for a QLoRA (NF4, double quant) or plain base."""
-    from transformers import BitsAndBytesConfig
-
+def model_load_kwargs(quantization: str, compute_dtype: str, device: Any = None,
+                      recorded: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments for a QLoRA (NF4, double quant) or plain base.
+    ``recorded`` is the ``quantization_config`` of a famtune.json: the settings training used."""
     dtype = resolve_dtype(compute_dtype)
     dev = device if device is not None else default_device()
-    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": dev}}
+    # use_kernels=False: transformers (5.25+) otherwise swaps layers for kernels downloaded from the
+    # hub, which is remote code the user did not ask for, and fails on the meta device.
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": dev}, "use_kernels": False}
     if quantization == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
+        settings = dict(recorded) if recorded else nf4_config(str(dtype).removeprefix("torch."))
+        kwargs["quantization_config"] = bitsandbytes_config(settings)
     elif quantization != "none":
         raise FamtuneError(f"unknown quantization {quantization!r}; expected nf4 or none")
     return kwargs

@@ -223,14 +223,8 @@ def estimate_recipe(recipe: Any, *, seq_len: int | None = None) -> MemoryEstimat
 def meta_model(ckpt: Any, dtype: Any) -> Any:
     """The model's module tree on the meta device, through the family's loader (which converts an
     original layout), or from config.json alone when the directory holds no weights."""
-    kwargs = {"dtype": dtype, "device_map": {"": "meta"}, "trust_remote_code": ckpt.trust_remote_code}
     try:
-        model = ckpt.family.load_model(ckpt.path, dict(kwargs))
-        if model is None:
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(ckpt.path, **kwargs)
-        return model
+        return ckpt.load_skeleton(dtype)
     except Exception:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -319,9 +313,6 @@ def measure_cpu_peak(model_dir: str, *, seq_len: int, batch: int, lora_r: int = 
     ckpt = open_checkpoint(model_dir, family=family)
     model = ckpt.load_model("nf4", "fp32", device=torch.device("cpu"))
     model.config.use_cache = False
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     names = ckpt.family.lora_target_modules(model, targets) if isinstance(targets, str) else targets

@@ -139,7 +139,8 @@ def _merge_into(adapter_dir: str, out_dir: str, *, max_shard_size: str, base: st
 
     if meta.get("quantization") == "nf4" and base_precision == "trained":
         log(f"famtune: loading {spec} as NF4, as the adapter was trained, and dequantizing it")
-        model = ckpt.load_model(quantization="nf4", compute_dtype=meta.get("compute_dtype", "auto"))
+        model = ckpt.load_model(quantization="nf4", compute_dtype=meta.get("compute_dtype", "auto"),
+                                quantization_config=meta.get("quantization_config"))
         replace_linear4bit(model)
         report["base_precision"] = "trained (dequantized NF4)"
     else:

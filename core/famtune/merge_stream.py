@@ -82,15 +82,11 @@ def stream_plan(ckpt: Any, adapter_dir: str, meta: dict[str, Any], base_precisio
     load_dtype = compute if trained_nf4 and base_precision == "trained" else out_dtype
     # The family's loader on the meta device: it converts an original layout into its cached native
     # checkpoint (which the loaded model names) and gives the module tree without any weight in memory.
-    kwargs = {"dtype": load_dtype, "device_map": {"": "meta"}, "trust_remote_code": ckpt.trust_remote_code}
     try:
-        model = ckpt.family.load_model(ckpt.path, dict(kwargs))
-        if model is None:
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(ckpt.path, **kwargs)
+        model = ckpt.load_skeleton(load_dtype)
     except Exception as exc:  # the in-memory merge then reports the real problem, if any
-        return None, f"the model cannot be opened on the meta device ({type(exc).__name__})"
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        return None, f"the model cannot be opened on the meta device ({type(exc).__name__}: {first})"
     native_dir = str(getattr(model, "name_or_path", "") or ckpt.path)
     files = sorted(Path(native_dir).glob("*.safetensors"))
     if not files:
@@ -109,7 +105,8 @@ def stream_plan(ckpt: Any, adapter_dir: str, meta: dict[str, Any], base_precisio
     load_dtypes = {k: state[k].dtype for k in tensors}
     nf4: set[str] = set()
     if trained_nf4:
-        qconf = model_load_kwargs("nf4", _dtype_name(compute), device=torch.device("cpu"))["quantization_config"]
+        qconf = model_load_kwargs("nf4", _dtype_name(compute), device=torch.device("cpu"),
+                                  recorded=meta.get("quantization_config"))["quantization_config"]
         names = nf4_module_names(model, qconf)
         nf4 = {f"{n}.weight" for n in names if f"{n}.weight" in tensors}
     lora = _lora_deltas(acfg, str(weights_path), tensors)
@@ -177,19 +174,6 @@ def _merged_tensor(plan: StreamPlan, name: str, raw: Any) -> tuple[Any, float | 
     return w.to(plan.out_dtype), gap
 
 
-def _heap_trimmer():
-    """glibc keeps freed tensor buffers below its mmap threshold (which grows to 32 MB after the
-    first large free) in the heap; handing them back after each tensor keeps the peak at a few
-    tensors instead of a heap that grows with fragmentation."""
-    try:
-        import ctypes
-
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    return lambda: trim(0)
-
-
 def write_merged(plan: StreamPlan, out_dir: str, max_shard_bytes: int) -> float | None:
     """Write the merged weights and config.json; return the NF4 gap when it was measured."""
     import torch
@@ -211,7 +195,9 @@ def write_merged(plan: StreamPlan, out_dir: str, max_shard_bytes: int) -> float 
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     handles: dict[str, tuple[Any, int]] = {}
     worst: float | None = None
-    release = _heap_trimmer()
+    from famtune.backends.cpu import heap_trimmer
+
+    release = heap_trimmer()  # host memory, whatever device trained the adapter
     try:
         for shard, fname in zip(shards, names):
             header: dict[str, Any] = {"__metadata__": {"format": "pt"}}

@@ -19,6 +19,14 @@ META_FILE = "famtune.json"
 def build_metadata(*, family, template_name: str, generation, base_model: str, base_path: str,
                    quantization: str, compute_dtype: str, masking: str, max_length: int,
                    system: str | None) -> dict[str, Any]:
+    from famtune.checkpoint import resolve_dtype
+    from famtune.quantization import NF4_KERNEL, nf4_config
+
+    resolved = str(resolve_dtype(compute_dtype)).removeprefix("torch.")
+    quant: dict[str, Any] = {}
+    if quantization == "nf4":
+        # the exact settings and kernel path, so a plain transformers + PEFT load reproduces training's base
+        quant = {"quantization_config": nf4_config(resolved), "nf4_kernel": NF4_KERNEL}
     return {
         "famtune_version": famtune.__version__,
         "plugin": {"name": family.info.name, "distribution": family.info.distribution, "version": family.info.version},
@@ -29,7 +37,8 @@ def build_metadata(*, family, template_name: str, generation, base_model: str, b
         "base_model": base_model,
         "base_path": base_path,
         "quantization": quantization,
-        "compute_dtype": compute_dtype,
+        "compute_dtype": resolved,
+        **quant,
         "masking": masking,
         "max_length": max_length,
         "system": system,

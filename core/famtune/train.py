@@ -18,6 +18,7 @@ from famtune import checkpoint as ckpt_mod
 from famtune import kernels
 from famtune import packing as packing_mod
 from famtune import run_state, runlock, schedule
+from famtune.backends import training_policy
 from famtune.encoding import IGNORE_INDEX
 from famtune.errors import FamtuneError
 from famtune.loss import causal_lm_loss
@@ -45,32 +46,6 @@ def collate(samples: list[Sample], pad_id: int, device) -> dict[str, Any]:
         labels[i, :n] = torch.tensor(s.labels)
         mask[i, :n] = 1
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
-
-
-def keep_freed_memory() -> bool:
-    """Stop glibc from handing large freed buffers back to the OS between training steps.
-
-    Every step allocates and frees the same activation buffers; by default glibc serves each large
-    one with a fresh mmap and unmaps it on free, so every step pays page faults to zero the same
-    memory again (a third of the page faults and 1.25-1.9x faster steps on a 2-core CPU). Heap-only
-    allocation with a high trim threshold keeps those pages mapped and reuses them, at the price of
-    some heap fragmentation (peak RSS +5% on the benchmark fixture). This does at run time what MALLOC_MMAP_MAX_=0
-    MALLOC_TRIM_THRESHOLD_=... MALLOC_TOP_PAD_=... do at start-up; FAMTUNE_MALLOC_TUNING=0 turns it off.
-    """
-    import ctypes
-    import ctypes.util
-    import os
-    import sys
-
-    if os.environ.get("FAMTUNE_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
-    return bool(mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, 2**31 - 1) and mallopt(m_top_pad, 256 << 20))
 
 
 def resolve_packing(setting: Any, family) -> bool:
@@ -107,8 +82,8 @@ class Trainer:
         from accelerate.utils import set_seed
 
         r = self.recipe
-        self.malloc_tuned = keep_freed_memory()
         self.accelerator = Accelerator()
+        self.device_policy = training_policy(self.accelerator.device)
         set_seed(r.seed)
         self.ckpt = ckpt_mod.open_checkpoint(r.model, family=r.family, trust_remote_code=r.trust_remote_code)
         self.family = self.ckpt.family
@@ -180,13 +155,8 @@ class Trainer:
 
         r = self.recipe
         model = self.ckpt.load_model(r.quantization, r.compute_dtype, device=self.accelerator.device)
+        self.ckpt.check_vocabulary(model)
         model.config.use_cache = False
-        for module in model.modules():
-            # bitsandbytes (0.50) repacks 4-bit weights for CPU inference the first time a layer runs
-            # in eval mode, and the repacked path breaks backward once training resumes; evaluation
-            # inside a run must leave the weights as training uses them.
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
         if r.quantization == "nf4":
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=r.gradient_checkpointing,
@@ -339,7 +309,8 @@ class Trainer:
                    "tokens_nonpad": tokens_seen, **self.counts,
                    "parameters": self.param_counts, "data": self.report.to_dict(), "output_dir": str(self.out),
                    "peak_rss_mib": run_state.peak_rss_mib(), "peak_accelerator_mib": run_state.peak_accelerator_mib(),
-                   "family": self.family.describe(), "kernels": self.kernels}
+                   "family": self.family.describe(), "kernels": self.kernels,
+                   "device_policy": self.device_policy.as_dict()}
         if self.skipped_steps:
             summary["skipped_steps"] = self.skipped_steps
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

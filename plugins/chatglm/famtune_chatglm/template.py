@@ -38,13 +38,12 @@ ROLES = ("system", "user", "assistant")
 # The space after "\n" stands for SentencePiece's dummy prefix of the separately encoded content;
 # "\n" is a byte-fallback piece that merges with nothing, so the rendered text tokenizes to the
 # same ids as the two pieces. Empty content is a bare "\n" (sp("") is empty).
+# ChatGLM3's build_chat_input writes every history entry, an empty system message included.
 CHATGLM3_TEMPLATE = (
     "{{- '[gMASK]sop' -}}"
     "{%- for message in messages -%}"
-    "{%- if message['role'] != 'system' or message['content'] -%}"
     "{{- '<|' + message['role'] + '|>\n' -}}"
     "{%- if message['content'] -%}{{- ' ' + message['content'] -}}{%- endif -%}"
-    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}"
     "{%- elif messages and messages[-1]['role'] == 'assistant' -%}{{- '</s>' -}}"
@@ -64,6 +63,9 @@ GLM4_TEMPLATE = (
 _TEMPLATES = {"chatglm3": CHATGLM3_TEMPLATE, "glm4": GLM4_TEMPLATE}
 # The stop ids of the released vocabularies (fastchat has no tokenizer to look them up in).
 _STOP_IDS = {"chatglm3": [2, 64795, 64797], "glm4": [151329, 151336, 151338]}
+# Whether an empty system message still writes its block (ChatGLM3's build_chat_input does; famtune
+# drops it for GLM-4, whose reference builder was not available to check).
+_EMPTY_SYSTEM_BLOCK = {"chatglm3": True, "glm4": False}
 
 
 def chat_template(family: str) -> str:
@@ -132,7 +134,7 @@ def _segments(family: str, tokenizer: Any, messages: list[dict[str, str]], add_g
     turns = 0
     for m in messages:
         role, content = m["role"], m["content"]
-        if role == "system" and not content:
+        if role == "system" and not content and not _EMPTY_SYSTEM_BLOCK[family]:
             continue
         is_assistant = role == "assistant"
         segments.append(_Segment([b.token_id(f"<|{role}|>")], open_turn, is_assistant))
