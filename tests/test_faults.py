@@ -128,6 +128,11 @@ def test_new_run_into_a_finished_run_and_changed_recipe_on_resume_are_refused(re
         f.write(json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}) + "\n")
     line = one_line_error(run_train(recipe, "--resume", "--data", str(data)))
     assert "changed since step-4: data" in line
+    # checkpoints of another run (another run.json) are never resumed (issue 12 item 1)
+    run = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**run, "run_id": "someone-else"}))
+    assert "belongs to another run" in one_line_error(run_train(recipe, "--resume"))
+    (out / "run.json").write_text(json.dumps(run))
     # the earlier run is untouched by every refusal
     assert (out / "adapter_model.safetensors").read_bytes() == reference["adapter"]
     # a longer step budget is allowed; the rate continues down from where it was, no jump
