@@ -89,7 +89,7 @@ def test_offline_hub_id_fails_clearly_and_modelscope_prefix_is_recognised(tmp_pa
     res = famtune_cli("data", "check", data, "--model", "NoSuchOrg/no-such-model", check=False,
                       env={"HF_HUB_OFFLINE": "1"})
     assert res.returncode == 2
-    assert "NoSuchOrg/no-such-model: not a local directory and the Hugging Face hub could not provide it" in res.stderr
+    assert "NoSuchOrg/no-such-model: not a local directory, not in the Hugging Face cache, and HF_HUB_OFFLINE is set" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     res = famtune_cli("data", "check", data, "--model", str(tmp_path / "missing"), check=False)
     assert "no such model directory" in res.stderr

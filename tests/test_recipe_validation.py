@@ -41,14 +41,14 @@ def test_readme_recipe_example_is_valid_yaml_with_the_real_defaults():
         assert value == defaults[key], f"README shows {key}: {value!r}, the default is {defaults[key]!r}"
 
 
-def test_train_help_lists_every_key_with_its_default_and_meaning():
+def test_train_help_lists_every_key_with_its_default_and_aliases():
     res = famtune_cli("train", "--help")
-    for key, rule in RULES.items():
+    for key in RULES:
         default = getattr(Recipe(), key)
-        assert re.search(rf"^  {key} \(default .*?\): {re.escape(rule.meaning)}$", res.stdout, re.M), key
-        if isinstance(default, int) and not isinstance(default, bool):
-            assert f"  {key} (default {default})" in res.stdout
-    assert "gradient_accumulation_steps=grad_accum" in res.stdout
+        shown = "null" if default is None else "''" if default == "" else str(default).lower() \
+            if isinstance(default, bool) else str(default)
+        assert re.search(rf"^  {key} +{re.escape(shown)} +\S", res.stdout, re.M), key  # name, default, meaning
+    assert "gradient_accumulation_steps=grad_accum" in res.stdout and "model_name_or_path=model" in res.stdout
     assert "--overwrite" in res.stdout
 
 

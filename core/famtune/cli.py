@@ -124,115 +124,218 @@ def _cmd_compare(args, extra: list[str]) -> int:
         raise FamtuneError(f"give a recipe ({recipe!r}) or --demo, not both")
     if not recipe and not args.demo:
         raise FamtuneError("no recipe given; run `famtune compare RECIPE.yaml --models M1 M2 ...` or `famtune compare --demo`")
-    return compare(recipe, models=args.models, overrides=parse_overrides(extra), output=args.output)
+    return compare(recipe, models=args.models, overrides=parse_overrides(extra), output=args.output,
+                   adapters=[args.adapters] if args.adapters else None)
+
+
+def _cmd_recipes_list(args, extra: list[str]) -> int:
+    from famtune.recipes import list_recipes
+
+    recipes = list_recipes(args.pattern)
+    if not recipes:
+        print(f"no built-in recipe matches {args.pattern!r}" if args.pattern else "no built-in recipes (no plugin ships any)")
+        return 1 if args.pattern else 0
+    width = max(len(r.name) for r in recipes)
+    for r in recipes:
+        print(f"{r.name:<{width}}  [{r.plugin}] {r.description}")
+    return 0
+
+
+def _cmd_recipes_copy(args, extra: list[str]) -> int:
+    from famtune.recipes import copy_recipe
+
+    out = copy_recipe(args.name, args.dest)
+    print(f"famtune: wrote {out}; edit it, then: famtune train {out}")
+    return 0
+
+
+def _cmd_data_convert(args, extra: list[str]) -> int:
+    from famtune.dataconvert import ColumnMap, convert_file
+
+    columns = ColumnMap(question=args.question, answer=args.answer, system=args.system, history=args.history)
+    report = convert_file(args.input, args.output, fmt=args.format, columns=columns,
+                          skip_bad_rows=args.skip_bad_rows)
+    for line in report.lines():
+        print(line)
+    return 0
+
+
+def _cmd_env(args, extra: list[str]) -> int:
+    from famtune.envinfo import collect_env, env_lines
+
+    info = collect_env()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for line in env_lines(info):
+            print(line)
+    return 0
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (None, an off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
+class _RecipeKeysFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _recipe_keys_epilog() -> str:
+    from famtune.recipe_help import recipe_keys_help
+
+    from famtune.validate import aliases_help
+
+    return ("recipe keys (any of them can be overridden with --key value):\n" + recipe_keys_help()
+            + "\n" + aliases_help())
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="famtune",
         description="QLoRA fine-tuning of chat LLMs; every model family is a plugin.",
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"famtune {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    from famtune.recipe import Recipe
-    from famtune.validate import help_text
+    def command(parent, name: str, **kwargs) -> argparse.ArgumentParser:
+        return parent.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
 
-    t = sub.add_parser("train", help="fine-tune a model with a recipe",
-                       description="Train a LoRA/QLoRA adapter. Any recipe key can be overridden: --key value.",
-                       epilog=help_text(Recipe()), formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("recipe", help="recipe YAML file")
+    t = command(sub, "train", help="fine-tune a model with a recipe",
+                description="Train a LoRA/QLoRA adapter. Any recipe key can be overridden: --key value.",
+                epilog=_recipe_keys_epilog())
+    t.formatter_class = _RecipeKeysFormatter  # the epilog is a table: keep its line breaks
+    t.add_argument("recipe", help="recipe YAML file (`famtune recipes list` shows built-in ones)")
     t.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the newest verified checkpoint in output_dir (or the given checkpoint dir)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run in output_dir (its checkpoints, adapter and metrics) instead of refusing")
     t.set_defaults(func=_cmd_train, extra_ok=True)
 
-    m = sub.add_parser("merge", help="merge an adapter into its base and save a full model")
-    m.add_argument("adapter_dir")
-    m.add_argument("out")
-    m.add_argument("--max-shard-size", default="2GB")
+    m = command(sub, "merge", help="merge an adapter into its base and save a full model",
+                description="Merge a LoRA adapter into its base and write a full model (sharded safetensors, "
+                            "tokenizer with chat_template, generation_config, README.md model card).")
+    m.add_argument("adapter_dir", help="a famtune training output directory (adapter + famtune.json)")
+    m.add_argument("out", help="directory to write the merged model to")
+    m.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard")
     m.add_argument("--base", help="base checkpoint (default: the one recorded in the adapter)")
     m.add_argument("--base-precision", choices=["trained", "original"], default="trained",
-                   help="trained: merge into the dequantized NF4 base the adapter was trained against (default); "
+                   help="trained: merge into the dequantized NF4 base the adapter was trained against; "
                         "original: into the full-precision weights")
     m.add_argument("--layout", choices=["native", "original"], default="native",
                    help="native transformers layout, or the family's original layout")
-    m.add_argument("--dtype", help="output dtype (default: the base's)")
-    m.add_argument("--trust-remote-code", action="store_true")
+    m.add_argument("--dtype", help="output dtype, e.g. bf16 (default: the base's)")
+    m.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code to run")
     m.set_defaults(func=_cmd_merge)
 
-    c = sub.add_parser("chat", help="chat with a model (optionally with an adapter)")
-    c.add_argument("model")
-    c.add_argument("--adapter")
+    c = command(sub, "chat", help="chat with a model (optionally with an adapter)")
+    c.add_argument("model", help="model directory, Org/Name or modelscope:Org/Name (a merged model works too)")
+    c.add_argument("--adapter", help="a famtune training output directory to apply on top of MODEL")
     c.add_argument("--prompt", help="answer this once and exit")
-    c.add_argument("--system", help="system prompt")
+    c.add_argument("--system", help="system prompt (default: the family's)")
     c.add_argument("--greedy", action="store_true", help="greedy decoding instead of the family's sampling")
-    c.add_argument("--max-new-tokens", type=int, default=256)
-    c.add_argument("--trust-remote-code", action="store_true")
+    c.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")
+    c.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code to run")
     c.set_defaults(func=_cmd_chat)
 
-    pl = sub.add_parser("plugins", help="list installed family plugins")
-    pl.add_argument("--json", action="store_true")
+    pl = command(sub, "plugins", help="list installed family plugins")
+    pl.add_argument("--json", action="store_true", help="print JSON instead of text")
     pl.set_defaults(func=_cmd_plugins)
     plsub = pl.add_subparsers(dest="plugins_command", metavar="SUBCOMMAND")
-    pc = plsub.add_parser("check", help="run the conformance suite on an installed plugin's tiny models",
-                          description="Build a tiny model of each family the plugin provides and check its "
-                                      "template, labels, stop ids, LoRA targets, a QLoRA step, the merge and packing.")
+    pc = command(plsub, "check", help="run the conformance suite on an installed plugin's tiny models",
+                 description="Build a tiny model of each family the plugin provides and check its "
+                             "template, labels, stop ids, LoRA targets, a QLoRA step, the merge and packing.")
     pc.add_argument("name", help="the plugin's entry-point name, as `famtune plugins` lists it")
-    pc.add_argument("--family", action="append", help="check only this family (repeatable)")
+    pc.add_argument("--family", action="append", help="check only this family (repeatable; default: all)")
     pc.add_argument("--workdir", help="keep the tiny models, adapters and merged models here (default: a temp dir)")
-    pc.add_argument("--json", action="store_true")
+    pc.add_argument("--json", action="store_true", help="print JSON instead of text")
     pc.set_defaults(func=_cmd_plugins_check)
 
-    pn = sub.add_parser("plugin", help="write a new family plugin package")
+    pn = command(sub, "plugin", help="write a new family plugin package")
     pnsub = pn.add_subparsers(dest="plugin_command", metavar="SUBCOMMAND")
-    pnew = pnsub.add_parser("new", help="write a ready-to-install family plugin package",
-                            description="Write famtune-NAME: pyproject.toml with the famtune entry point, every "
-                                        "hook implemented for a ChatML-style native Llama model, and tests.")
+    pnew = command(pnsub, "new", help="write a ready-to-install family plugin package",
+                   description="Write famtune-NAME: pyproject.toml with the famtune entry point, every "
+                               "hook implemented for a ChatML-style native Llama model, and tests.")
     pnew.add_argument("name", help="family and plugin name, e.g. acme")
     pnew.add_argument("--dir", help="parent directory (default: the current one); writes DIR/famtune-NAME")
     pnew.set_defaults(func=_cmd_plugin_new)
 
-    d = sub.add_parser("data", help="dataset tools")
+    d = command(sub, "data", help="dataset tools: check, convert")
     dsub = d.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
-    dc = dsub.add_parser("check", help="validate a data file and show one encoded sample")
-    dc.add_argument("file")
-    dc.add_argument("--model", required=True)
-    dc.add_argument("--format", default="auto")
-    dc.add_argument("--masking")
-    dc.add_argument("--family")
-    dc.add_argument("--max-length", type=int, default=1024)
-    dc.add_argument("--skip-bad-records", action="store_true")
-    dc.add_argument("--trust-remote-code", action="store_true")
+    dc = command(dsub, "check", help="validate a data file and show one encoded sample")
+    dc.add_argument("file", help="JSON or JSONL data file")
+    dc.add_argument("--model", required=True, help="model whose family plugin and tokenizer encode the data")
+    dc.add_argument("--format", default="auto", help="data format: auto, conversation, messages, alpaca or sharegpt")
+    dc.add_argument("--masking", help="masking policy (default: the family's first)")
+    dc.add_argument("--family", help="force a family instead of the plugin's claim")
+    dc.add_argument("--max-length", type=int, default=1024, help="truncate samples to this many tokens")
+    dc.add_argument("--skip-bad-records", action="store_true", help="skip and report malformed records instead of stopping")
+    dc.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code to run")
     dc.set_defaults(func=_cmd_data_check)
+    dv = command(dsub, "convert", help="convert a spreadsheet or data file into famtune JSONL",
+                 description="Convert .xlsx, .csv, .tsv, .parquet, or JSON/JSONL in any format famtune reads, into "
+                             "JSONL in the messages or conversation format. Spreadsheets need famtune[data] "
+                             "(pandas, openpyxl, pyarrow). Columns are matched by header name.")
+    dv.add_argument("input", help="the file to convert (.xlsx, .csv, .tsv, .parquet, .json, .jsonl)")
+    dv.add_argument("output", help="the JSONL file to write")
+    dv.add_argument("--format", choices=["messages", "conversation"], default="messages", help="output format")
+    dv.add_argument("--question", help="column with the user's question (default: question, or input/instruction/prompt)")
+    dv.add_argument("--answer", help="column with the answer (default: answer, or output/response)")
+    dv.add_argument("--system", help="column with a system prompt, or a literal system prompt for every row")
+    dv.add_argument("--history", help="column of earlier turns, as a JSON list of [question, answer] pairs")
+    dv.add_argument("--skip-bad-rows", action="store_true",
+                    help="skip and report rows with an empty question/answer instead of stopping")
+    dv.set_defaults(func=_cmd_data_convert)
 
-    cp = sub.add_parser("compare", help="train several models on one recipe and report them side by side",
-                        usage="famtune compare (RECIPE.yaml | --demo) [--models M1 M2 ...] [--output DIR] "
-                              "[--key value ...]",
-                        description="Train every model with the same recipe, each through its own family plugin "
-                                    "and in its own process, then write OUTPUT/report/ (report.md, report.html, "
-                                    "results.json). A re-run skips finished models. Any recipe key can be "
-                                    "overridden: --key value. tiny:FAMILY builds a tiny local model of FAMILY.")
+    rc = command(sub, "recipes", help="built-in recipes: list, copy")
+    rsub = rc.add_subparsers(dest="recipes_command", metavar="SUBCOMMAND")
+    rl = command(rsub, "list", help="list the built-in recipes the installed plugins ship")
+    rl.add_argument("pattern", nargs="?", help="only names containing this text (or matching this glob)")
+    rl.set_defaults(func=_cmd_recipes_list)
+    ry = command(rsub, "copy", help="copy a built-in recipe (and its bundled data) to edit it")
+    ry.add_argument("name", help="recipe name, as `famtune recipes list` shows it")
+    ry.add_argument("dest", nargs="?", help="a .yaml file or a directory (default: the current directory)")
+    ry.set_defaults(func=_cmd_recipes_copy)
+
+    cp = command(sub, "compare", help="train several models on one recipe and report them side by side",
+                 usage="famtune compare (RECIPE.yaml | --demo) [--models M1 M2 ...] [--output DIR] "
+                       "[--key value ...]",
+                 description="Train every model with the same recipe, each through its own family plugin "
+                             "and in its own process, then write OUTPUT/report/ (report.md, report.html, "
+                             "results.json). A re-run skips finished models. Any recipe key can be "
+                             "overridden: --key value. tiny:FAMILY builds a tiny local model of FAMILY.")
     cp.add_argument("--models", nargs="+", metavar="MODEL", help="models to compare (instead of the recipe's list)")
     cp.add_argument("--output", help="comparison directory (default: the recipe's output_dir, else famtune-compare)")
+    cp.add_argument("--adapters", metavar="M1,M2", help="compare adapter methods too: every model once per method, "
+                    "e.g. lora,dora,adalora or lora+pissa (docs/users/adapters.md)")
     cp.add_argument("--demo", action="store_true",
                     help="the built-in comparison of the four families on tiny local models (nothing downloaded)")
     cp.set_defaults(func=_cmd_compare, extra_ok=True)
 
-    es = sub.add_parser("estimate", help="predict the peak accelerator memory of a recipe's run",
-                        description="Predict peak accelerator memory (weights, LoRA, optimizer state, activations) "
-                                    "from the model's config; nothing is loaded or trained. Any recipe key can be "
-                                    "overridden: --key value. Exit status 1 when the run does not fit --budget.")
+    es = command(sub, "estimate", help="predict the peak accelerator memory of a recipe's run",
+                 description="Predict peak accelerator memory (weights, LoRA, optimizer state, activations) "
+                             "from the model's config; nothing is loaded or trained. Any recipe key can be "
+                             "overridden: --key value. Exit status 1 when the run does not fit --budget.")
     es.add_argument("recipe", help="recipe YAML file")
     es.add_argument("--budget", help="memory to fit in, e.g. 8GB")
     es.set_defaults(func=_cmd_estimate, extra_ok=True)
 
-    de = sub.add_parser("demo", help="build a tiny model, fine-tune it on a self-identity set, merge and chat")
-    de.add_argument("--workdir", default="famtune-demo")
+    de = command(sub, "demo", help="build a tiny model, fine-tune it on a self-identity set, merge and chat")
+    de.add_argument("--workdir", default="famtune-demo", help="where the tiny model, adapter and merged model go")
     de.add_argument("--family", help="family of the tiny model (default: the bundled demo recipe's)")
     de.add_argument("--steps", type=int, help="optimizer steps (default: the demo recipe's)")
     de.set_defaults(func=_cmd_demo)
+
+    ev = command(sub, "env", help="print versions, device and known-bad combinations (for bug reports)",
+                 description="Print the versions of famtune, its plugins and the libraries it trains with, "
+                             "the device and the bitsandbytes backend, and warn about known-bad combinations.")
+    ev.add_argument("--json", action="store_true", help="print JSON instead of text")
+    ev.set_defaults(func=_cmd_env)
     return p
 
 

@@ -47,11 +47,12 @@ class ModelRun:
     status: str = "pending"  # ok, failed, skipped (finished by an earlier run)
     error: str = ""
     wall_s: float | None = None
+    adapter: str = ""  # an adapter method name (famtune.adapters.METHOD_KEYS) when comparing methods
 
     def to_dict(self) -> dict[str, Any]:
         return {"spec": self.spec, "name": self.name, "dir": str(self.out), "family": self.family,
                 "plugin": self.plugin, "note": self.note, "status": self.status, "error": self.error,
-                "wall_s": self.wall_s}
+                "wall_s": self.wall_s, "adapter": self.adapter}
 
 
 def run_name(spec: str, taken: set[str]) -> str:
@@ -82,6 +83,7 @@ def read_comparison(recipe_path: str, models: list[str] | None, overrides: dict[
     if not isinstance(raw, dict):
         raise FamtuneError(f"{recipe_path}: a recipe is a mapping of keys to values, got {type(raw).__name__}")
     raw = {**raw, **overrides}
+    raw.pop("adapters", None)  # compare() reads the methods list itself
     base = path.resolve().parent
     listed = raw.pop("models", None) or []
     if isinstance(listed, str):
@@ -156,7 +158,10 @@ def _lookup_family(spec: str, family: str | None) -> Any:
 
 
 def model_recipe(shared: dict[str, Any], run: ModelRun, model_path: str, fam: Any) -> dict[str, Any]:
-    recipe = {**shared, "model": model_path, "output_dir": str(run.out)}
+    from famtune.adapters import method_overrides
+
+    recipe = {**shared, **(method_overrides(run.adapter) if run.adapter else {}), "model": model_path,
+              "output_dir": str(run.out)}
     if run.family:
         recipe["family"] = run.family
     masking = shared.get("masking")
@@ -309,20 +314,51 @@ def read_status(run_out: Path) -> dict[str, Any]:
         return {}
 
 
+def adapter_methods(recipe_path: str, adapters: list[str] | None, shared: dict[str, Any]) -> list[str]:
+    """The adapter methods to compare (``--adapters`` or the recipe's ``adapters:`` list), each checked
+    against the shared recipe before anything trains; empty when the comparison is of models only."""
+    import yaml
+
+    from famtune.adapters import method_overrides
+    from famtune.recipe import load_recipe
+
+    if adapters is None:
+        try:
+            listed = (yaml.safe_load(Path(recipe_path).read_text(encoding="utf-8")) or {}).get("adapters")
+        except (OSError, yaml.YAMLError, AttributeError):
+            listed = None
+        adapters = [listed] if isinstance(listed, str) else list(listed or [])
+    names = [n.strip() for a in adapters for n in str(a).split(",") if n.strip()]
+    for name in names:
+        try:
+            load_recipe(None, {**shared, **method_overrides(name), "model": "placeholder"})
+        except FamtuneError as exc:
+            raise FamtuneError(f"adapter method {name!r}: {str(exc).removeprefix('command line: ')}") from None
+    return names
+
+
 def compare(recipe_path: str | None, models: list[str] | None = None, overrides: dict[str, Any] | None = None,
-            output: str | None = None, log: Callable[[str], Any] = print) -> int:
-    """Run the comparison and write its report; 0 when every model trained, 1 when any failed."""
+            output: str | None = None, log: Callable[[str], Any] = print, adapters: list[str] | None = None) -> int:
+    """Run the comparison and write its report; 0 when every model trained, 1 when any failed.
+
+    With ``adapters`` (or an ``adapters:`` list in the recipe) every model is trained once per
+    adapter method, e.g. ``lora,dora,adalora``, and the report has one row per model and method.
+    """
     from famtune.report import write_report
 
     t0 = time.perf_counter()
     shared, specs, work = read_comparison(str(recipe_path or DEMO_RECIPE), models, overrides or {}, output)
+    methods = adapter_methods(str(recipe_path or DEMO_RECIPE), adapters, shared)
     work.mkdir(parents=True, exist_ok=True)
     taken: set[str] = {"report", "tiny-bases"}
     runs = []
     for spec in specs:
         family = spec[len(TINY_PREFIX):] if spec.startswith(TINY_PREFIX) else None
-        runs.append(ModelRun(spec=spec, name=(name := run_name(spec, taken)), out=work / name, family=family))
-    log(f"compare: {len(runs)} models ({', '.join(r.spec for r in runs)}) in {work}")
+        for method in methods or [""]:
+            name = run_name(f"{spec}-{method}" if method else spec, taken)
+            runs.append(ModelRun(spec=spec, name=name, out=work / name, family=family, adapter=method))
+    log(f"compare: {len(runs)} runs ({', '.join(r.spec + (f' [{r.adapter}]' if r.adapter else '') for r in runs)}) "
+        f"in {work}")
     Runner(shared, runs, work, log).run_all()
     report_dir = write_report(work, shared, specs, runs)
     failed = [r for r in runs if r.status == "failed"]

@@ -69,10 +69,17 @@ class MemoryEstimate:
             f"  LoRA         {_fmt(self.lora)}  (fp32 adapter matrices)",
             f"  gradients    {_fmt(self.gradients)}  (LoRA only, the base is frozen; "
             + ("not yet allocated at the loss peak)" if not self.gradients else "alive during backward)"),
-            f"  optimizer    {_fmt(self.optimizer)}  (AdamW: two fp32 moments per trainable parameter)",
+            f"  optimizer    {_fmt(self.optimizer)}  (AdamW: two fp32 moments per trainable parameter"
+            + (f"; AdaLoRA's allocator {_fmt(d['allocator_bytes']).strip()})" if d.get("allocator_bytes") else ")"),
             f"  activations  {_fmt(self.activations)}  ({d['activation_peak']})",
             f"  total        {_fmt(self.total)}  peak tensor memory",
         ]
+        if d.get("method_note"):
+            out.insert(2, f"adapter: {d['adapter']}" + (f", init {d['lora_init']}" if d["lora_init"] != "default" else "")
+                       + f" ({d['method_note']})")
+        if d.get("init_peak"):
+            out.append(f"  initialisation {_fmt(d['init_peak']).strip()} before training ({d['lora_init']} decomposes "
+                       "each target weight; lower than the training peak unless the model is nearly all weights)")
         if budget is not None:
             if self.total <= budget:
                 out.append(f"fits in {_fmt(budget).strip()}: {_fmt(budget - self.total).strip()} to spare "
@@ -105,8 +112,12 @@ def _dtype_bytes(dtype: Any) -> int:
 
 def estimate_model(model: Any, nf4_modules: set[str], targets: list[str], *, seq_len: int, batch: int,
                    checkpointing: bool, compute_dtype: Any, lora_r: int, lora_dropout: float,
-                   name: str = "") -> MemoryEstimate:
-    """The estimate for a meta-device ``model`` whose ``nf4_modules`` are quantized (empty: none)."""
+                   name: str = "", adapter: str = "lora", lora_init: str = "default") -> MemoryEstimate:
+    """The estimate for a meta-device ``model`` whose ``nf4_modules`` are quantized (empty: none).
+
+    ``adapter`` and ``lora_init`` add each method's own memory (see ``_method_memory``); for
+    AdaLoRA ``lora_r`` is the initial rank, which the adapter keeps allocated until training ends.
+    """
     import torch
 
     quantized = bool(nf4_modules)
@@ -123,11 +134,15 @@ def estimate_model(model: Any, nf4_modules: set[str], targets: list[str], *, seq
         else:
             plain_numel += n
     lora_in: list[int] = []
+    lora_out: list[int] = []
     lora_params = 0
+    biggest_target = 0
     for mname, module in modules.items():
         if any(mname == t or mname.endswith("." + t) for t in targets) and hasattr(module, "in_features"):
             lora_params += lora_r * (module.in_features + module.out_features)
             lora_in.append(module.in_features)
+            lora_out.append(module.out_features)
+            biggest_target = max(biggest_target, module.in_features * module.out_features)
     cfg = model.config
     hidden = model.get_input_embeddings().embedding_dim
     vocab = model.get_output_embeddings().out_features
@@ -153,6 +168,11 @@ def estimate_model(model: Any, nf4_modules: set[str], targets: list[str], *, seq
     layer_peak = tokens * act * ((_HIDDEN_PER_TOKEN + copies_hidden) * hidden
                                  + (_INTERMEDIATE_PER_TOKEN + copies_inter) * inter + _KV_PER_TOKEN * kv)
     dequantized = biggest_linear * act if quantized else 0  # bitsandbytes dequantizes a weight per matmul
+    extra = _method_memory(adapter, lora_init, lora_r=lora_r, lora_params=lora_params, lora_in=lora_in,
+                           lora_out=lora_out, layers=layers, tokens=tokens, act=act, biggest_target=biggest_target)
+    lora_params += extra["params"]
+    layer_peak += extra["layer_saved"]
+    dequantized += extra["layer_transient"]
     if checkpointing:
         layer_phase = saved_inputs + logits_held + layer_peak + dequantized
         loss_phase = saved_inputs + loss_peak
@@ -171,7 +191,10 @@ def estimate_model(model: Any, nf4_modules: set[str], targets: list[str], *, seq
         "seq_len": seq_len, "checkpointing": checkpointing, "quantized_count": len(nf4_modules),
         "quantized_bytes": q_numel * NF4_BYTES_PER_WEIGHT, "plain_bytes": plain_numel * plain_dtype.itemsize,
         "plain_dtype": str(plain_dtype).split(".")[-1], "activation_peak": peak_where,
-        "lora_per_layer": per_layer_targets,
+        "lora_per_layer": per_layer_targets, "adapter": adapter, "lora_init": lora_init,
+        "method_note": extra["note"], "allocator_bytes": extra["state"],
+        "init_peak": (q_numel * NF4_BYTES_PER_WEIGHT + plain_numel * plain_dtype.itemsize + lora_params * 4
+                      + extra["init_transient"]) if extra["init_transient"] else 0,
         "advice": ("shorten max_length or the batch (activations grow with batch x max_length"
                    + (", and the loss peak with the tokens" if not gradients else "")
                    + (")" if checkpointing else "), or turn gradient_checkpointing on")),
@@ -180,8 +203,38 @@ def estimate_model(model: Any, nf4_modules: set[str], targets: list[str], *, seq
     }
     return MemoryEstimate(
         weights=q_numel * NF4_BYTES_PER_WEIGHT + plain_numel * plain_dtype.itemsize,
-        lora=lora_params * 4, gradients=gradients, optimizer=lora_params * 8,
+        lora=lora_params * 4, gradients=gradients, optimizer=lora_params * 8 + extra["state"],
         activations=activations, details=details)
+
+
+def _method_memory(adapter: str, lora_init: str, *, lora_r: int, lora_params: int, lora_in: list[int],
+                   lora_out: list[int], layers: int, tokens: int, act: int, biggest_target: int) -> dict[str, Any]:
+    """What an adapter method adds to plain LoRA, from what PEFT allocates (modelled, not fitted):
+
+    - DoRA: a magnitude vector per target (``out_features`` trainable values); each forward builds
+      the layer's full weight plus ``B @ A`` in fp32 to take its row norms (one layer at a time),
+      and keeps the base and LoRA outputs (``tokens x out_features`` each) for the rescaling's backward;
+    - AdaLoRA: the singular values E (``r`` per target), and the rank allocator's three fp32
+      copies of every adapter value (importance, its moving average and its uncertainty);
+    - PiSSA / OLoRA / LoftQ: before training, the largest target weight in fp32 with its
+      decomposition (about four copies of it), while the weights are already loaded;
+    - rsLoRA, gaussian init and LoRA+ change numbers, not memory.
+    """
+    out: dict[str, Any] = {"params": 0, "state": 0, "layer_saved": 0, "layer_transient": 0, "init_transient": 0, "note": ""}
+    if adapter == "dora":
+        out["params"] = sum(lora_out)
+        out["layer_saved"] = 2 * tokens * act * sum(lora_out) / max(layers, 1)
+        out["layer_transient"] = biggest_target * (act + 8)
+        out["note"] = "DoRA: magnitude vectors, one full fp32 weight per layer for its norm, two saved outputs"
+    elif adapter == "adalora":
+        out["params"] = lora_r * len(lora_in)
+        out["state"] = (lora_params + out["params"]) * 4 * 3
+        out["note"] = "AdaLoRA: singular values and the rank allocator's three fp32 copies of the adapter"
+    if lora_init in ("pissa", "olora", "loftq"):
+        out["init_transient"] = biggest_target * 4 * 4
+        out["note"] = (out["note"] + "; " if out["note"] else "") + \
+            f"{lora_init} init: the largest target weight decomposed in fp32 before training"
+    return out
 
 
 def _linear_numel(module: Any) -> int:
@@ -217,7 +270,8 @@ def estimate_recipe(recipe: Any, *, seq_len: int | None = None) -> MemoryEstimat
         targets = recipe.lora_targets if isinstance(recipe.lora_targets, list) else [recipe.lora_targets]
     return estimate_model(model, nf4, targets, seq_len=seq_len or recipe.max_length, batch=recipe.batch_size,
                           checkpointing=recipe.gradient_checkpointing, compute_dtype=compute,
-                          lora_r=recipe.lora_r, lora_dropout=recipe.lora_dropout, name=recipe.model)
+                          lora_r=recipe.lora_r, lora_dropout=recipe.lora_dropout, name=recipe.model,
+                          adapter=getattr(recipe, "adapter", "lora"), lora_init=getattr(recipe, "lora_init", "default"))
 
 
 def meta_model(ckpt: Any, dtype: Any) -> Any:

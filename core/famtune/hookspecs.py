@@ -168,3 +168,13 @@ def famtune_supports_packing(family: str) -> bool:
     restart), ``False`` if it cannot; famtune then refuses packing for that family with a clear
     message instead of training on contaminated rows. Stops at first non-None result.
     """
+
+
+@hookspec
+def famtune_recipe_dirs() -> list[str]:
+    """Called by ``famtune recipes list`` and ``famtune recipes copy``, on every plugin.
+
+    Return directories holding the plugin's built-in recipes: ``NAME.yaml`` files (ordinary
+    recipes whose first comment line describes them) and any data files they name by a relative
+    path. Recipe names must be unique across plugins. Not firstresult: every plugin answers.
+    """

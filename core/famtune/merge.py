@@ -126,8 +126,9 @@ def _merge_into(adapter_dir: str, out_dir: str, *, max_shard_size: str, base: st
         if os.path.abspath(dest) == os.path.abspath(other):
             raise FamtuneError(f"output {out_dir!r} is the {what} directory; choose a new directory for the merged model")
     out_dtype = _output_dtype(dtype, ckpt.config, log)
-    report: dict[str, Any] = {"out_dir": str(out_dir), "base": ckpt.path, "family": ckpt.family.name,
-                              "dtype": _dtype_name(out_dtype), "layout": layout}
+    report: dict[str, Any] = {"out_dir": str(out_dir), "adapter_dir": str(adapter_dir), "base": ckpt.path,
+                              "family": ckpt.family.name, "dtype": _dtype_name(out_dtype), "layout": layout,
+                              "adapter": _adapter_method(adapter_dir, meta, log)}
 
     plan, why_not = (stream_plan(ckpt, adapter_dir, meta, base_precision, out_dtype) if stream
                      else (None, "streaming turned off"))
@@ -164,6 +165,20 @@ def _merge_into(adapter_dir: str, out_dir: str, *, max_shard_size: str, base: st
 
     _write_layout(lambda d: _write_native(model, tokenizer, ckpt, meta, d, max_shard_size), ckpt, out_dir, layout)
     return report
+
+
+def _adapter_method(adapter_dir: str, meta: dict[str, Any] | None, log) -> str:
+    """The adapter's method, logged so the user sees what is folded in (famtune.adapters)."""
+    import json
+
+    from famtune.adapters import method_of
+
+    path = Path(adapter_dir, "adapter_config.json")
+    acfg = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    method = method_of(meta, acfg)
+    if ((meta or {}).get("adapter") or {}).get("converted_to_lora"):
+        log(f"famtune: {method} adapter: saved as a plain LoRA delta against the original base, merged as such")
+    return method
 
 
 def _merge_streaming(plan, ckpt: Any, meta: dict[str, Any], out_dir: str, max_shard_size: str, layout: str,
@@ -206,6 +221,9 @@ def _write_layout(write_native, ckpt: Any, out_dir: str, layout: str) -> None:
 
 
 def _finish(report: dict[str, Any], out_dir: str, log) -> dict:
+    from famtune.modelcard import write_model_card
+
+    write_model_card(report["adapter_dir"], out_dir, report)  # replaces any README.md copied from the base
     report["files"] = sorted(p.name for p in Path(out_dir).iterdir())
     report["shards"] = sum(1 for n in report["files"] if n.endswith(".safetensors"))
     log(f"famtune: wrote the merged model to {out_dir} ({report['shards']} safetensors file(s), {report['dtype']})")

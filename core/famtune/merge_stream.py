@@ -73,6 +73,13 @@ def stream_plan(ckpt: Any, adapter_dir: str, meta: dict[str, Any], base_precisio
     if not acfg_path.exists() or not weights_path.exists():
         return None, "the adapter has no adapter_config.json or adapter_model.safetensors"
     acfg = json.loads(acfg_path.read_text(encoding="utf-8"))
+    if acfg.get("peft_type") == "ADALORA":
+        return None, "AdaLoRA's SVD form (B, E, A with per-module ranks) is merged by PEFT"
+    if acfg.get("use_dora"):
+        return None, "DoRA's magnitude vector rescales each row by the norm of the merged weight, which PEFT computes"
+    if str(acfg.get("init_lora_weights")).lower().startswith(("pissa", "olora", "corda")):
+        return None, (f"the adapter is an unconverted {acfg['init_lora_weights']} adapter, which needs the residual "
+                      "base PEFT derives from the original")
     unusual = [k for k in ("use_dora", "fan_in_fan_out", "modules_to_save", "rank_pattern", "alpha_pattern",
                            "layers_to_transform", "target_parameters") if acfg.get(k)]
     if acfg.get("peft_type") != "LORA" or acfg.get("bias", "none") != "none" or unusual:

@@ -40,6 +40,12 @@ class Recipe:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_targets: Any = "default"  # "default", "all-linear" or a list of module names
+    # adapter method (famtune.adapters; docs/users/adapters.md)
+    adapter: str = "lora"  # lora, adalora or dora
+    rslora: bool = False  # scale by alpha / sqrt(r) instead of alpha / r
+    lora_init: str = "default"  # default, pissa, olora, loftq (nf4 only) or gaussian
+    loraplus_lr_ratio: float = 0.0  # LoRA+: the B matrices learn this many times faster (0: off)
+    adalora_target_r: int = 0  # AdaLoRA's average final rank (0: half of lora_r)
     # optimisation
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
@@ -60,6 +66,7 @@ class Recipe:
     evaluation_inputs: list[str] = field(default_factory=list)
     max_new_tokens: int = 64
     progress: bool = True
+    report_to: list[str] = field(default_factory=list)  # experiment trackers (famtune.tracking)
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -194,4 +201,7 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
         check_ranges(recipe)
     except FamtuneError as exc:
         raise FamtuneError(f"{where}: {exc}") from None
+    from famtune.adapters import validate_adapter_recipe
+
+    validate_adapter_recipe(recipe, where)
     return recipe

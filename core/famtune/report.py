@@ -20,6 +20,10 @@ import famtune
 
 REPORT_DIR = "report"
 CURVES_PNG = "loss_curves.png"
+RUN_CURVES_PNG = "loss_curves_per_run.png"
+TINY_PREFIX = "tiny:"
+# Below this many eval samples, eval-loss differences between models are mostly noise.
+SMALL_EVAL_SET = 50
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
 COLUMNS = ("model", "family", "masking", "plugin", "parameters", "trainable", "adapter", "final train loss", "eval loss",
            "tokens/s", "peak memory", "wall time", "status")
@@ -84,7 +88,8 @@ def model_result(run: Any) -> dict[str, Any]:
         resolved = None
     s = summary or {}
     return {
-        "model": run.spec, "name": run.name, "dir": str(d),
+        "model": run.spec + (f" [{run.adapter}]" if getattr(run, "adapter", "") else ""), "name": run.name,
+        "dir": str(d),
         "family": plugin.get("family") or run.family,
         "plugin": {k: plugin.get(k) for k in ("plugin", "distribution", "version")} if plugin else None,
         "parameters": count_parameters(meta.get("base_path")) if summary else None,
@@ -101,6 +106,8 @@ def model_result(run: Any) -> dict[str, Any]:
         "answers": {"before": (before or {}).get("generations") or [], "after": (after or {}).get("generations") or [],
                     "after_step": (after or {}).get("step")},
         "resolved_recipe": resolved,
+        "train_samples": (s.get("data") or {}).get("train_samples"),
+        "eval_samples": (s.get("data") or {}).get("eval_samples"),
     }
 
 
@@ -173,6 +180,64 @@ def highlights(models: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def ranking(models: list[dict[str, Any]]) -> dict[str, Any]:
+    """Overall order of the finished models: by eval loss when every one has it, else by final train
+    loss. Models whose value is equal at the shown precision (4 decimals) share a rank and are flagged
+    as tied; failed models come last, unranked."""
+    ok = [m for m in models if m["status"] == "ok"]
+    key, criterion = ("eval_loss", "eval loss") if ok and all(m["eval_loss"] is not None for m in ok) else (
+        "final_train_loss", "final train loss")
+    ranked = sorted((m for m in ok if m[key] is not None), key=lambda m: m[key])
+    shown = [round(m[key], 4) for m in ranked]
+    rows, rank = [], 0
+    for i, m in enumerate(ranked):
+        if i == 0 or shown[i] != shown[i - 1]:
+            rank = i + 1
+        tie = shown.count(shown[i]) > 1
+        rows.append({"rank": rank, "model": m["model"], "family": m["family"], "value": m[key], "tie": tie,
+                     "eval_samples": m.get("eval_samples")})
+    rows += [{"rank": None, "model": m["model"], "family": m["family"], "value": None, "tie": False,
+              "eval_samples": m.get("eval_samples")} for m in models if m not in ranked]
+    winners = [r["model"] for r in rows if r["rank"] == 1]
+    return {"criterion": criterion, "rows": rows, "winners": winners}
+
+
+def ranking_lines(rank: dict[str, Any]) -> list[str]:
+    """The ranking as sentences: the winner (or the tie for first), then each model's place."""
+    if not rank["winners"]:
+        return ["No model finished, so there is no ranking."]
+    first = (f"Overall best by {rank['criterion']}: {rank['winners'][0]}" if len(rank["winners"]) == 1 else
+             f"Tied for best by {rank['criterion']}: {', '.join(rank['winners'])}")
+    return [first + "."]
+
+
+def ranking_cells(rank: dict[str, Any]) -> list[list[str]]:
+    out = []
+    for r in rank["rows"]:
+        place = "-" if r["rank"] is None else f"{r['rank']}" + (" (tie)" if r["tie"] else "")
+        value = "failed" if r["rank"] is None and r["value"] is None else _num(r["value"], "{:.4f}")
+        out.append([place, r["model"], r["family"] or "-", value, _num(r["eval_samples"])])
+    return out
+
+
+def caveats(models: list[dict[str, Any]]) -> list[str]:
+    """What the reader must know before trusting the figures: random-weight demo models, tiny eval sets."""
+    out = []
+    tiny = [m["model"] for m in models if str(m["model"]).startswith(TINY_PREFIX)]
+    if tiny:
+        out.append(f"Demo models: {', '.join(tiny)} {'is a' if len(tiny) == 1 else 'are'} tiny random-weight "
+                   f"model{'s' if len(tiny) > 1 else ''} built locally, not the real checkpoint"
+                   f"{'s' if len(tiny) > 1 else ''}. The figures show that the pipeline works; they say nothing "
+                   "about how the real models compare.")
+    sizes = sorted({m["eval_samples"] for m in models if m["status"] == "ok" and m.get("eval_samples") is not None})
+    if sizes and sizes[0] == 0:
+        out.append("No eval set: models are ranked by their final train loss, which rewards memorising the data.")
+    elif sizes and sizes[0] < SMALL_EVAL_SET:
+        n = " to ".join(map(str, (sizes[0], sizes[-1]))) if len(sizes) > 1 else str(sizes[0])
+        out.append(f"The eval set has {n} samples: eval-loss differences this small a set gives are mostly noise.")
+    return out
+
+
 def _clean(text: str) -> str:
     """An answer for display: outer whitespace dropped (some families open a reply with a header
     newline), control characters of untrained models shown as escapes."""
@@ -186,7 +251,7 @@ def plot_curves(models: list[dict[str, Any]], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     for i, m in enumerate(models):
         color = f"C{i % 10}"
         if m["curve"]["train"]:
@@ -198,8 +263,51 @@ def plot_curves(models: list[dict[str, Any]], png: Path) -> None:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+        # outside the axes, so no curve is ever hidden behind it
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     ax.set_title("loss of every model (same data, recipe and seed)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_run_curves(models: list[dict[str, Any]], png: Path) -> None:
+    """One small plot per run (train and eval loss, log scale), titled with the model's name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    cols = 2 if len(models) in (2, 4) else min(len(models), 3) or 1
+    rows = max(1, -(-len(models) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= len(models):
+            ax.axis("off")
+            continue
+        m = models[i]
+        color = f"C{i % 10}"
+        if m["curve"]["train"]:
+            ax.plot(*zip(*m["curve"]["train"]), color=color, label="train")
+        if m["curve"]["eval"]:
+            ax.plot(*zip(*m["curve"]["eval"]), "o--", color="black", label="eval")
+        if m["curve"]["train"] or m["curve"]["eval"]:
+            ax.set_yscale("log")
+            values = [v for _, v in m["curve"]["train"] + m["curve"]["eval"] if v > 0]
+            if values and max(values) / min(values) >= 10:
+                # across decades the major ticks suffice; minor labels (3x10^-1, ...) would clutter
+                ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.legend(fontsize=7, loc="upper right", framealpha=0.6)
+        else:
+            ax.text(0.5, 0.5, "no curve" + (" (failed)" if m["status"] != "ok" else ""), ha="center",
+                    va="center", transform=ax.transAxes)
+        ax.set_title(f"{m['model']} ({m['family'] or '?'})", fontsize=9)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.set_ylabel("loss (log)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle("loss per run", fontsize=11)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
@@ -227,12 +335,21 @@ def answers_by_prompt(models: list[dict[str, Any]], prompts: list[str]) -> list[
 
 
 def render_markdown(doc: dict[str, Any]) -> str:
-    lines = ["# famtune comparison", "", doc["headline"], ""]
+    lines = ["# famtune comparison", ""]
+    for note in doc.get("caveats", []):
+        lines += [f"> **Note:** {note}", ""]
+    lines += [doc["headline"], ""]
+    if "ranking" in doc:
+        lines += ["## Ranking", ""] + ranking_lines(doc["ranking"]) + [""] + _md_table(
+            ["rank", "model", "family", doc["ranking"]["criterion"], "eval samples"],
+            ranking_cells(doc["ranking"])) + [""]
     lines += [f"- {h}" for h in doc["highlights"]] + [""]
     lines += ["## Results", ""] + _md_table(list(COLUMNS), [row_cells(m) for m in doc["models"]]) + [""]
     notes = [f"- {m['model']}: {m['note']}" for m in doc["models"] if m["note"]]
     lines += notes + ([""] if notes else [])
     lines += ["## Loss curves", "", f"![loss curves]({CURVES_PNG})", ""]
+    if doc.get("run_curves"):
+        lines += [f"![loss per run]({RUN_CURVES_PNG})", ""]
     lines += ["## Answers before and after training", ""]
     for prompt, rows in doc["answers"]:
         lines += [f"### {prompt}", ""] + _md_table(["model", "before (step 0)", "after training"], rows) + [""]
@@ -259,17 +376,31 @@ def render_html(doc: dict[str, Any], png: bytes) -> str:
     env = doc["environment"]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>famtune comparison</title><style>",
-        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;"
+        "body{font-family:system-ui,'WenQuanYi Zen Hei','Noto Sans CJK SC',sans-serif;margin:2em;max-width:1200px}"
+        ".wide{overflow-x:auto}.wide table{font-size:.9em}img{max-width:100%}.banner{background:#fff4e5;border:1px solid #f0a020;"
+        "border-radius:4px;padding:.6em 1em;margin:1em 0}.winner{font-size:1.15em;font-weight:600}"
+        "table{border-collapse:collapse;"
         "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left}"
         "th{background:#f3f3f3}.answers td{white-space:pre-wrap;max-width:420px}pre{background:#f6f6f6;"
         "padding:1em;overflow:auto}.failed{color:#b00}",
         "</style></head><body>",
-        f"<h1>famtune comparison</h1><p>{e(doc['headline'])}</p>",
+        "<h1>famtune comparison</h1>",
+        "".join(f"<div class='banner'><b>Note:</b> {e(c)}</div>" for c in doc.get("caveats", [])),
+        f"<p>{e(doc['headline'])}</p>",
+    ]
+    if "ranking" in doc:
+        parts += ["<h2>Ranking</h2>",
+                  "".join(f"<p class='winner'>{e(line)}</p>" for line in ranking_lines(doc["ranking"])),
+                  table(["rank", "model", "family", doc["ranking"]["criterion"], "eval samples"],
+                        ranking_cells(doc["ranking"]), "ranking")]
+    parts += [
         "<ul>" + "".join(f"<li>{e(h)}</li>" for h in doc["highlights"]) + "</ul>",
-        "<h2>Results</h2>", table(list(COLUMNS), [row_cells(m) for m in doc["models"]]),
+        "<h2>Results</h2>", "<div class='wide'>" + table(list(COLUMNS), [row_cells(m) for m in doc["models"]]) + "</div>",
         "".join(f"<p>{e(m['model'])}: {e(m['note'])}</p>" for m in doc["models"] if m["note"]),
         "<h2>Loss curves</h2>",
         f"<img alt='loss curves' src='data:image/png;base64,{base64.b64encode(png).decode()}'>",
+        (f"<img alt='loss per run' src='data:image/png;base64,{base64.b64encode(doc['run_curves']).decode()}'>"
+         if doc.get("run_curves") else ""),
         "<h2>Answers before and after training</h2>",
     ]
     for prompt, rows in doc["answers"]:
@@ -296,6 +427,7 @@ def write_report(work: Path, shared: dict[str, Any], specs: list[str], runs: lis
     recipe_yaml = yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True)
     (out / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
     plot_curves(models, out / CURVES_PNG)
+    plot_run_curves(models, out / RUN_CURVES_PNG)
     ok = sum(m["status"] == "ok" for m in models)
     steps = shared.get("max_steps") or f"{shared.get('epochs', 1)} epoch(s)"
     headline = (f"{len(models)} models trained on the same data ({Path(str(shared.get('data'))).name}), "
@@ -303,16 +435,22 @@ def write_report(work: Path, shared: dict[str, Any], specs: list[str], runs: lis
                 f"LoRA r={shared.get('lora_r', 8)} alpha={shared.get('lora_alpha', 16)} "
                 f"targets {shared.get('lora_targets', 'default')}, masking {shared.get('masking') or 'family default'}"
                 f"; {ok} of {len(models)} completed.")
+    samples = sorted({(m["train_samples"], m["eval_samples"]) for m in models if m["status"] == "ok"
+                      and m["train_samples"] is not None}, key=str)
+    if samples:
+        headline += " Samples per model (train + eval): " + ", ".join(f"{t} + {v}" for t, v in samples) + "."
     prompts = list(shared.get("evaluation_inputs") or [])
     doc = {
         "headline": headline, "highlights": highlights(models), "models": models,
         "answers": answers_by_prompt(models, prompts),
         "command": f"famtune compare {out / 'recipe.yaml'} --output {work}",
         "recipe_yaml": recipe_yaml, "environment": environment(),
+        "ranking": ranking(models), "caveats": caveats(models), "run_curves": (out / RUN_CURVES_PNG).read_bytes(),
     }
     (out / "report.md").write_text(render_markdown(doc), encoding="utf-8")
     (out / "report.html").write_text(render_html(doc, (out / CURVES_PNG).read_bytes()), encoding="utf-8")
     results = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "recipe": recipe, "command": doc["command"],
-               "environment": doc["environment"], "highlights": doc["highlights"], "models": models}
+               "environment": doc["environment"], "highlights": doc["highlights"], "models": models,
+               "ranking": doc["ranking"], "caveats": doc["caveats"]}
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return out

@@ -125,7 +125,7 @@ def _save_tensors(obj: Any, path: Path) -> None:
 
 
 def save_checkpoint(out: Path, step: int, epoch: int, micro_in_epoch: int, model, optimizer, scheduler,
-                    accelerator, extra: dict[str, Any] | None = None) -> Path:
+                    accelerator, extra: dict[str, Any] | None = None, write_extra=None) -> Path:
     """Write ``checkpoints/step-N`` through ``step-N.tmp``: files, fsync, manifest, then one rename."""
     path = Path(out) / CHECKPOINTS / f"step-{step}"
     accelerator.wait_for_everyone()
@@ -140,6 +140,8 @@ def save_checkpoint(out: Path, step: int, epoch: int, micro_in_epoch: int, model
             crash_point("checkpoint_write")
             _save_tensors(scheduler.state_dict(), tmp / "scheduler.pt")
             _save_tensors(_rng_state(), tmp / "rng.pt")
+            if write_extra is not None:
+                write_extra(tmp)
             (tmp / "trainer_state.json").write_text(json.dumps(
                 {"step": step, "epoch": epoch, "batch_in_epoch": micro_in_epoch, **(extra or {})}, indent=2) + "\n")
             crash_point("checkpoint_write")
@@ -238,18 +240,22 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator) -> tup
     return state["step"], state["epoch"], state["batch_in_epoch"]
 
 
-def save_adapter(model, out: Path) -> None:
-    """The final adapter, written beside ``out`` first and moved in file by file once complete, so
-    an interrupted save never leaves a truncated ``adapter_model.safetensors`` in ``out``."""
+def save_adapter(out: Path, save) -> None:
+    """The final adapter, written by ``save(directory)`` beside ``out`` first and moved in once
+    complete, so an interrupted save never leaves a truncated ``adapter_model.safetensors`` in ``out``."""
     staging = Path(out) / ".adapter.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        model.save_pretrained(staging)
+        save(staging)
         crash_point("final_save")
-        for f in staging.iterdir():
-            durable.fsync_path(f)
+        for f in staging.rglob("*"):
+            if f.is_file():
+                durable.fsync_path(f)
         for f in sorted(staging.iterdir(), key=lambda p: p.suffix == ".json"):  # weights first, config last
-            os.replace(f, Path(out) / f.name)
+            target = Path(out) / f.name
+            if f.is_dir() and target.is_dir():
+                shutil.rmtree(target)
+            os.replace(f, target)
         durable.fsync_path(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

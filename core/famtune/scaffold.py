@@ -159,6 +159,13 @@ def famtune_supports_packing(family: str) -> bool:
     # Native Llama keeps packed samples apart given restarting position ids; the conformance
     # suite verifies the claim on the tiny model.
     return True
+
+
+@famtune.hookimpl
+def famtune_recipe_dirs() -> list[str]:
+    # Built-in recipes (`famtune recipes list`): return [os.path.join(os.path.dirname(__file__), "recipes")]
+    # after adding a recipes/ folder of NAME.yaml files as package data.
+    return []
 '''
 
 TEMPLATE = '''\

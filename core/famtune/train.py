@@ -18,6 +18,9 @@ from famtune import checkpoint as ckpt_mod
 from famtune import kernels
 from famtune import packing as packing_mod
 from famtune import run_state, runlock, schedule
+from famtune import tracking
+from famtune.adapters import AdapterRun, adapter_settings, rank_distribution
+from famtune.adapters import describe as describe_adapter
 from famtune.backends import training_policy
 from famtune.encoding import IGNORE_INDEX
 from famtune.errors import FamtuneError
@@ -77,12 +80,12 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
-        import torch
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         r = self.recipe
-        self.accelerator = Accelerator()
+        self.accelerator = Accelerator(**tracking.accelerator_kwargs(
+            r.report_to, str(Path(r.output_dir) / tracking.TENSORBOARD_DIR)))
         self.device_policy = training_policy(self.accelerator.device)
         set_seed(r.seed)
         self.ckpt = ckpt_mod.open_checkpoint(r.model, family=r.family, trust_remote_code=r.trust_remote_code)
@@ -115,14 +118,15 @@ class Trainer:
             rows = len(self.train_samples)
             self.log("packing: off" + (f" ({self.family.name} does not support it)" if r.packing == "auto" else ""))
 
-        self.model = self._build_model()
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=r.learning_rate, weight_decay=r.weight_decay)
         world = self.accelerator.num_processes
         batches_per_epoch = math.ceil(rows / r.batch_size)
         self.micro_per_epoch = math.ceil(batches_per_epoch / world)
         self.steps_per_epoch = max(1, math.ceil(self.micro_per_epoch / r.grad_accum))
         self.total_steps = r.max_steps if r.max_steps > 0 else max(1, math.ceil(r.epochs * self.steps_per_epoch))
+        # The adapter method needs the real step count (AdaLoRA's schedule) before it is built.
+        self.adapters = AdapterRun(r, self.total_steps, self.out, self.log)
+        self.model = self._build_model()
+        self.optimizer = self.adapters.optimizer(self.model)
         self._plan_schedule()
         self.scheduler = schedule.build_scheduler(self.optimizer, self.warmup_steps, self.schedule_total,
                                                   self.schedule_segments)
@@ -149,7 +153,7 @@ class Trainer:
         return collate([self.train_samples[i] for i in spec], self.pad_id, device), sum(self._lengths[i] for i in spec)
 
     def _build_model(self):
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from peft import prepare_model_for_kbit_training
 
         from famtune.plugins import validate_targets
 
@@ -170,9 +174,8 @@ class Trainer:
             targets = r.lora_targets if isinstance(r.lora_targets, list) else [r.lora_targets]
             validate_targets(targets, model, lambda why: FamtuneError(f"recipe lora_targets: {why}"))
         self.targets = targets
-        config = LoraConfig(r=r.lora_r, lora_alpha=r.lora_alpha, lora_dropout=r.lora_dropout,
-                            target_modules=targets, bias="none", task_type="CAUSAL_LM")
-        model = get_peft_model(model, config)
+        model = self.adapters.attach(model, targets, quantized=r.quantization == "nf4",
+                                     is_main=self.accelerator.is_main_process)
         self.kernels = {"lora_dropout_replaced": kernels.use_fast_lora_dropout(model), "half_matmul_widened": 0}
         if r.quantization == "nf4":
             from famtune.checkpoint import resolve_dtype
@@ -185,7 +188,7 @@ class Trainer:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         self.param_counts = {"trainable": n_train, "total": n_all}
-        self.log(f"lora: r={r.lora_r} alpha={r.lora_alpha} on {', '.join(targets)}; "
+        self.log(f"adapter: {describe_adapter(r)} on {', '.join(targets)}; "
                  f"{n_train:,} trainable of {n_all:,} parameters ({r.quantization} base)")
         return model
 
@@ -253,8 +256,10 @@ class Trainer:
         step, epoch, micro_in_epoch = 0, 0, 0
         if self.resume:
             state_dir = self.state_dir
+            self.adapters.check_resume(state_dir)
             step, epoch, micro_in_epoch = run_state.load_checkpoint(
                 state_dir, self.model, self.optimizer, self.scheduler, self.accelerator)
+            self.adapters.restore(state_dir, self.accelerator.unwrap_model(self.model))
             metrics.truncate_after(step)
             self.log(f"resumed from {state_dir} at step {step} (epoch {epoch}, batch {micro_in_epoch})")
         else:
@@ -265,8 +270,13 @@ class Trainer:
                 for g in before:
                     self.log(f"[step 0] {g['input']!r} -> {g['output']!r}")
         self.model.train()
+        # A bar only on an interactive terminal; elsewhere (or with progress: false) a plain line per
+        # logging step, so log files get readable lines instead of one line of carriage returns.
+        use_bar = self.accelerator.is_local_main_process and tracking.progress_bar_wanted(r.progress)
+        print_lines = self.accelerator.is_main_process and not use_bar
         bar = tqdm(total=self.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not (r.progress and self.accelerator.is_local_main_process))
+                   disable=not use_bar)
+        self.tracker = tracking.RunTracker(self.accelerator, r, run_name=self.out.resolve().name)
         t_start, tokens_seen, last_loss = time.perf_counter(), 0, float("nan")
         self.counts = {"tokens_total": 0, "tokens_supervised": 0}
         with run_state.StopOnInterrupt() as stop:
@@ -274,7 +284,7 @@ class Trainer:
                 batches = self.epoch_batches(epoch)
                 while micro_in_epoch < len(batches) and step < self.total_steps and not stop.requested:
                     group = batches[micro_in_epoch:micro_in_epoch + r.grad_accum]
-                    step_loss, step_tokens = self._optimizer_step(group)
+                    step_loss, step_tokens = self._optimizer_step(group, step)
                     micro_in_epoch += len(group)
                     step += 1
                     tokens_seen += step_tokens
@@ -284,25 +294,30 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / elapsed:.0f}")
                     if step % max(r.logging_steps, 1) == 0 or step == self.total_steps:
-                        metrics.write({"step": step, "epoch": epoch, "loss": step_loss, "lr": lr,
-                                       "grad_norm": self.last_grad_norm, "tokens_per_s": tokens_seen / elapsed,
-                                       "elapsed_s": elapsed})
+                        record = {"step": step, "epoch": epoch, "loss": step_loss, "lr": lr,
+                                  "grad_norm": self.last_grad_norm, "tokens_per_s": tokens_seen / elapsed,
+                                  "elapsed_s": elapsed}
+                        metrics.write(record)
+                        self.tracker.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step)
+                        if print_lines:
+                            self.log(tracking.progress_line(step, self.total_steps, step_loss, lr,
+                                                            tokens_seen / elapsed, elapsed))
                     if r.eval_steps and step % r.eval_steps == 0 and step < self.total_steps:
                         self._evaluate(step, metrics, bar)
                     if r.save_steps and step % r.save_steps == 0 and step < self.total_steps:
-                        run_state.save_checkpoint(self.out, step, epoch, micro_in_epoch, self.model, self.optimizer,
-                                                  self.scheduler, self.accelerator, self._checkpoint_fields())
+                        self._save_checkpoint(step, epoch, micro_in_epoch)
                 if micro_in_epoch >= len(batches):
                     epoch, micro_in_epoch = epoch + 1, 0
         if stop.requested and step < self.total_steps:
             bar.close()
-            path = run_state.save_checkpoint(self.out, step, epoch, micro_in_epoch, self.model, self.optimizer,
-                                             self.scheduler, self.accelerator, self._checkpoint_fields())
+            self.tracker.finish()
+            path = self._save_checkpoint(step, epoch, micro_in_epoch)
             raise FamtuneError(f"interrupted at step {step}/{self.total_steps} ({stop.signal_name}); state saved in {path}; "
                                f"continue with: famtune train RECIPE --resume")
         bar.close()
         train_wall = time.perf_counter() - t_start
         final = self._evaluate(step, metrics, None)
+        self.tracker.finish()
         self._save_final_or_rescue(metrics, step, epoch, micro_in_epoch)
         summary = {"steps": step, "final_loss": last_loss, "eval_loss": final.get("eval_loss"),
                    "train_wall_s": train_wall, "tokens_per_s": tokens_seen / train_wall if train_wall else None,
@@ -311,16 +326,29 @@ class Trainer:
                    "peak_rss_mib": run_state.peak_rss_mib(), "peak_accelerator_mib": run_state.peak_accelerator_mib(),
                    "family": self.family.describe(), "kernels": self.kernels,
                    "device_policy": self.device_policy.as_dict()}
+        summary["adapter"] = adapter_settings(r)
         if self.skipped_steps:
             summary["skipped_steps"] = self.skipped_steps
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.accelerator.is_main_process:
+            from famtune.modelcard import write_model_card
+
+            write_model_card(self.out)  # after summary.json: the card quotes its losses
         self.run_dir.finish()
         self.log(f"done: {step} steps, final loss {last_loss:.4f}"
                  + (f", eval loss {final['eval_loss']:.4f}" if final.get("eval_loss") is not None else "")
                  + f"; adapter in {self.out}")
         return summary
 
-    def _optimizer_step(self, group: list[list[int]]) -> tuple[float, int]:
+    def _save_checkpoint(self, step: int, epoch: int, micro_in_epoch: int) -> Path:
+        model = self.accelerator.unwrap_model(self.model)
+        with self.adapters.saving_checkpoint(model):
+            # the adapter's own state goes in before the manifest, so the checkpoint proves it too
+            return run_state.save_checkpoint(self.out, step, epoch, micro_in_epoch, self.model, self.optimizer,
+                                             self.scheduler, self.accelerator, self._checkpoint_fields(),
+                                             write_extra=lambda d: self.adapters.save_state(d, model))
+
+    def _optimizer_step(self, group: list[list[int]], step_index: int) -> tuple[float, int]:
         import torch
 
         r = self.recipe
@@ -334,7 +362,8 @@ class Trainer:
             ctx = self.accelerator.no_sync(self.model) if not sync else contextlib.nullcontext()
             with ctx:
                 loss = causal_lm_loss(self.model, batch, n_items_t)
-                self.accelerator.backward(loss)
+                regulariser = self.adapters.take_regulariser()  # AdaLoRA's; once per step, not logged
+                self.accelerator.backward(loss if regulariser is None else loss + regulariser / len(batches))
             total_loss += float(loss.detach())
             tokens += real[k]
             self.counts["tokens_total"] += int(batch["input_ids"].numel())
@@ -346,6 +375,7 @@ class Trainer:
             self._skip_or_stop_non_finite(group, total_loss)  # raises under nan_policy: stop
             return total_loss, tokens
         self.optimizer.step()
+        self.adapters.after_optimizer_step(self.accelerator.unwrap_model(self.model), step_index)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total_loss, tokens
@@ -355,6 +385,7 @@ class Trainer:
         loss = self.eval_loss()
         if loss is not None:
             record["eval_loss"] = loss
+            self.tracker.log({"eval/loss": loss}, step)
         gens = self.generate(self.recipe.evaluation_inputs)
         if gens:
             record["generations"] = gens
@@ -373,13 +404,17 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         model = self.accelerator.unwrap_model(self.model)
-        run_state.save_adapter(model, self.out)
+        run_state.save_adapter(self.out, lambda target: self.adapters.save_final(model, target))
         meta = build_metadata(
             family=self.family, template_name=self.conversation.name, generation=self.generation,
             base_model=self.recipe.model, base_path=self.ckpt.path, quantization=self.recipe.quantization,
             compute_dtype=self.recipe.compute_dtype, masking=self.masking, max_length=self.recipe.max_length,
             system=self.recipe.system)
         meta["lora_targets"] = list(self.targets)
+        meta["adapter"] = adapter_settings(self.recipe)
+        pattern = self.adapters.rank_pattern(model)
+        if pattern is not None:
+            meta["adapter"]["ranks"] = rank_distribution(pattern)
         write_metadata(self.out, meta)
         (self.out / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False, allow_unicode=True))
         run_state.plot_losses(metrics.path, self.out / "loss.png")

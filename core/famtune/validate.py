@@ -217,19 +217,10 @@ def check_paths(recipe: Any, where: str) -> None:
                            "choose a writable directory") from None
 
 
-def help_text(defaults: Any) -> str:
-    """The recipe keys with their defaults and meanings, for ``famtune train --help``."""
-    import dataclasses
-
-    lines = ["recipe keys (YAML, or --key value on the command line):"]
-    for f in dataclasses.fields(defaults):
-        value = getattr(defaults, f.name)
-        shown = "null" if value is None else "true" if value is True else "false" if value is False else (
-            "[]" if value == [] else "(required)" if value == "" else value)
-        rule = RULES.get(f.name)
-        lines.append(f"  {f.name} (default {shown}): {rule.meaning if rule else 'see the docs'}")
+def aliases_help(width: int = 100) -> str:
+    """The other trainers' key names a recipe may use, for ``famtune train --help``."""
     import textwrap
 
-    lines += textwrap.wrap("other trainers' names accepted: " + ", ".join(f"{a}={k}" for a, k in ALIASES.items()),
-                           100, subsequent_indent="  ")
-    return "\n".join(lines)
+    return "\n".join(textwrap.wrap("other trainers' key names accepted: "
+                                   + ", ".join(f"{a}={k}" for a, k in ALIASES.items()), width,
+                                   subsequent_indent="  "))

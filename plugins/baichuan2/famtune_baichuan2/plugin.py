@@ -5,6 +5,7 @@ loaded as ``LlamaForCausalLM``; 13B ALiBi, loaded as famtune's own model in ``mo
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import famtune
@@ -108,3 +109,9 @@ def famtune_supports_packing(family: str) -> bool:
     # ALiBi model builds its bias from absolute offsets and ignores position ids, so packed
     # samples would attend to each other.
     return family == "baichuan2-7b"
+
+
+@famtune.hookimpl
+def famtune_recipe_dirs() -> list[str]:
+    # Built-in recipes and their small data sets ship as package data beside this module.
+    return [os.path.join(os.path.dirname(__file__), "recipes")]

@@ -111,3 +111,9 @@ def famtune_tiny_checkpoint(family: str, out_dir: str, corpus: list[str]) -> boo
     from famtune_chatglm import tiny
 
     return tiny.write_tiny_checkpoint(family, out_dir, corpus)
+
+
+@famtune.hookimpl
+def famtune_recipe_dirs() -> list[str]:
+    # Built-in recipes and their small data sets ship as package data beside this module.
+    return [os.path.join(os.path.dirname(__file__), "recipes")]

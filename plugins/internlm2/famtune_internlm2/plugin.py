@@ -150,3 +150,9 @@ def famtune_supports_packing(family: str) -> bool:
     # InternLM2 loads as native Llama: restarting position ids drive both RoPE and the
     # per-sample block-diagonal mask.
     return True
+
+
+@famtune.hookimpl
+def famtune_recipe_dirs() -> list[str]:
+    # Built-in recipes and their small data sets ship as package data beside this module.
+    return [os.path.join(os.path.dirname(__file__), "recipes")]

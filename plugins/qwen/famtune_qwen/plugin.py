@@ -158,3 +158,9 @@ def famtune_supports_packing(family: str) -> bool:
     # Every Qwen family loads as native Qwen2/Qwen3, whose mask builder turns restarting position
     # ids into a per-sample block-diagonal mask and whose RoPE takes the same position ids.
     return True
+
+
+@famtune.hookimpl
+def famtune_recipe_dirs() -> list[str]:
+    # Built-in recipes and their small data sets ship as package data beside this module.
+    return [os.path.join(os.path.dirname(__file__), "recipes")]
