@@ -152,12 +152,9 @@ class RunDirectory:
 
     def _claim(self) -> None:
         if self.resume:
-            run = read_run(self.out)
-            explicit = isinstance(self.resume, str) and self.resume not in ("true", "latest")
-            if run is None and not explicit:
-                raise FamtuneError(f"{self.out}: no run to resume ({RUN_FILE} is missing); "
-                                   "run without --resume to start one")
-            self.run = run or {"run_id": uuid.uuid4().hex, "created": time.time()}
+            # Without run.json (checkpoints copied here, or passed as a path) the checkpoint's own run
+            # is adopted; its training-relevant keys are still checked against the recipe.
+            self.run = read_run(self.out) or {"run_id": None, "created": time.time()}
             return
         found = earlier_run(self.out)
         if found and not self.overwrite:
