@@ -38,6 +38,14 @@ def _cmd_chat(args, extra: list[str]) -> int:
                     max_new_tokens=args.max_new_tokens)
 
 
+def _cmd_serve(args, extra: list[str]) -> int:
+    from famtune.serve import serve
+
+    api_key = args.api_key or os.environ.get("FAMTUNE_API_KEY") or None
+    return serve(args.model, args.adapter, host=args.host, port=args.port, api_key=api_key, name=args.name,
+                 trust_remote_code=args.trust_remote_code)
+
+
 def _cmd_plugins(args, extra: list[str]) -> int:
     from famtune.plugins import get_plugins
 
@@ -124,8 +132,15 @@ def _cmd_compare(args, extra: list[str]) -> int:
         raise FamtuneError(f"give a recipe ({recipe!r}) or --demo, not both")
     if not recipe and not args.demo:
         raise FamtuneError("no recipe given; run `famtune compare RECIPE.yaml --models M1 M2 ...` or `famtune compare --demo`")
-    return compare(recipe, models=args.models, overrides=parse_overrides(extra), output=args.output,
+    code = compare(recipe, models=args.models, overrides=parse_overrides(extra), output=args.output,
                    adapters=[args.adapters] if args.adapters else None)
+    if args.serve:  # try the trained models side by side in the chat page
+        from famtune.compare import DEMO_RECIPE, read_comparison
+        from famtune.serve import serve
+
+        work = read_comparison(str(recipe or DEMO_RECIPE), args.models, parse_overrides(extra), args.output)[2]
+        return serve(str(work), port=args.port)
+    return code
 
 
 def _cmd_recipes_list(args, extra: list[str]) -> int:
@@ -194,6 +209,12 @@ def _recipe_keys_epilog() -> str:
             + "\n" + aliases_help())
 
 
+def _cmd_eval(args, extra: list[str]) -> int:
+    from famtune.evaluate.cli import run_eval_command
+
+    return run_eval_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="famtune",
@@ -242,6 +263,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")
     c.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code to run")
     c.set_defaults(func=_cmd_chat)
+
+    sv = command(sub, "serve", help="serve models over an OpenAI-compatible API with a chat page",
+                 description="Answer OpenAI-style requests (/v1/models, /v1/chat/completions, /v1/completions) "
+                             "and serve a chat page at /. The request's `model` picks the base or one of the "
+                             "adapters, which share one copy of the base weights.")
+    sv.add_argument("model", help="base or merged model directory, an adapter directory (its base is loaded), "
+                                  "or a famtune compare output (every run beside its base)")
+    sv.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                    help="serve this adapter of MODEL as NAME (repeatable; a bare DIR is named after its folder)")
+    sv.add_argument("--name", help="the model name of MODEL itself (default: its folder name)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on; 127.0.0.1 is this machine only")
+    sv.add_argument("--port", type=int, default=8000, help="port to listen on")
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $FAMTUNE_API_KEY, "
+                                      "else no key)")
+    sv.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code to run")
+    sv.set_defaults(func=_cmd_serve)
 
     pl = command(sub, "plugins", help="list installed family plugins")
     pl.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -315,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "e.g. lora,dora,adalora or lora+pissa (docs/users/adapters.md)")
     cp.add_argument("--demo", action="store_true",
                     help="the built-in comparison of the four families on tiny local models (nothing downloaded)")
+    cp.add_argument("--serve", action="store_true",
+                    help="afterwards, serve every trained model (famtune serve OUTPUT) to try them in the chat page")
+    cp.add_argument("--port", type=int, default=8000, help="port for --serve")
     cp.set_defaults(func=_cmd_compare, extra_ok=True)
 
     es = command(sub, "estimate", help="predict the peak accelerator memory of a recipe's run",
@@ -324,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("recipe", help="recipe YAML file")
     es.add_argument("--budget", help="memory to fit in, e.g. 8GB")
     es.set_defaults(func=_cmd_estimate, extra_ok=True)
+
+    from famtune.evaluate.cli import add_eval_parser
+
+    add_eval_parser(sub, formatter_class=_HelpFormatter).set_defaults(func=_cmd_eval)
 
     de = command(sub, "demo", help="build a tiny model, fine-tune it on a self-identity set, merge and chat")
     de.add_argument("--workdir", default="famtune-demo", help="where the tiny model, adapter and merged model go")

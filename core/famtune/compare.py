@@ -103,6 +103,10 @@ def read_comparison(recipe_path: str, models: list[str] | None, overrides: dict[
         v = raw.get(key)
         if isinstance(v, str) and v and not Path(v).is_absolute() and (base / v).exists():
             raw[key] = str(base / v)
+    ev = raw.get("eval")
+    if isinstance(ev, dict) and isinstance(ev.get("data"), str) and not Path(ev["data"]).is_absolute() \
+            and (base / ev["data"]).exists():
+        raw["eval"] = {**ev, "data": str(base / ev["data"])}
     specs = [str(base / s) if not s.startswith(TINY_PREFIX) and not Path(s).is_absolute() and (base / s).is_dir()
              else s for s in map(str, specs)]
     # Unknown keys and wrong types stop the comparison here, not once per model minutes later.

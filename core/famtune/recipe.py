@@ -67,6 +67,8 @@ class Recipe:
     max_new_tokens: int = 64
     progress: bool = True
     report_to: list[str] = field(default_factory=list)  # experiment trackers (famtune.tracking)
+    # a task scored on the base at step 0 and on the adapter at the end: {data: FILE, task: mcq|qa, ...}
+    eval: Any = None
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -171,6 +173,9 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
             v = raw.get(key)
             if isinstance(v, str) and v and "\0" not in v and not Path(v).is_absolute() and (base / v).exists():
                 raw[key] = str(base / v)
+        ev = raw.get("eval")
+        if isinstance(ev, dict) and isinstance(ev.get("data"), str) and (base / ev["data"]).exists():
+            raw["eval"] = {**ev, "data": str(base / ev["data"])}
     defaults = Recipe()
     values: dict[str, Any] = {}
     known = set(Recipe.keys())
@@ -195,6 +200,9 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
         raise FamtuneError(f"{where}: half_matmul is {recipe.half_matmul!r}; expected {', '.join(HALF_MATMUL_CHOICES)}")
     if recipe.packing not in ("auto", True, False):
         raise FamtuneError(f"{where}: packing is {recipe.packing!r}; expected auto, true or false")
+    from famtune.evaluate.runner import parse_eval_spec
+
+    recipe.eval = parse_eval_spec(recipe.eval, where)
     if not 0 <= recipe.eval_split < 1:
         raise FamtuneError(f"{where}: eval_split is {recipe.eval_split}; expected a fraction in [0, 1)")
     try:

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import famtune
+from famtune.evaluate.report_section import html_parts as task_eval_html
+from famtune.evaluate.report_section import markdown_lines as task_eval_markdown
+from famtune.evaluate.report_section import read_task_eval
 
 REPORT_DIR = "report"
 CURVES_PNG = "loss_curves.png"
@@ -108,6 +111,7 @@ def model_result(run: Any) -> dict[str, Any]:
         "resolved_recipe": resolved,
         "train_samples": (s.get("data") or {}).get("train_samples"),
         "eval_samples": (s.get("data") or {}).get("eval_samples"),
+        "task_eval": read_task_eval(d) if summary else None,
     }
 
 
@@ -347,6 +351,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
     lines += ["## Results", ""] + _md_table(list(COLUMNS), [row_cells(m) for m in doc["models"]]) + [""]
     notes = [f"- {m['model']}: {m['note']}" for m in doc["models"] if m["note"]]
     lines += notes + ([""] if notes else [])
+    lines += task_eval_markdown(doc["models"])
     lines += ["## Loss curves", "", f"![loss curves]({CURVES_PNG})", ""]
     if doc.get("run_curves"):
         lines += [f"![loss per run]({RUN_CURVES_PNG})", ""]
@@ -397,6 +402,7 @@ def render_html(doc: dict[str, Any], png: bytes) -> str:
         "<ul>" + "".join(f"<li>{e(h)}</li>" for h in doc["highlights"]) + "</ul>",
         "<h2>Results</h2>", "<div class='wide'>" + table(list(COLUMNS), [row_cells(m) for m in doc["models"]]) + "</div>",
         "".join(f"<p>{e(m['model'])}: {e(m['note'])}</p>" for m in doc["models"] if m["note"]),
+        *task_eval_html(doc["models"], table),
         "<h2>Loss curves</h2>",
         f"<img alt='loss curves' src='data:image/png;base64,{base64.b64encode(png).decode()}'>",
         (f"<img alt='loss per run' src='data:image/png;base64,{base64.b64encode(doc['run_curves']).decode()}'>"

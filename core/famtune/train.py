@@ -24,6 +24,7 @@ from famtune.adapters import describe as describe_adapter
 from famtune.backends import training_policy
 from famtune.encoding import IGNORE_INDEX
 from famtune.errors import FamtuneError
+from famtune.evaluate.training import score_during_training
 from famtune.loss import causal_lm_loss
 from famtune.metadata import build_metadata, write_metadata
 from famtune.recipe import Recipe
@@ -264,6 +265,7 @@ class Trainer:
             self.log(f"resumed from {state_dir} at step {step} (epoch {epoch}, batch {micro_in_epoch})")
         else:
             metrics.reset()
+            score_during_training(self, "base")
             before = self.generate(r.evaluation_inputs)
             if before:
                 metrics.write({"step": 0, "generations": before})
@@ -317,6 +319,7 @@ class Trainer:
         bar.close()
         train_wall = time.perf_counter() - t_start
         final = self._evaluate(step, metrics, None)
+        task_eval = score_during_training(self, "tuned")
         self.tracker.finish()
         self._save_final_or_rescue(metrics, step, epoch, micro_in_epoch)
         summary = {"steps": step, "final_loss": last_loss, "eval_loss": final.get("eval_loss"),
@@ -326,6 +329,8 @@ class Trainer:
                    "peak_rss_mib": run_state.peak_rss_mib(), "peak_accelerator_mib": run_state.peak_accelerator_mib(),
                    "family": self.family.describe(), "kernels": self.kernels,
                    "device_policy": self.device_policy.as_dict()}
+        if task_eval:
+            summary["task_eval"] = task_eval
         summary["adapter"] = adapter_settings(r)
         if self.skipped_steps:
             summary["skipped_steps"] = self.skipped_steps
