@@ -14,8 +14,10 @@ def _cmd_train(args, extra: list[str]) -> int:
     from famtune.recipe import load_recipe, parse_overrides
     from famtune.train import train
 
+    if args.resume and args.overwrite:
+        raise FamtuneError("--resume continues a run and --overwrite replaces it; give one of them")
     recipe = load_recipe(args.recipe, parse_overrides(extra))
-    train(recipe, resume=args.resume)
+    train(recipe, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -205,7 +207,10 @@ class _RecipeKeysFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter)
 def _recipe_keys_epilog() -> str:
     from famtune.recipe_help import recipe_keys_help
 
-    return "recipe keys (any of them can be overridden with --key value):\n" + recipe_keys_help()
+    from famtune.validate import aliases_help
+
+    return ("recipe keys (any of them can be overridden with --key value):\n" + recipe_keys_help()
+            + "\n" + aliases_help())
 
 
 def _cmd_eval(args, extra: list[str]) -> int:
@@ -232,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.formatter_class = _RecipeKeysFormatter  # the epilog is a table: keep its line breaks
     t.add_argument("recipe", help="recipe YAML file (`famtune recipes list` shows built-in ones)")
     t.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from the latest checkpoint in output_dir (or the given checkpoint dir)")
+                   help="continue from the newest verified checkpoint in output_dir (or the given checkpoint dir)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in output_dir (its checkpoints, adapter and metrics) instead of refusing")
     t.set_defaults(func=_cmd_train, extra_ok=True)
 
     m = command(sub, "merge", help="merge an adapter into its base and save a full model",
@@ -428,6 +435,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("famtune: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # no traceback reaches a user unless they ask for it
+        if os.environ.get("FAMTUNE_DEBUG") == "1":
+            raise
+        from famtune.durable import is_disk_full
+
+        if is_disk_full(exc):
+            print(f"famtune: error: disk full ({str(exc).splitlines()[0][:200]}); free space and run again "
+                  "(training continues with --resume)", file=sys.stderr)
+            return 2
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        print(f"famtune: error: unexpected {type(exc).__name__}: {first} (FAMTUNE_DEBUG=1 shows the traceback; "
+              "please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

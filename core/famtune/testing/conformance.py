@@ -247,7 +247,7 @@ class _State:
             "lora_dropout": 0.0, "learning_rate": 0.01, "warmup_ratio": 0.0, "batch_size": 3, "max_steps": 1,
             "gradient_checkpointing": False, "packing": False, "progress": False, "logging_steps": 1,
         })
-        summary = train(recipe, log=lambda *a, **k: None)
+        summary = train(recipe, log=lambda *a, **k: None, overwrite=True)  # a reused --workdir is ours
         loss = summary["final_loss"]
         assert isinstance(loss, float) and math.isfinite(loss), f"QLoRA step loss is {loss!r}"
         self.adapter = out
