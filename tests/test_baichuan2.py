@@ -69,12 +69,19 @@ def test_original_checkpoint_is_claimed_as_its_variant(layout):
 
 
 def test_baichuan1_and_plain_llama_are_not_claimed():
-    from famtune_baichuan2.plugin import famtune_claim_checkpoint
+    from famtune.plugins import get_plugins
+
+    def claimed(config):
+        try:
+            return get_plugins().claim(config, "x").name
+        except FamtuneError:  # no family claims it
+            return None
 
     config = read_json(REFERENCE / "baichuan2_13b" / "tiny" / "config.json")
-    assert famtune_claim_checkpoint({**config, "vocab_size": 64000}, "x") is None  # Baichuan (v1)
-    assert famtune_claim_checkpoint({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "x") is None
-    assert famtune_claim_checkpoint({"model_type": "llama", "famtune_family": "qwen2"}, "x") is None
+    assert claimed(config) == "baichuan2-13b"
+    assert claimed({**config, "vocab_size": 64000}) is None  # Baichuan (v1)
+    assert claimed({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}) is None
+    assert claimed({"model_type": "llama", "famtune_family": "qwen2"}) == "qwen2"  # the marker names another family
 
 
 # -- model parity -----------------------------------------------------------------------------------
@@ -202,11 +209,11 @@ def assert_same_tensors(left: dict, right: dict):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_original_native_original_round_trip_is_bit_exact(layout, tmp_path):
-    from famtune_baichuan2 import convert, loader
+    from famtune_baichuan2 import convert
 
     source = REFERENCE / layout / "tiny"
     config = read_json(source / "config.json")
-    native = loader.native_dir(str(source), config)
+    native = convert.native_dir(str(source), config)
     assert Path(native).is_relative_to(tmp_path)
     ckpt = open_checkpoint(str(native))
     assert ckpt.family.name == LAYOUTS[layout]
@@ -253,12 +260,13 @@ def write_shards(directory: Path, tensors: dict, shards: list[list[str]]) -> Non
 
 
 def read_shards(directory: Path) -> dict:
-    files = set(read_json(directory / "model.safetensors.index.json")["weight_map"].values())
+    index = directory / "model.safetensors.index.json"
+    files = set(read_json(index)["weight_map"].values()) if index.exists() else {"model.safetensors"}
     return {k: v for f in files for k, v in load_file(directory / f).items()}
 
 
 def test_sharded_checkpoints_convert_both_ways(tmp_path):
-    from famtune_baichuan2 import convert, loader
+    from famtune_baichuan2 import convert
 
     source = REFERENCE / "baichuan2_13b" / "tiny"
     config = read_json(source / "config.json")
@@ -271,13 +279,13 @@ def test_sharded_checkpoints_convert_both_ways(tmp_path):
     _, model = load(sharded)
     assert max_logit_diff(model, "baichuan2_13b") <= TOLERANCE
     # A native layout saved with each layer's q_proj in another shard than its k_proj/v_proj.
-    native = Path(loader.native_dir(str(sharded), config))
+    native = Path(convert.native_dir(str(sharded), config))
     split = tmp_path / "split"
     shutil.copytree(native, split, ignore=shutil.ignore_patterns("model*.safetensors*"))
     tensors = read_shards(native)
     first = sorted(n for n in tensors if "q_proj" in n)
     write_shards(split, tensors, [first, sorted(set(tensors) - set(first))])
-    assert loader.write_original_layout(str(split), str(tmp_path / "back"), config)
+    assert convert.write_original_layout(str(split), str(tmp_path / "back"), config)
     assert_same_tensors(read_shards(tmp_path / "back"), original)
 
 

@@ -22,7 +22,7 @@ from famtune.encoding import IGNORE_INDEX
 from famtune.errors import FamtuneError
 from famtune.plugins import get_plugins
 
-from famtune_chatglm import layout, plugin
+from famtune_chatglm import convert as layout
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference" / "chatglm3"
 TINY = REF / "tiny"
@@ -200,22 +200,30 @@ def test_plugin_provides_both_families():
     assert get_plugins().families_of("chatglm") == ["chatglm3", "glm4"]
 
 
+def claimed(config, path):
+    """The family famtune's claim picks for ``config``, or None when no family claims it."""
+    try:
+        return get_plugins().claim(config, path).name
+    except FamtuneError:
+        return None
+
+
 def test_claims(tmp_path):
-    assert plugin.famtune_claim_checkpoint(ORIGINAL_CONFIG, str(TINY)) == "chatglm3"
+    assert claimed(ORIGINAL_CONFIG, str(TINY)) == "chatglm3"
     glm4 = tmp_path / "glm4"
     make_glm4_checkpoint(glm4)
-    assert plugin.famtune_claim_checkpoint(json.loads((glm4 / "config.json").read_text()), str(glm4)) == "glm4"
+    assert claimed(json.loads((glm4 / "config.json").read_text()), str(glm4)) == "glm4"
     # the released GLM-4 config is recognised even without its tokenizer_config.json
-    assert plugin.famtune_claim_checkpoint(glm4_config("bfloat16"), str(tmp_path)) == "glm4"
+    assert claimed(glm4_config("bfloat16"), str(tmp_path)) == "glm4"
     native = {"model_type": "glm", "architectures": ["GlmForCausalLM"]}
-    assert plugin.famtune_claim_checkpoint({**native, "famtune_family": "glm4"}, str(tmp_path)) == "glm4"
-    assert plugin.famtune_claim_checkpoint(native, str(tmp_path)) is None  # no marker: not ours
-    assert plugin.famtune_claim_checkpoint({"model_type": "llama"}, str(tmp_path)) is None
+    assert claimed({**native, "famtune_family": "glm4"}, str(tmp_path)) == "glm4"
+    assert claimed(native, str(tmp_path)) is None  # no marker: not ours
+    assert claimed({"model_type": "llama"}, str(tmp_path)) is None
     # ChatGLM-6B (v1) shares model_type "chatglm" but is another architecture
     v1 = {"model_type": "chatglm", "position_encoding_2d": True, "inner_hidden_size": 16384, "vocab_size": 130528}
-    assert plugin.famtune_claim_checkpoint(v1, str(tmp_path)) is None
+    assert claimed(v1, str(tmp_path)) is None
     chatglm2 = {**ORIGINAL_CONFIG, "_name_or_path": "THUDM/chatglm2-6b"}
-    assert plugin.famtune_claim_checkpoint(chatglm2, str(tmp_path)) is None
+    assert claimed(chatglm2, str(tmp_path)) is None
 
 
 # --- ChatGLM3 model -------------------------------------------------------------------------------

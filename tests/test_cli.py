@@ -28,8 +28,8 @@ def test_recipe_overrides_and_errors(tmp_path):
     recipe.write_text("model: m\ndata: d.jsonl\nlora_r: 8\nevaluation_inputs: [hi]\n")
     r = load_recipe(str(recipe), parse_overrides(["--lora_r", "32", "--learning-rate=1e-3", "--skip_bad_records"]))
     assert (r.lora_r, r.learning_rate, r.skip_bad_records, r.evaluation_inputs) == (32, 1e-3, True, ["hi"])
-    recipe.write_text("model: m\ndata: d.jsonl\nlora_rank: 8\n")
-    with pytest.raises(FamtuneError, match=r"r.yaml: unknown recipe key 'lora_rank' \(did you mean lora_r"):
+    recipe.write_text("model: m\ndata: d.jsonl\nlora_rnak: 8\n")
+    with pytest.raises(FamtuneError, match=r"r.yaml: unknown recipe key 'lora_rnak' \(did you mean lora_r"):
         load_recipe(str(recipe))
     recipe.write_text("model: m\ndata: d.jsonl\nbatch_size: two\n")
     with pytest.raises(FamtuneError, match=r"r.yaml: batch_size is 'two' \(str\); expected int"):

@@ -40,3 +40,41 @@ def test_unknown_plugin_is_a_one_line_error():
     assert len(res.stderr.strip().splitlines()) == 1
     res = famtune_cli("plugins", "check", "qwen", "--family", "qwen9", check=False)
     assert res.returncode == 2 and "provides no family 'qwen9'; it provides qwen1, qwen2" in res.stderr
+
+
+def test_packing_check_fails_a_family_whose_packed_samples_mix(tmp_path, monkeypatch):
+    """A model that drops position ids attends across packed samples: declared packable, the strict
+    check must fail it (the logits of every sample after the first in a row change)."""
+    import types
+
+    import famtune
+    from transformers import LlamaForCausalLM
+
+    from famtune.demo import demo_corpus
+    from famtune.plugins import PluginSet
+    from famtune.testing.conformance import _State
+    from famtune.types import PluginInfo
+    from famtune_internlm2 import convert
+    from famtune_internlm2.family import InternLM2
+
+    class NoPositions(LlamaForCausalLM):
+        def forward(self, *args, position_ids=None, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    class Leaky(InternLM2):
+        name = "leaky"
+
+        def load_model(self, path, load_kwargs):
+            return NoPositions.from_pretrained(str(convert.native_cache_dir(path)), **load_kwargs)
+
+    monkeypatch.setenv("FAMTUNE_CACHE", str(tmp_path / "cache"))
+    leaky = types.ModuleType("leaky")
+    leaky.famtune_register_families = famtune.hookimpl(lambda register: register(Leaky()))
+    plugins = PluginSet()
+    plugins.register(leaky, PluginInfo("leaky", "famtune-leaky", "0.1"))
+    plugins._check_pending()
+    family = Family(plugins, "leaky", "leaky")
+    tiny = tmp_path / "tiny"
+    assert family.tiny_checkpoint(str(tiny), demo_corpus()) and family.supports_packing()
+    with pytest.raises(AssertionError, match="a packed sample's logits differ from the sample alone"):
+        _State(family, tiny, tmp_path).packing()

@@ -65,15 +65,16 @@ def test_reference_signature_and_firstresult_match_the_code(name):
 
 
 def test_signature_parser_catches_a_difference():
-    section = "```python\ndef famtune_chat_template(family: str, extra: int) -> str\n```"
-    assert _documented_signature("famtune_chat_template", section) != _code_signature(SPECS["famtune_chat_template"])
-    section = "```python\ndef famtune_chat_template(family: str) -> list[str]\n```"
-    assert _documented_signature("famtune_chat_template", section) != _code_signature(SPECS["famtune_chat_template"])
+    name = "famtune_resolve_model_source"
+    section = f"```python\ndef {name}(spec: str, extra: int) -> str | None\n```"
+    assert _documented_signature(name, section) != _code_signature(SPECS[name])
+    section = f"```python\ndef {name}(spec: str) -> list[str]\n```"
+    assert _documented_signature(name, section) != _code_signature(SPECS[name])
 
 
 def test_user_and_author_docs_are_apart_and_linked():
     index = (DOCS / "README.md").read_text(encoding="utf-8")
-    for page in ("users/plugins.md", "authors/hooks.md", "authors/tutorial.md"):
+    for page in ("users/plugins.md", "authors/hooks.md", "authors/tutorial.md", "authors/migrating.md"):
         assert (DOCS / page).exists() and f"({page})" in index, page
     users = (DOCS / "users" / "plugins.md").read_text(encoding="utf-8")
     for topic in ("pip install", "famtune plugins", "FAMTUNE_LOAD_PLUGINS", "pip uninstall", "famtune plugins check"):
@@ -85,3 +86,15 @@ def test_user_and_author_docs_are_apart_and_linked():
         assert step in tutorial, step
     readme = (DOCS.parent / "README.md").read_text(encoding="utf-8")
     assert "docs/" in readme
+
+
+def test_tutorial_excerpts_are_the_example_plugins_code():
+    """Every python block of the tutorial that is code (not a signature) appears verbatim in a file of
+    examples/famtune-llama3, which tests/test_example_plugin.py installs and runs."""
+    tutorial = (DOCS / "authors" / "tutorial.md").read_text(encoding="utf-8")
+    example = DOCS.parent / "examples" / "famtune-llama3"
+    sources = {p: p.read_text(encoding="utf-8") for p in example.rglob("*.py")}
+    blocks = re.findall(r"```python\n(.*?)```", tutorial, flags=re.DOTALL)
+    assert len(blocks) >= 5
+    for block in blocks:
+        assert any(block in text for text in sources.values()), f"not in the example plugin:\n{block}"

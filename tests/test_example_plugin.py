@@ -16,7 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "famtune-llama3"
 # The modules docs/authors/hooks.md lists as famtune's public plugin API.
-PUBLIC_API = {"famtune", "famtune.encoding", "famtune.types", "famtune.tiny"}
+PUBLIC_API = {"famtune", "famtune.family", "famtune.chatformat", "famtune.convert", "famtune.encoding",
+              "famtune.types", "famtune.tiny"}
 
 
 def _famtune(target: Path, *args: str):
@@ -54,7 +55,7 @@ def test_not_installed_here_but_discovered_from_the_target(site):
     listed = json.loads(_famtune(site, "plugins", "--json").stdout)
     [me] = [p for p in listed["plugins"] if p["name"] == "llama3"]
     assert (me["distribution"], me["version"], me["families"]) == ("famtune-llama3", "0.1.0", ["llama3"])
-    assert "famtune_tiny_checkpoint" in me["hooks"] and "famtune_supports_packing" in me["hooks"]
+    assert me["hooks"] == ["famtune_register_families"]  # contract v2: registration only
     assert listed["broken"] == []
 
 

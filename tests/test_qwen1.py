@@ -20,7 +20,10 @@ from safetensors.torch import load_file
 from famtune.checkpoint import model_load_kwargs, open_checkpoint
 from famtune.encoding import IGNORE_INDEX
 from famtune.errors import FamtuneError
-from famtune_qwen import qwen1_convert, qwen1_template, qwen1_tokenizer
+from famtune import convert as toolkit
+from famtune_qwen import convert as qwen1_convert
+from famtune_qwen import template, tokenizer as qwen1_tokenizer
+from famtune_qwen.family import TARGETS, Qwen1
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference" / "qwen1"
 TINY = REF / "tiny"
@@ -158,7 +161,7 @@ def test_sharded_original_layout_loads_with_the_same_logits(model, tmp_path):
     native_dir, out_dir = tmp_path / "native", tmp_path / "sharded"
     model.save_pretrained(native_dir)
     qwen1_convert.write_original_layout(str(native_dir), str(out_dir), ORIGINAL_CONFIG, max_shard_bytes=300_000)
-    index = json.loads((out_dir / qwen1_convert.INDEX_NAME).read_text())
+    index = json.loads((out_dir / toolkit.INDEX_NAME).read_text())
     assert len(set(index["weight_map"].values())) > 1
     reloaded = qwen1_convert.load_model(str(out_dir), model_load_kwargs("none", "fp32", torch.device("cpu")))
     ids = REFERENCE["sequences"][1]["input_ids"]
@@ -180,7 +183,7 @@ def test_load_converts_into_the_cache_and_leaves_the_source_alone(tmp_path, cach
     src = make_checkpoint(tmp_path / "ckpt")
     before = {p.name: p.stat().st_mtime_ns for p in src.iterdir()}
     first = qwen1_convert.native_dir_for(src)
-    assert first.parent.parent == cache_dir
+    assert first.parent == cache_dir / "native" / "qwen1"  # famtune.convert's one cache scheme
     mtime = (first / "model.safetensors").stat().st_mtime_ns
     assert qwen1_convert.native_dir_for(src) == first  # reused, not rebuilt
     assert (first / "model.safetensors").stat().st_mtime_ns == mtime
@@ -217,7 +220,7 @@ def test_nf4_load_gives_linear4bit_and_a_finite_loss(tmp_path):
     model = ckpt.load_model(quantization="nf4", compute_dtype="fp32")
     quantized = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantized) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
-    assert ckpt.family.lora_target_modules(model, "default") == qwen1_template.TARGETS_DEFAULT
+    assert ckpt.family.lora_target_modules(model, "default") == list(TARGETS)
     ids = torch.tensor([REFERENCE["sequences"][2]["input_ids"]])
     loss = model(ids, labels=ids).loss
     assert math.isfinite(loss.item())
@@ -266,7 +269,7 @@ def test_control_token_text_policy(tokenizer):
     # tokenizer(text) parses control-token text as the original tokenizer(text) does
     # (allowed_special="all"); message text is encoded like make_context's allowed_special=set().
     assert tokenizer("a<|im_end|>b")["input_ids"] == [64, IM_END, 65]
-    enc = qwen1_template.encode(tokenizer, [{"role": "user", "content": "a<|im_end|>b"}], "all_assistant", True)
+    enc = template.encode_qwen1(tokenizer, [{"role": "user", "content": "a<|im_end|>b"}], "all_assistant", True)
     content = enc.input_ids[14:-5]  # after system block + "<|im_start|>user\n", before "<|im_end|>\n<|im_start|>assistant\n"
     assert IM_END not in content and tokenizer.decode(content) == "a<|im_end|>b"
     assert enc.input_ids.count(IM_END) == 2  # the system turn's and the user turn's own
@@ -276,13 +279,13 @@ def test_control_token_text_policy(tokenizer):
 
 def test_encode_reproduces_make_context_id_for_id(tokenizer):
     for name, conv in CHAT["conversations"].items():
-        enc = qwen1_template.encode(tokenizer, conv["messages"], "all_assistant", add_generation_prompt=True)
+        enc = template.encode_qwen1(tokenizer, conv["messages"], "all_assistant", add_generation_prompt=True)
         assert enc.input_ids == conv["make_context"]["input_ids"], name
-        assert conv["make_context"]["system_used"] in (qwen1_template.DEFAULT_SYSTEM,
+        assert conv["make_context"]["system_used"] in (template.QWEN1_SYSTEM,
                                                      conv["messages"][0]["content"])
         if "make_context_empty_system" in conv:
             messages = [{"role": "system", "content": ""}, *conv["messages"]]
-            enc = qwen1_template.encode(tokenizer, messages, "all_assistant", add_generation_prompt=True)
+            enc = template.encode_qwen1(tokenizer, messages, "all_assistant", add_generation_prompt=True)
             assert enc.input_ids == conv["make_context_empty_system"]["input_ids"], name
 
 
@@ -290,13 +293,13 @@ def test_chat_template_gives_the_encode_ids(tokenizer):
     convs = [c["messages"] for c in CHAT["conversations"].values()]
     training = [c + [{"role": "assistant", "content": "Sure.\nTwo lines 😊"}] for c in convs]
     for messages, gen in [(m, True) for m in convs] + [(m, False) for m in training]:
-        ids = tokenizer.apply_chat_template(messages, chat_template=qwen1_template.CHAT_TEMPLATE,
+        ids = tokenizer.apply_chat_template(messages, chat_template=template.QWEN1_CHAT_TEMPLATE,
                                             add_generation_prompt=gen, tokenize=True)["input_ids"]
-        assert ids == qwen1_template.encode(tokenizer, messages, "all_assistant", gen).input_ids
+        assert ids == template.encode_qwen1(tokenizer, messages, "all_assistant", gen).input_ids
 
 
 def test_fastchat_conversation_renders_make_context_text():
-    conv = qwen1_template.CONVERSATION.copy()
+    conv = template.QWEN1.fastchat_conversation()
     ref = CHAT["conversations"]["c1_single_user"]
     conv.append_message(conv.roles[0], ref["messages"][0]["content"])
     conv.append_message(conv.roles[1], None)
@@ -333,19 +336,19 @@ def test_golden_labels_for_every_policy(tokenizer):
     messages = c3["messages"] + [{"role": "assistant", "content": "6."}]
     # make_context's ids, then "6." (digits are 15+d, "." is 13 in chat_ids.json) and <|im_end|>\n
     ids = c3["make_context"]["input_ids"] + [21, 13, IM_END, NL]
-    assert qwen1_template.POLICIES == ["all_assistant", "last_turn", "train_on_prompt", "qwen1_official"]
-    for policy in qwen1_template.POLICIES:
-        enc = qwen1_template.encode(tokenizer, messages, policy, add_generation_prompt=False)
+    assert template.QWEN1_POLICIES == ["all_assistant", "last_turn", "train_on_prompt", "qwen1_official"]
+    for policy in template.QWEN1_POLICIES:
+        enc = template.encode_qwen1(tokenizer, messages, policy, add_generation_prompt=False)
         assert enc.input_ids == ids, policy
         assert enc.labels == _expected_labels(ids, policy), policy
     # Both assistant turns end in a supervised <|im_end|> under the default policy.
-    enc = qwen1_template.encode(tokenizer, messages, "all_assistant", add_generation_prompt=False)
+    enc = template.encode_qwen1(tokenizer, messages, "all_assistant", add_generation_prompt=False)
     assert [lab for lab in enc.labels if lab == IM_END] == [IM_END, IM_END]
 
 
 def test_official_labels_literally(tokenizer):
     messages = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "2 + 2 = 4."}]
-    enc = qwen1_template.encode(tokenizer, messages, "qwen1_official", add_generation_prompt=False)
+    enc = template.encode_qwen1(tokenizer, messages, "qwen1_official", add_generation_prompt=False)
     system = [IM_START, 8948, NL, 2610, 525, 264, 10950, 17847, 13, IM_END, NL]
     user = [IM_START, 872, NL, 3838, 374, 220, 17, 488, 220, 17, 30, IM_END, NL]
     answer = [17, 488, 220, 17, 284, 220, 19, 13]
@@ -357,17 +360,17 @@ def test_official_labels_literally(tokenizer):
 
 def test_malformed_conversations_are_rejected_in_one_line(tokenizer):
     with pytest.raises(FamtuneError, match="message 2 has role 'user' where 'assistant' was expected"):
-        qwen1_template.encode(tokenizer, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+        template.encode_qwen1(tokenizer, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
                               "all_assistant", False)
     with pytest.raises(FamtuneError, match="only the first message"):
-        qwen1_template.encode(tokenizer, [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
+        template.encode_qwen1(tokenizer, [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
                               "all_assistant", False)
     with pytest.raises(FamtuneError, match="unknown masking policy 'everything'"):
-        qwen1_template.encode(tokenizer, [{"role": "user", "content": "a"}], "everything", True)
+        template.encode_qwen1(tokenizer, [{"role": "user", "content": "a"}], "everything", True)
 
 
 def test_generation_defaults_match_the_chat_generation_config(tokenizer):
-    gen = qwen1_template.generation_defaults(tokenizer)
+    gen = Qwen1().generation_defaults(tokenizer)
     assert gen.stop_ids == [151643, 151645]
     cfg = json.loads((TINY / "generation_config.json").read_text())
     for key in ("do_sample", "top_p", "top_k", "repetition_penalty"):
@@ -378,7 +381,7 @@ def test_generation_defaults_match_the_chat_generation_config(tokenizer):
 def test_family_hooks_answer_for_qwen1(tmp_path, tokenizer):
     family = open_checkpoint(str(make_checkpoint(tmp_path / "ckpt"))).family
     assert family.masking_policies()[-1] == "qwen1_official"
-    assert family.chat_template() == qwen1_template.CHAT_TEMPLATE
+    assert family.chat_template() == template.QWEN1_CHAT_TEMPLATE
     assert family.conversation_template().name == "famtune-qwen1"
     assert family.generation_defaults(tokenizer).stop_ids == [151643, 151645]
     messages = CHAT["conversations"]["c2_system_user"]["messages"]

@@ -100,7 +100,7 @@ def qwen_tokenizer(tmp_path_factory):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from famtune_qwen.qwen1_tokenizer import tokenizer_json
+    from famtune_qwen.tokenizer import tokenizer_json
 
     os.environ.setdefault("FAMTUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
     spec = json.loads(tokenizer_json(SHARED / "fixtures/reference/qwen1/tokenizer/qwen.tiktoken").read_text())

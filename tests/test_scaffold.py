@@ -17,11 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # name -> (version, [(file, old, new)]): each breaks the generated plugin in one way.
 BROKEN = {
     "noimport": ("0.2.0", [("plugin.py", "import famtune\n", "import famtune\nimport acme_runtime_not_installed\n")]),
-    "typo": ("0.3.0", [("plugin.py", "def famtune_supports_packing(", "def famtune_supports_packng(")]),
-    "badfams": ("0.4.0", [("plugin.py", "    return [FAMILY]\n", "    return FAMILY\n")]),
-    "badclaim": ("0.5.0", [("plugin.py", "    if config.get(MARKER_KEY) is not None:", "    return 42\n    if 0:")]),
+    "typo": ("0.3.0", [("plugin.py", "def famtune_register_families(", "def famtune_register_familes(")]),
+    "badfams": ("0.4.0", [("plugin.py", "    register(", "    register(object())\n    register(")]),
+    "badclaim": ("0.5.0", [("family.py", "    def claims(self, config: dict[str, Any], path: str) -> bool:\n",
+                            "    def claims(self, config: dict[str, Any], path: str) -> bool:\n"
+                            "        raise RuntimeError('the claim exploded')\n")]),
     "twina": ("0.6.0", []),
-    "twinb": ("0.7.0", [("plugin.py", 'FAMILY = "twinb"', 'FAMILY = "twina"')]),
+    "twinb": ("0.7.0", [("family.py", '    name = "twinb"', '    name = "twina"')]),
 }
 
 
@@ -56,7 +58,7 @@ def built(tmp_path_factory):
         famtune_cli("plugin", "new", name, "--dir", str(root))
     # The end-of-turn token left unsupervised: a model trained so never learns to stop.
     _edit(root / "famtune-faulty", "faulty", "0.1.0",
-          [("template.py", "b.assistant_ids([end], turn)", "b.prompt_ids([end])")])
+          [("template.py", "assistant_suffix=EOT,", 'assistant_suffix="", assistant_trailer=EOT,')])
     for name, (version, edits) in BROKEN.items():
         _edit(root / f"famtune-{name}", name, version, edits)
     wheels = root / "wheels"
@@ -77,14 +79,17 @@ def test_generated_package_layout(built, tmp_path):
     pkg = Path(famtune_cli("plugin", "new", "acme", "--dir", str(tmp_path)).stdout.split(" to ")[1].split(";")[0])
     assert pkg == tmp_path.resolve() / "famtune-acme"
     assert sorted(str(p.relative_to(pkg)) for p in pkg.rglob("*") if p.is_file()) == [
-        "README.md", "famtune_acme/__init__.py", "famtune_acme/plugin.py", "famtune_acme/template.py",
-        "famtune_acme/tiny.py", "pyproject.toml", "tests/test_plugin.py"]
+        "README.md", "famtune_acme/__init__.py", "famtune_acme/family.py", "famtune_acme/plugin.py",
+        "famtune_acme/template.py", "famtune_acme/tiny.py", "pyproject.toml", "tests/test_plugin.py"]
     assert '[project.entry-points.famtune]\nacme = "famtune_acme.plugin"' in (pkg / "pyproject.toml").read_text()
-    from famtune import hookspecs
-
-    plugin_py = (pkg / "famtune_acme" / "plugin.py").read_text()
-    specs = [n for n in vars(hookspecs) if n.startswith("famtune_")]
-    assert [s for s in specs if f"def {s}(" not in plugin_py] == []
+    # Generated from the example plugin's files, renamed: no second copy of the plugin to drift.
+    example = ROOT / "examples" / "famtune-llama3" / "famtune_llama3"
+    for file in ("plugin.py", "family.py", "template.py", "tiny.py"):
+        ours = (pkg / "famtune_acme" / file).read_text()
+        theirs = (example / file).read_text()
+        assert ours == theirs.replace("famtune_llama3", "famtune_acme").replace("Llama3", "Acme").replace(
+            "LLAMA3", "ACME").replace("llama3", "acme"), file
+    assert "def famtune_register_families(" in (pkg / "famtune_acme" / "plugin.py").read_text()
     res = _famtune("plugin", "new", "acme", "--dir", str(root))
     assert res.returncode == 2 and "already exists and is not empty" in res.stderr
     res = _famtune("plugin", "new", "Bad Name", "--dir", str(root))
@@ -112,7 +117,7 @@ def test_generated_plugin_is_discovered_in_a_fresh_venv(built, tmp_path):
     listed = json.loads(res.stdout)
     assert [(p["name"], p["distribution"], p["version"], p["families"]) for p in listed["plugins"]] == [
         ("acme", "famtune-acme", "0.1.0", ["acme"])]
-    assert len(listed["plugins"][0]["hooks"]) == 13 and listed["broken"] == []
+    assert listed["plugins"][0]["hooks"] == ["famtune_register_families"] and listed["broken"] == []
 
 
 def test_generated_plugin_passes_its_own_tests(built, tmp_path):
@@ -122,7 +127,7 @@ def test_generated_plugin_passes_its_own_tests(built, tmp_path):
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "famtune-acme" /
                           "tests")], capture_output=True, text=True, env=_env(target), cwd=tmp_path, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:]
-    assert "2 passed" in res.stdout
+    assert "3 passed" in res.stdout
 
 
 def test_conformance_catches_an_unsupervised_end_of_turn(built, tmp_path):
@@ -149,8 +154,8 @@ def test_broken_plugins_are_named_and_the_rest_keep_working(built, tmp_path, tin
     for name, b in broken.items():
         assert (b["distribution"], b["version"]) == (f"famtune-{name}", BROKEN[name][0])
     assert "No module named 'acme_runtime_not_installed'" in broken["noimport"]["error"]
-    assert "'famtune_supports_packng' (misspelled?)" in broken["typo"]["error"]
-    assert "famtune_families returned 'badfams', not a list" in broken["badfams"]["error"]
+    assert "'famtune_register_familes' (misspelled?)" in broken["typo"]["error"]
+    assert "registered object, not a famtune.family.ModelFamily" in broken["badfams"]["error"]
     assert "family 'twina' is also provided by plugin 'twinb' (famtune-twinb 0.7.0)" in broken["twina"]["error"]
     assert "plugin 'twina' (famtune-twina 0.6.0)" in broken["twinb"]["error"]
     loaded = [p["name"] for p in listed["plugins"]]
@@ -167,7 +172,8 @@ def test_broken_plugins_are_named_and_the_rest_keep_working(built, tmp_path, tin
     warnings = [line for line in res.stderr.splitlines() if line.startswith("famtune: warning:")]
     for name in ("noimport", "typo", "badfams", "twina", "twinb"):
         assert any(f"plugin '{name}' (famtune-{name} {BROKEN[name][0]}) is disabled" in w for w in warnings), name
-    assert any("plugin 'badclaim' (famtune-badclaim 0.5.0): famtune_claim_checkpoint returned 42" in w
+    assert any("plugin 'badclaim' (famtune-badclaim 0.5.0): family 'badclaim' claims() raised RuntimeError: "
+               "the claim exploded" in w
                for w in warnings)
 
     bypass = _famtune("plugins", "--json", target=target, FAMTUNE_LOAD_PLUGINS="")

@@ -14,8 +14,16 @@ from typing import Any
 from famtune.errors import FamtuneError
 from famtune.quantization import bitsandbytes_config, nf4_config, use_nf4_kernel
 from famtune.plugins import Family, get_plugins
+from famtune.sources import MODELSCOPE_PREFIX  # noqa: F401  (public here since 0.1)
 
-from famtune.sources import MODELSCOPE_PREFIX, resolve_source  # noqa: F401  (public here since 0.1)
+
+def resolve_source(spec: str) -> str:
+    """A local directory holding the checkpoint named by ``spec``, downloading it if needed.
+
+    Asks ``famtune_resolve_model_source``: plugins first, famtune's own resolvers
+    (``famtune.sources``: local directory, Hugging Face, ModelScope) last.
+    """
+    return get_plugins().resolve_model_source(spec)
 
 
 def read_json(path: str | Path) -> dict[str, Any]:

@@ -15,11 +15,13 @@ def _cmd_train(args, extra: list[str]) -> int:
     from famtune.recipe import load_recipe, parse_overrides
     from famtune.train import train
 
+    if args.resume and args.overwrite:
+        raise FamtuneError("--resume continues a run and --overwrite replaces it; give one of them")
     recipe = load_recipe(args.recipe, parse_overrides(extra))
     opts = launch.LaunchOptions.from_args(args)
     if opts is not None:  # several processes: this one becomes torchrun's agent
         return launch.launch(opts, launch.worker_args(args, extra), recipe.output_dir)
-    train(recipe, resume=distributed.resume_after_restart(args.resume, recipe.output_dir))
+    train(recipe, resume=distributed.resume_after_restart(args.resume, recipe.output_dir), overwrite=args.overwrite)
     return 0
 
 
@@ -56,7 +58,8 @@ def _cmd_plugins(args, extra: list[str]) -> int:
 
     plugins = get_plugins()
     rows = [{"name": n, "distribution": i.distribution, "version": i.version,
-             "families": plugins.families_of(n), "hooks": plugins.hooks_of(n)} for n, i in plugins.infos.items()]
+             "families": plugins.families_of(n), "hooks": plugins.hooks_of(n), **plugins.extensions_of(n)}
+            for n, i in plugins.infos.items()]
     broken = [{"name": b.info.name, "distribution": b.info.distribution, "version": b.info.version,
                "error": b.error} for b in plugins.broken]
     if args.json:
@@ -68,6 +71,9 @@ def _cmd_plugins(args, extra: list[str]) -> int:
         print(f"{r['name']} ({r['distribution']} {r['version']})")
         print(f"  families: {', '.join(r['families']) or '-'}")
         print(f"  hooks:    {', '.join(h.removeprefix('famtune_') for h in r['hooks'])}")
+        for kind in ("masking_policies", "data_formats"):
+            if r[kind]:
+                print(f"  {kind.replace('_', ' ')}: {', '.join(r[kind])}")
     for b in broken:
         print(f"{b['name']} ({b['distribution']} {b['version']}): DISABLED: {b['error']}")
     return 0
@@ -214,7 +220,10 @@ class _RecipeKeysFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter)
 def _recipe_keys_epilog() -> str:
     from famtune.recipe_help import recipe_keys_help
 
-    return "recipe keys (any of them can be overridden with --key value):\n" + recipe_keys_help()
+    from famtune.validate import aliases_help
+
+    return ("recipe keys (any of them can be overridden with --key value):\n" + recipe_keys_help()
+            + "\n" + aliases_help())
 
 
 def _cmd_eval(args, extra: list[str]) -> int:
@@ -241,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.formatter_class = _RecipeKeysFormatter  # the epilog is a table: keep its line breaks
     t.add_argument("recipe", help="recipe YAML file (`famtune recipes list` shows built-in ones)")
     t.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from the latest checkpoint in output_dir (or the given checkpoint dir)")
+                   help="continue from the newest verified checkpoint in output_dir (or the given checkpoint dir)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in output_dir (its checkpoints, adapter and metrics) instead of refusing")
     from famtune.launch import add_arguments as add_launch_arguments
 
     add_launch_arguments(t)
@@ -391,7 +402,21 @@ def build_parser() -> argparse.ArgumentParser:
                              "the device and the bitsandbytes backend, and warn about known-bad combinations.")
     ev.add_argument("--json", action="store_true", help="print JSON instead of text")
     ev.set_defaults(func=_cmd_env)
+    _add_plugin_commands(sub)
     return p
+
+
+def _add_plugin_commands(sub) -> None:
+    """Plugins' own subcommands (famtune_register_commands); a failing plugin costs only its commands."""
+    from famtune.plugins import get_plugins
+
+    try:
+        get_plugins().add_commands(sub)
+    except FamtuneError:
+        pass  # a plugin set that cannot load is reported by the command that needs it
+    except Exception as exc:
+        print(f"famtune: warning: a plugin's famtune_register_commands raised {type(exc).__name__}: {exc}",
+              file=sys.stderr)
 
 
 def _quiet_libraries() -> None:
@@ -428,6 +453,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("famtune: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # no traceback reaches a user unless they ask for it
+        if os.environ.get("FAMTUNE_DEBUG") == "1":
+            raise
+        from famtune.durable import is_disk_full
+
+        if is_disk_full(exc):
+            print(f"famtune: error: disk full ({str(exc).splitlines()[0][:200]}); free space and run again "
+                  "(training continues with --resume)", file=sys.stderr)
+            return 2
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        print(f"famtune: error: unexpected {type(exc).__name__}: {first} (FAMTUNE_DEBUG=1 shows the traceback; "
+              "please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

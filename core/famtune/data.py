@@ -115,8 +115,8 @@ def read_conversations(path: str, fmt: str = "auto", skip_bad_records: bool = Fa
     unreadable or empty file, for the first bad record (unless ``skip_bad_records``), for broken
     JSON inside an array, and when no record at all could be used.
     """
-    if fmt != "auto" and fmt not in FORMATS:
-        raise FamtuneError(f"unknown data format {_quote(fmt)}; expected one of auto, {', '.join(FORMATS)}")
+    if fmt != "auto" and fmt not in _formats():
+        raise FamtuneError(f"unknown data format {_quote(fmt)}; expected one of auto, {', '.join(_formats())}")
     source = os.fspath(path)
     text = _read_text(source)
 
@@ -134,7 +134,7 @@ def read_conversations(path: str, fmt: str = "auto", skip_bad_records: bool = Fa
             else:
                 _check_format(record, chosen, origin)
                 record_format = chosen
-            messages = _NORMALISERS[record_format](record)
+            messages = _to_messages(record_format, record)
         except _BadRecord as bad:
             if not skip_bad_records:
                 raise DataError(source, line, bad.problem, bad.advice) from None
@@ -260,7 +260,7 @@ def _array_records(source: str, text: str, start: int) -> Iterator[_Record]:
 
 
 def _formats_marked(record: dict) -> list[str]:
-    return [name for name in FORMATS if _FORMAT_KEYS[name] in record]
+    return [name for name, f in _formats().items() if f.marker_key in record]
 
 
 def _as_object(value: Any) -> dict:
@@ -278,12 +278,12 @@ def _detect_or_explain(record: dict) -> str:
             f"the record has the keys of several formats ({', '.join(found)})",
             "keep one, or choose the format explicitly",
         )
-    markers = ", ".join(f'"{_FORMAT_KEYS[name]}"' for name in FORMATS)
+    markers = ", ".join(f'"{f.marker_key}"' for f in _formats().values())
     keys = ", ".join(_quote(key) for key in list(record)[:4]) + (", ..." if len(record) > 4 else "")
     has = f"it has {keys}" if record else "it is empty"
     raise _BadRecord(
         f"the record has none of the keys {markers} ({has})",
-        f"use one of the formats {', '.join(FORMATS)}",
+        f"use one of the formats {', '.join(_formats())}",
     )
 
 
@@ -297,7 +297,7 @@ def _check_format(record: dict, chosen: str, origin: int | None) -> None:
         expected, advice = f"{chosen} like line {origin}", "use one format per file"
     if found:
         raise _BadRecord(f"the record is in {found[0]} format, not {expected}", advice)
-    raise _BadRecord(f'the record has no "{_FORMAT_KEYS[chosen]}" key, expected for {expected}', advice)
+    raise _BadRecord(f'the record has no "{_formats()[chosen].marker_key}" key, expected for {expected}', advice)
 
 
 # --- normalising each format --------------------------------------------------------------------
@@ -387,6 +387,25 @@ _NORMALISERS: dict[str, Callable[[dict], list[dict[str, str]]]] = {
     "alpaca": _from_alpaca,
     "sharegpt": _from_sharegpt,
 }
+
+
+def _formats() -> dict:
+    """Every data format by name: the four above (registered by ``famtune.builtins``) and plugins' own."""
+    from famtune.plugins import get_plugins
+
+    return get_plugins().data_formats()
+
+
+def _to_messages(name: str, record: dict) -> list[dict[str, str]]:
+    fmt = _formats()[name]
+    if name in _NORMALISERS and fmt.to_messages is _NORMALISERS[name]:
+        return fmt.to_messages(record)
+    # A plugin's format: its errors become this record's error, its output is checked like "messages".
+    try:
+        messages = fmt.to_messages(record)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _BadRecord(f"{name} record: {exc}", f"fix the record to match the {name} format") from None
+    return _from_messages({"messages": messages})
 
 
 def _validated(items: list[_Item]) -> list[dict[str, str]]:

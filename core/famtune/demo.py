@@ -54,7 +54,7 @@ def run_demo(workdir: str, family: str | None = None, steps: int | None = None, 
     if not fam.tiny_checkpoint(str(base), demo_corpus()):
         raise FamtuneError(f"{fam.info.describe()} cannot build a tiny {fam.name} checkpoint; pick another --family")
     log(f"demo: tiny {fam.name} checkpoint in {base}")
-    train(recipe, log=log)
+    train(recipe, log=log, overwrite=True)  # a demo replaces the previous demo in its workdir
     merge(str(out), str(merged), log=log)
     session = load_chat_model(str(merged))
     expected = expected_answers()

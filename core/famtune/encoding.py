@@ -22,6 +22,9 @@ class EncodedConversation:
 
     input_ids: list[int]
     labels: list[int]
+    #: Per token, the assistant turn it belongs to (``None`` for prompt tokens), when the encoder
+    #: built it with ``ConversationBuilder``; masking policies from other plugins label from it.
+    turns: list[int | None] | None = None
 
     @property
     def num_supervised(self) -> int:
@@ -80,20 +83,22 @@ class ConversationBuilder:
         ``last_turn`` only the final one, ``train_on_prompt`` every token."""
         if masking not in GENERIC_POLICIES:
             raise ValueError(f"unknown masking policy {masking!r}; expected one of {', '.join(GENERIC_POLICIES)}")
-        turns = [p.turn for p in self.pieces if p.turn is not None]
-        last = max(turns) if turns else None
         ids: list[int] = []
-        labels: list[int] = []
+        turns: list[int | None] = []
         for p in self.pieces:
             ids.extend(p.ids)
-            if masking == "train_on_prompt":
-                supervised = True
-            elif masking == "last_turn":
-                supervised = p.turn is not None and p.turn == last
-            else:
-                supervised = p.turn is not None
-            labels.extend(p.ids if supervised else [IGNORE_INDEX] * len(p.ids))
-        return EncodedConversation(ids, labels)
+            turns.extend([p.turn] * len(p.ids))
+        return EncodedConversation(ids, generic_labels(ids, turns, masking), turns)
+
+
+def generic_labels(ids: list[int], turns: list[int | None], masking: str) -> list[int]:
+    """Labels under a generic policy from each token's assistant turn (``None``: prompt)."""
+    if masking == "train_on_prompt":
+        return list(ids)
+    if masking == "last_turn":
+        last = max((t for t in turns if t is not None), default=None)
+        return [i if t is not None and t == last else IGNORE_INDEX for i, t in zip(ids, turns)]
+    return [i if t is not None else IGNORE_INDEX for i, t in zip(ids, turns)]
 
 
 class TokenCache:

@@ -1,172 +1,86 @@
-"""The famtune plugin contract: every hook a family plugin can implement.
+"""The famtune plugin contract: every hook a plugin can implement.
 
-A family plugin is a module registered in the ``famtune`` entry-point group. It implements the
-hooks below with ``@famtune.hookimpl``. Only the core declares hooks (``hookspec`` is private to
-this file); the core calls them through ``famtune.plugins.Family``, never ``pm.hook.*`` directly.
+A plugin is a module in the ``famtune`` entry-point group implementing some of these hooks with
+``@famtune.hookimpl``. Only the core declares hooks (``hookspec`` is private to this file). The
+core calls them through the typed methods of ``famtune.plugins.PluginSet``, which call
+``pm.hook.famtune_*`` so pluggy's ordering (``tryfirst``/``trylast``), ``firstresult`` and
+wrappers all apply. famtune's own defaults are an ordinary plugin (``famtune.builtins``) whose
+hooks are ``trylast``, so any installed plugin comes first.
 
-Flow: ``famtune_claim_checkpoint`` is asked of every plugin. Exactly one must claim a checkpoint;
-from then on every other hook is called on the claiming plugin alone, with the family name it
-returned, so load order never decides an answer. The core validates each answer and names the
-plugin, its distribution and version when one is wrong.
+Registrar hooks (``famtune_register_*``) receive a ``register`` callback and hand it objects; the
+core type-checks each one and stops with an error naming both plugins when two register the
+same name.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import argparse
+from typing import Any, Callable
 
 import pluggy
-
-if TYPE_CHECKING:
-    from fastchat.conversation import Conversation
-
-    from famtune.encoding import EncodedConversation
-    from famtune.types import GenerationDefaults
 
 hookspec = pluggy.HookspecMarker("famtune")
 
 
 @hookspec
-def famtune_families() -> list[str]:
-    """Called by ``famtune plugins`` and in claim errors.
+def famtune_register_families(register: Callable[[Any], None]) -> None:
+    """Called once when plugins are loaded, on every plugin.
 
-    Return the family names this plugin handles, e.g. ``["acme-7b", "acme-7b-chat"]``.
-    Not firstresult: every plugin answers.
+    Call ``register(family)`` for each ``famtune.family.ModelFamily`` the plugin provides. Exactly
+    one family must claim a checkpoint; two plugins registering one family name are both disabled.
+    Not firstresult: every plugin registers.
     """
 
 
 @hookspec
-def famtune_claim_checkpoint(config: dict[str, Any], path: str) -> str | None:
-    """Called once per model load, on every plugin, before anything else is loaded.
+def famtune_register_masking_policies(register: Callable[[Any], None]) -> None:
+    """Called once when plugins are loaded, on every plugin.
 
-    ``config`` is the checkpoint's parsed ``config.json``; ``path`` its local directory (other
-    files there, such as ``tokenizer_config.json``, may be read). Return the family name if this
-    plugin handles the checkpoint, else ``None``. Not firstresult: the core requires exactly one
-    claim and reports zero or several as an error.
+    Call ``register(policy)`` with ``famtune.family.MaskingPolicy`` objects: labelling rules any
+    family (or the families the policy names) can train with, selected by ``masking:`` in a recipe.
+    Not firstresult: every plugin registers.
+    """
+
+
+@hookspec
+def famtune_register_data_formats(register: Callable[[Any], None]) -> None:
+    """Called once when plugins are loaded, on every plugin.
+
+    Call ``register(fmt)`` with ``famtune.family.DataFormat`` objects: training-data record formats
+    detected by their marker key (``data_format:`` in a recipe or ``auto``).
+    Not firstresult: every plugin registers.
+    """
+
+
+@hookspec
+def famtune_register_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Called when the ``famtune`` command line is built, on every plugin.
+
+    Add subcommands with ``subparsers.add_parser(name, help=...)`` and set their handler with
+    ``parser.set_defaults(func=handler)``; ``handler(args, extra)`` returns the exit code. Import
+    heavy libraries inside the handler: this hook runs for ``famtune --help`` too.
+    Not firstresult: every plugin adds its commands.
+    """
+
+
+@hookspec
+def famtune_training_callbacks(recipe: Any) -> list[Any]:
+    """Called when a training run starts, on every plugin; results are concatenated.
+
+    ``recipe`` is the run's ``famtune.recipe.Recipe``. Return objects with any of the methods
+    ``on_train_begin(info: dict)``, ``on_log(step: int, metrics: dict)`` and
+    ``on_train_end(summary: dict)`` (trackers, early stopping, notifications), or an empty list.
+    Not firstresult: every plugin's callbacks run.
     """
 
 
 @hookspec(firstresult=True)
-def famtune_conversation_template(family: str) -> Conversation:
-    """Called after the claim, on the claiming plugin only.
+def famtune_resolve_model_source(spec: str) -> str | None:
+    """Called when a model is opened, before the claim, until one plugin answers.
 
-    Return a ``fastchat.conversation.Conversation`` describing the family's chat format
-    (its ``name`` is the template name recorded in adapters). The core registers it in
-    fastchat's template registry. Stops at first non-None result.
-    """
-
-
-@hookspec(firstresult=True)
-def famtune_chat_template(family: str) -> str:
-    """Called when a tokenizer is saved (merge), on the claiming plugin only.
-
-    Return the Jinja ``chat_template`` whose ``apply_chat_template`` output equals, token for
-    token, what ``famtune_encode_conversation`` produces. Stops at first non-None result.
-    """
-
-
-@hookspec(firstresult=True)
-def famtune_masking_policies(family: str) -> list[str]:
-    """Called when a recipe is resolved, on the claiming plugin only.
-
-    Return the masking policy names ``famtune_encode_conversation`` accepts. The first is the
-    default. Every plugin must accept the generic ``all_assistant``, ``last_turn`` and
-    ``train_on_prompt``; family variants (e.g. an official recipe's) come after them.
-    Stops at first non-None result.
-    """
-
-
-@hookspec(firstresult=True)
-def famtune_encode_conversation(
-    family: str,
-    tokenizer: Any,
-    messages: list[dict[str, str]],
-    masking: str,
-    add_generation_prompt: bool,
-) -> EncodedConversation:
-    """Called for every training sample and every chat turn, on the claiming plugin only.
-
-    ``messages`` is a list of ``{"role": "system"|"user"|"assistant", "content": str}``; a missing
-    system message means the family default. Return the model-ready ``input_ids`` and ``labels``
-    (``-100`` where unsupervised) under the masking policy ``masking``. With
-    ``add_generation_prompt`` the conversation ends with a user turn and the ids end with the
-    assistant prefix the model continues from; labels are then ignored. Every assistant turn's
-    end-of-turn token must be supervised under ``all_assistant``. Stops at first non-None result.
-    """
-
-
-@hookspec(firstresult=True)
-def famtune_lora_target_modules(family: str, model: Any, mode: str) -> list[str]:
-    """Called before LoRA adapters are attached, on the claiming plugin only.
-
-    ``mode`` is ``"default"`` (the family's recommended set) or ``"all-linear"``. Return module
-    name suffixes as PEFT's ``target_modules`` takes them (e.g. ``["q_proj", "v_proj"]``). The core
-    checks that each exists in ``model`` and that the output head is never among them.
-    Stops at first non-None result.
-    """
-
-
-@hookspec(firstresult=True)
-def famtune_generation_defaults(family: str, tokenizer: Any) -> GenerationDefaults:
-    """Called when an adapter's metadata is written and before chat, on the claiming plugin only.
-
-    Return a ``famtune.types.GenerationDefaults``: the stop token ids (every one must exist in
-    ``tokenizer``) and the family's sampling defaults (``temperature``, ``top_p``, ...).
-    Stops at first non-None result.
-    """
-
-
-@hookspec(firstresult=True)
-def famtune_load_tokenizer(family: str, path: str, trust_remote_code: bool) -> Any:
-    """Called when a checkpoint's tokenizer is loaded, on the claiming plugin only.
-
-    Return a tokenizer for the checkpoint at ``path``, or ``None`` to let the core use
-    ``transformers.AutoTokenizer``. Plugins never run a checkpoint's remote code unless
-    ``trust_remote_code`` is true. Stops at first non-None result.
-    """
-
-
-@hookspec(firstresult=True)
-def famtune_load_model(family: str, path: str, load_kwargs: dict[str, Any]) -> Any:
-    """Called when a checkpoint's weights are loaded, on the claiming plugin only.
-
-    ``load_kwargs`` are the keyword arguments the core would pass to
-    ``AutoModelForCausalLM.from_pretrained`` (dtype, quantization_config, device_map,
-    trust_remote_code). Return a loaded ``PreTrainedModel`` (e.g. after mapping an original
-    layout onto a native transformers class), or ``None`` to let the core load ``path`` itself.
-    Stops at first non-None result.
-    """
-
-
-@hookspec(firstresult=True)
-def famtune_write_original_layout(family: str, native_dir: str, out_dir: str, original_config: dict[str, Any]) -> bool:
-    """Called by ``famtune merge --layout original``, on the claiming plugin only.
-
-    ``native_dir`` holds a merged model in the native transformers layout (config.json and
-    safetensors shards); ``original_config`` is the ``config.json`` of the checkpoint the adapter
-    was trained on. Write the family's original layout (its config.json with ``auto_map`` and its
-    original weight names) to ``out_dir`` and return ``True``; return ``None`` if the family has no
-    layout other than the native one. Stops at first non-None result.
-    """
-
-
-@hookspec(firstresult=True)
-def famtune_tiny_checkpoint(family: str, out_dir: str, corpus: list[str]) -> bool:
-    """Called by ``famtune demo`` and by conformance tests, on the claiming plugin only.
-
-    Write a tiny random-weight checkpoint of ``family`` to ``out_dir`` (config.json, safetensors and
-    tokenizer files, in the layout the plugin loads), with a small tokenizer trained on ``corpus``
-    (``famtune.tiny.train_tokenizer`` does that), and return ``True``. Return ``None`` if the
-    plugin cannot build one. Nothing is downloaded. Stops at first non-None result.
-    """
-
-
-@hookspec(firstresult=True)
-def famtune_supports_packing(family: str) -> bool:
-    """Called when a run would pack several samples into one row, on the claiming plugin only.
-
-    Return ``True`` if the family's model keeps packed samples apart when given position ids that
-    restart at 0 for every sample in a row (attention never crosses a sample boundary and positions
-    restart), ``False`` if it cannot; famtune then refuses packing for that family with a clear
-    message instead of training on contaminated rows. Stops at first non-None result.
+    ``spec`` is what the user wrote (``model:`` in a recipe, ``--model``). Return the local
+    directory holding that checkpoint (downloading it if needed), or ``None`` if the spec is not
+    yours. famtune's own resolvers (local directory, ``Org/Name`` on the Hugging Face hub,
+    ``modelscope:Org/Name``) are ``trylast``. Stops at first non-None result.
     """
 
 

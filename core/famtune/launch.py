@@ -90,6 +90,8 @@ def worker_args(args, extra: list[str]) -> list[str]:
     out = ["train", args.recipe, *extra]
     if args.resume:
         out.append(f"--resume={args.resume}")
+    if getattr(args, "overwrite", False):
+        out.append("--overwrite")
     return out
 
 

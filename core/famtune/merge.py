@@ -35,7 +35,78 @@ def merge(adapter_dir: str, out_dir: str, *, max_shard_size: str = "2GB", base: 
     With ``stream`` (the default) the weights are merged tensor by tensor straight from the
     base's safetensors; where that cannot reproduce the in-memory merge exactly, the whole model
     is loaded instead and the log says why.
+
+    The model is written into ``OUT.tmp-PID/model/`` and renamed to ``OUT`` only once complete and
+    fsynced (an earlier merge at ``OUT`` is replaced at that moment), so ``OUT`` is never a mix of
+    two merges or a partial one, and the staging directory itself has no config.json at its top,
+    so no loader takes it for a model.
     """
+    from famtune import durable
+    from famtune.faults import crash_point
+
+    _check_destination(out_dir, adapter_dir)
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", str(max_shard_size), flags=re.IGNORECASE):
+        raise FamtuneError(f"max shard size {max_shard_size!r} is invalid; use a number and a unit, e.g. 2GB or 500MB")
+    if _parse_size(max_shard_size) < 1000:
+        raise FamtuneError(f"max shard size {max_shard_size!r} is too small; use at least 1KB, e.g. 2GB or 500MB")
+    _clean_stale_staging(out_dir, log)
+    staging_root = f"{os.path.abspath(out_dir)}.tmp-{os.getpid()}"
+    shutil.rmtree(staging_root, ignore_errors=True)
+    os.makedirs(staging_root)
+    Path(staging_root, "INCOMPLETE").write_text("a famtune merge was being written here; it did not finish.\n")
+    staging = os.path.join(staging_root, "model")
+    try:
+        report = _merge_into(adapter_dir, staging, max_shard_size=max_shard_size, base=base,
+                             base_precision=base_precision, layout=layout, dtype=dtype,
+                             trust_remote_code=trust_remote_code, stream=stream, log=log, dest=out_dir)
+        durable.write_manifest(staging)
+        crash_point("merge_publish")
+        durable.replace_directory(staging, out_dir)
+    except BaseException as exc:
+        shutil.rmtree(staging_root, ignore_errors=True)
+        if durable.is_disk_full(exc):
+            raise durable.disk_full_error(os.path.dirname(os.path.abspath(out_dir)), None,
+                                          f"the merge was not written ({out_dir} is unchanged); free space and run "
+                                          "famtune merge again") from None
+        raise
+    shutil.rmtree(staging_root, ignore_errors=True)
+    report["out_dir"] = str(out_dir)
+    return _finish(report, out_dir, log)
+
+
+def _check_destination(out_dir: str, adapter_dir: str) -> None:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FamtuneError(f"output {out_dir!r} is a file; choose a directory for the merged model")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and os.path.abspath(out_dir) != os.path.abspath(adapter_dir):
+        try:
+            earlier = read_metadata(out_dir).get("merged")
+        except FamtuneError:
+            earlier = False
+        if not earlier:
+            raise FamtuneError(f"output {out_dir!r} is not empty and holds no earlier famtune merge; "
+                               "choose a new or empty directory")
+
+
+def _clean_stale_staging(out_dir: str, log) -> None:
+    """Remove staging directories of merges into ``out_dir`` whose process is gone."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    for entry in os.scandir(parent or "."):
+        m = re.fullmatch(re.escape(name) + r"\.(?:tmp|old)-(\d+)", entry.name)
+        if not m or not entry.is_dir():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # its merge is still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        log(f"famtune: removed {entry.path}, left by an interrupted merge")
+
+
+def _merge_into(adapter_dir: str, out_dir: str, *, max_shard_size: str, base: str | None, base_precision: str,
+                layout: str, dtype: str | None, trust_remote_code: bool, stream: bool, log, dest: str) -> dict:
     from famtune.checkpoint import open_checkpoint
 
     if base_precision not in BASE_PRECISIONS:
@@ -52,7 +123,7 @@ def merge(adapter_dir: str, out_dir: str, *, max_shard_size: str = "2GB", base: 
                            "explicitly or re-run famtune train")
     ckpt = open_checkpoint(spec, family=meta["family"], trust_remote_code=trust_remote_code)
     for other, what in ((adapter_dir, "adapter"), (ckpt.path, "base")):
-        if os.path.abspath(out_dir) == os.path.abspath(other):
+        if os.path.abspath(dest) == os.path.abspath(other):
             raise FamtuneError(f"output {out_dir!r} is the {what} directory; choose a new directory for the merged model")
     out_dtype = _output_dtype(dtype, ckpt.config, log)
     report: dict[str, Any] = {"out_dir": str(out_dir), "adapter_dir": str(adapter_dir), "base": ckpt.path,
@@ -93,7 +164,7 @@ def merge(adapter_dir: str, out_dir: str, *, max_shard_size: str = "2GB", base: 
     tokenizer.chat_template = ckpt.family.chat_template()
 
     _write_layout(lambda d: _write_native(model, tokenizer, ckpt, meta, d, max_shard_size), ckpt, out_dir, layout)
-    return _finish(report, out_dir, log)
+    return report
 
 
 def _adapter_method(adapter_dir: str, meta: dict[str, Any] | None, log) -> str:
@@ -130,7 +201,7 @@ def _merge_streaming(plan, ckpt: Any, meta: dict[str, Any], out_dir: str, max_sh
     if "max_abs_weight_diff" in report:
         log(f"famtune: the adapter was trained against NF4 weights; they differ from the original weights "
             f"by up to {report['max_abs_weight_diff']:.4g} (max abs); merging into the original weights anyway")
-    return _finish(report, out_dir, log)
+    return report
 
 
 def _write_layout(write_native, ckpt: Any, out_dir: str, layout: str) -> None:

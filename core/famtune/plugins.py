@@ -1,27 +1,43 @@
-"""Plugin discovery and the typed facade through which the core calls family plugins.
+"""Plugin discovery and the typed facade over ``pm.hook`` (``Family``, the validated view of one
+family, is in ``famtune.facade`` and re-exported here).
 
-Plugins are found only through the ``famtune`` entry-point group, built-in ones included.
-``FAMTUNE_LOAD_PLUGINS`` is a comma-separated allow-list of entry-point names (the empty string
-loads none), so a broken plugin can always be bypassed. A plugin that fails to import or to
-validate is set aside and reported; the others keep working.
+Plugins are found only through the ``famtune`` entry-point group, built-in ones included;
+famtune's own defaults (``famtune.builtins``) are registered first as an ordinary ``trylast``
+plugin. ``FAMTUNE_LOAD_PLUGINS`` is a comma-separated allow-list of entry-point names (the empty
+string loads none), so a broken plugin can always be bypassed. A plugin that fails to import or
+to validate is set aside and reported; the others keep working.
+
+Every hook call goes through one typed method of ``PluginSet`` (``resolve_model_source``,
+``training_callbacks``, ``add_commands``, ...), which calls ``pm.hook.famtune_*``; the rest of
+famtune never calls ``pm.hook`` itself. Registrar hooks are called per plugin (pluggy's
+``subset_hook_caller``) so every registered object is attributed to its plugin in errors.
 """
 from __future__ import annotations
 
 import os
 import sys
+import types
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable
 
 import pluggy
 
-from famtune import hookspecs
-from famtune.encoding import GENERIC_POLICIES, IGNORE_INDEX, EncodedConversation
+from famtune import builtins as builtin_plugin
+from famtune import hookspecs, hookspecs_v1
 from famtune.errors import FamtuneError, PluginError
-from famtune.types import GenerationDefaults, PluginInfo
+from famtune.facade import Family, validate_targets
+from famtune.family import MARKER_KEY, DataFormat, MaskingPolicy, ModelFamily, Registry
+from famtune.legacy import LEGACY_HOOKS, LegacyFamily
+from famtune.types import PluginInfo
+
+__all__ = ["ALLOW_ENV", "ENTRY_POINT_GROUP", "BrokenPlugin", "Family", "PluginSet", "get_plugins", "validate_targets"]
 
 ENTRY_POINT_GROUP = "famtune"
 ALLOW_ENV = "FAMTUNE_LOAD_PLUGINS"
+_SINGULAR = {"families": "family", "masking_policies": "masking policy", "data_formats": "data format"}
+BUILTIN = PluginInfo("famtune.builtins", "famtune", __import__("famtune").__version__)
 
 
 @dataclass
@@ -31,13 +47,19 @@ class BrokenPlugin:
 
 
 class PluginSet:
-    """The loaded plugins: a pluggy manager plus where each plugin came from."""
+    """The loaded plugins: a pluggy manager, where each plugin came from, and what it registered."""
 
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager("famtune")
         self.pm.add_hookspecs(hookspecs)
+        self.pm.add_hookspecs(hookspecs_v1)
         self.infos: dict[str, PluginInfo] = {}
         self.broken: list[BrokenPlugin] = []
+        #: Per plugin, the deprecation it triggered (old-contract hooks), for listings and warnings.
+        self.deprecated: dict[str, str] = {}
+        self.registry = Registry()
+        self._subsets: dict[tuple[str, str], Any] = {}
+        self.pm.register(builtin_plugin, name=BUILTIN.name)
 
     # -- loading ---------------------------------------------------------------------------
     def load_entry_points(self) -> None:
@@ -62,18 +84,30 @@ class PluginSet:
                 continue
             self.register(module, info)
         self._check_pending()
-        self._check_families()
 
     def register(self, module: object, info: PluginInfo) -> None:
         try:
-            self.pm.register(module, name=info.name)
-        except pluggy.PluginValidationError as exc:
-            self.broken.append(BrokenPlugin(info, f"invalid hook: {exc}"))
-            return
+            hash(module)
+        except TypeError:  # pluggy's per-plugin calls keep plugins in sets; a namespace becomes a module
+            namespace, module = module, types.ModuleType(info.name)
+            vars(module).update(vars(namespace))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                self.pm.register(module, name=info.name)
+            except pluggy.PluginValidationError as exc:
+                self.broken.append(BrokenPlugin(info, f"invalid hook: {exc}"))
+                return
         self.infos[info.name] = info
+        old = sorted(h for h in self.hooks_of(info.name) if h in LEGACY_HOOKS)
+        if old or any(isinstance(w.message, hookspecs_v1.FamtuneDeprecationWarning) for w in caught):
+            self.deprecated[info.name] = (
+                f"{info.describe()} uses famtune's old plugin contract ({', '.join(old)}), which goes away in the "
+                "next release; register a famtune.family.ModelFamily from famtune_register_families "
+                "(docs/authors/migrating.md)")
 
     def _check_pending(self) -> None:
-        # A hook implementation with no spec (a misspelled hook) would silently never run.
+        """After loading: an unknown hook (a misspelling) disables its plugin; then collect registrations."""
         for name, hook in vars(self.pm.hook).items():
             if not name.startswith("famtune_") or hook.has_spec():
                 continue
@@ -85,58 +119,150 @@ class PluginSet:
                 self.pm.unregister(name=impl.plugin_name)
                 del self.infos[impl.plugin_name]
         self.pm.check_pending()
+        self._collect()
 
     def _disable(self, name: str, error: str) -> None:
         self.broken.append(BrokenPlugin(self.infos.pop(name), error))
         self.pm.unregister(name=name)
+        self.deprecated.pop(name, None)
+        self._subsets.clear()
 
-    def _check_families(self) -> None:
-        # Listings and claim errors call famtune_families on every plugin, so a bad answer there
-        # would break famtune for everyone; and a family two plugins provide would be decided by
-        # load order. Both disable the plugins concerned, naming each.
-        owners: dict[str, list[str]] = {}
-        for name in list(self.infos):
+    def _only(self, hook_name: str, plugin_name: str):
+        """``pm.hook.<hook_name>`` restricted to one plugin (pluggy semantics kept), to attribute answers."""
+        key = (hook_name, plugin_name)
+        if key not in self._subsets:  # old-contract hooks run per sample: build each caller once
+            others = [p for n, p in self.pm.list_name_plugin() if n != plugin_name]
+            self._subsets[key] = self.pm.subset_hook_caller(hook_name, remove_plugins=others)
+        return self._subsets[key]
+
+    def _registered(self, hook_name: str, plugin_name: str, kind: type) -> list[Any]:
+        got: list[Any] = []
+
+        def register(obj: Any) -> None:
+            if not isinstance(obj, kind):
+                raise TypeError(f"registered {type(obj).__name__}, not a {kind.__module__}.{kind.__name__}")
+            if not isinstance(getattr(obj, "name", None), str) or not obj.name:
+                raise TypeError(f"registered a {kind.__name__} without a name")
+            got.append(obj)
+
+        self._only(hook_name, plugin_name)(register=register)
+        return got
+
+    def _collect(self) -> None:
+        """Ask every plugin what it registers; a plugin whose registration fails or clashes is disabled."""
+        self.registry = Registry()
+        self._subsets.clear()
+        regs: dict[str, dict[str, list[Any]]] = {}
+        for name in [BUILTIN.name, *self.infos]:
             try:
-                fams = self.call_one("famtune_families", name)
+                regs[name] = {
+                    "families": self._families_registered(name),
+                    "masking_policies": self._registered("famtune_register_masking_policies", name, MaskingPolicy),
+                    "data_formats": self._registered("famtune_register_data_formats", name, DataFormat),
+                }
             except Exception as exc:
-                self._disable(name, f"famtune_families raised {type(exc).__name__}: {exc}")
-                continue
-            if not isinstance(fams, (list, tuple)) or not all(isinstance(f, str) and f for f in fams):
-                self._disable(name, f"famtune_families returned {fams!r}, not a list of family names")
-                continue
-            for fam in fams:
-                owners.setdefault(fam, []).append(name)
-        clashes = {fam: names for fam, names in owners.items() if len(names) > 1}
-        for name in sorted({n for names in clashes.values() for n in names}):
-            fams = [f for f, names in clashes.items() if name in names]
-            others = sorted({self.infos[o].describe() for f in fams for o in clashes[f] if o != name})
-            self.broken.append(BrokenPlugin(self.infos[name], (
-                f"family {', '.join(map(repr, fams))} is also provided by {', '.join(others)}; "
-                f"uninstall one, or choose one with {ALLOW_ENV}=name,...")))
-        for name in sorted({n for names in clashes.values() for n in names}):
-            del self.infos[name]
-            self.pm.unregister(name=name)
+                if name == BUILTIN.name:
+                    raise
+                self._disable(name, f"registration failed: {type(exc).__name__}: {exc}")
+        # The same name from two plugins would be decided by load order: both are disabled, each
+        # error naming the other. famtune's built-ins are defaults any plugin may replace.
+        clashing: dict[str, list[str]] = {}
+        partners: dict[str, set[str]] = {}
+        for kind in ("families", "masking_policies", "data_formats"):
+            owners: dict[str, list[str]] = {}
+            for name, reg in regs.items():
+                for obj in reg[kind]:
+                    owners.setdefault(obj.name, []).append(name)
+            for obj_name, names in owners.items():
+                plugins = [n for n in dict.fromkeys(names) if n != BUILTIN.name]
+                if len(plugins) > 1 or len(names) > len(set(names)):
+                    for n in plugins:
+                        clashing.setdefault(n, []).append(f"{_SINGULAR[kind]} {obj_name!r}")
+                        partners.setdefault(n, set()).update(p for p in plugins if p != n)
+        described = {n: self.infos[n].describe() for n in clashing}
+        for name, what in clashing.items():
+            others = sorted(described[o] for o in partners[name])
+            self._disable(name, f"{', '.join(what)} is also provided by {', '.join(others) or 'itself twice'}; "
+                                f"uninstall one, or choose one with {ALLOW_ENV}=name,...")
+        for name in [BUILTIN.name, *self.infos]:
+            for kind in ("families", "masking_policies", "data_formats"):
+                table = getattr(self.registry, kind)
+                for obj in regs.get(name, {}).get(kind, []):
+                    # A plugin's object replaces a built-in of the same name (built-ins are trylast defaults).
+                    table[obj.name] = (obj, name)
 
-    # -- queries -----------------------------------------------------------------------------
+    def _families_registered(self, name: str) -> list[ModelFamily]:
+        if name == BUILTIN.name:
+            return []
+        fams = self._registered("famtune_register_families", name, ModelFamily)
+        if name in self.deprecated and self.impl("famtune_families", name) is not None:
+            answer = self._only("famtune_families", name)()
+            names = answer[0] if answer else None
+            if not isinstance(names, (list, tuple)) or not all(isinstance(f, str) and f for f in names):
+                raise TypeError(f"famtune_families returned {names!r}, not a list of family names")
+            fams += [LegacyFamily(self, name, f) for f in names]
+        return fams
+
+    # -- the typed facade: every hook call of famtune ---------------------------------------------
     def impl(self, hook_name: str, plugin_name: str) -> Callable[..., Any] | None:
         for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
             if impl.plugin_name == plugin_name:
                 return impl.function
         return None
 
-    def call_one(self, hook_name: str, plugin_name: str, **kwargs: Any) -> Any:
-        fn = self.impl(hook_name, plugin_name)
-        if fn is None:
+    def call_legacy(self, hook_name: str, plugin_name: str, **kwargs: Any) -> Any:
+        """An old-contract hook of one plugin through pluggy (it passes only the arguments the impl names)."""
+        if self.impl(hook_name, plugin_name) is None:
             return None
-        argnames = fn.__code__.co_varnames[: fn.__code__.co_argcount]
-        return fn(**{k: v for k, v in kwargs.items() if k in argnames})
+        answer = self._only(hook_name, plugin_name)(**kwargs)
+        return answer
 
+    def masking_policies(self) -> dict[str, MaskingPolicy]:
+        return {n: obj for n, (obj, _) in self.registry.masking_policies.items()}
+
+    def data_formats(self) -> dict[str, DataFormat]:
+        return {n: obj for n, (obj, _) in self.registry.data_formats.items()}
+
+    def call_one(self, hook_name: str, plugin_name: str, **kwargs: Any) -> Any:
+        """One plugin's answer to a hook every plugin answers (``famtune_recipe_dirs``), through pluggy."""
+        if self.impl(hook_name, plugin_name) is None:
+            return None
+        answers = self._only(hook_name, plugin_name)(**kwargs)
+        spec = getattr(self.pm.hook, hook_name).spec
+        if spec is not None and spec.opts.get("firstresult"):
+            return answers
+        return answers[0] if answers else None
+
+    def add_commands(self, subparsers: Any) -> None:
+        self.pm.hook.famtune_register_commands(subparsers=subparsers)
+
+    def training_callbacks(self, recipe: Any) -> list[Any]:
+        out = []
+        for answer in self.pm.hook.famtune_training_callbacks(recipe=recipe):
+            if not isinstance(answer, (list, tuple)):
+                raise FamtuneError(f"famtune_training_callbacks returned {answer!r}, not a list of callbacks")
+            out += answer
+        return out
+
+    def resolve_model_source(self, spec: str) -> str:
+        path = self.pm.hook.famtune_resolve_model_source(spec=spec)
+        # famtune's own resolver answers last and raises for what nobody can resolve.
+        if not isinstance(path, str) or not os.path.isdir(path):
+            raise FamtuneError(f"{spec}: a model-source plugin resolved it to {path!r}, not a directory")
+        return path
+
+    # -- listings ------------------------------------------------------------------------------
     def hooks_of(self, plugin_name: str) -> list[str]:
         plugin = self.pm.get_plugin(plugin_name)
         return sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
 
     def families_of(self, plugin_name: str) -> list[str]:
-        return list(self.call_one("famtune_families", plugin_name) or [])
+        return [n for n, (_, owner) in self.registry.families.items() if owner == plugin_name]
+
+    def extensions_of(self, plugin_name: str) -> dict[str, list[str]]:
+        """The masking policies and data formats ``plugin_name`` registered, for listings."""
+        return {kind: [n for n, (_, owner) in getattr(self.registry, kind).items() if owner == plugin_name]
+                for kind in ("masking_policies", "data_formats")}
 
     def describe_installed(self) -> str:
         if not self.infos:
@@ -149,35 +275,40 @@ class PluginSet:
 
     # -- the claim ---------------------------------------------------------------------------
     def claim(self, config: dict[str, Any], path: str, family: str | None = None) -> "Family":
-        """The one plugin that handles this checkpoint, or an error naming every candidate.
+        """The one family that handles this checkpoint, or an error naming every candidate.
 
-        ``family`` forces a family name (a recipe's ``family:`` key) instead of the claim.
+        ``family`` forces a family name (a recipe's ``family:`` key) instead of the claim. A
+        checkpoint famtune built or converted carries the family marker and is claimed by that family.
         """
         if family is not None:
-            owners = [n for n in self.infos if family in self.families_of(n)]
-            if len(owners) != 1:
-                what = "no installed plugin provides" if not owners else "several plugins provide"
-                raise FamtuneError(
-                    f"{what} family {family!r}; installed: {self.describe_installed()}"
-                )
-            return Family(self, owners[0], family)
+            if family not in self.registry.families:
+                raise FamtuneError(f"no installed plugin provides family {family!r}; installed: {self.describe_installed()}")
+            return Family(self, self.registry.families[family][1], family)
+        marked = config.get(MARKER_KEY)
         claims: list[tuple[str, str]] = []
         failed: list[str] = []
-        for name in self.infos:
+        legacy_asked: set[str] = set()
+        for fam_name, (obj, owner) in self.registry.families.items():
+            if isinstance(obj, LegacyFamily):
+                if owner in legacy_asked:
+                    continue
+                legacy_asked.add(owner)
             # One plugin's faulty claim must not stop the others from claiming their checkpoints.
             try:
-                answer = self.call_one("famtune_claim_checkpoint", name, config=config, path=path)
+                answer = obj.claimed_name(config, path) if isinstance(obj, LegacyFamily) else (
+                    (fam_name if marked == fam_name else None) if marked is not None
+                    else (fam_name if obj.claims(config, path) else None))
             except Exception as exc:
-                failed.append(str(PluginError(self.infos[name], "famtune_claim_checkpoint",
+                failed.append(str(PluginError(self.infos[owner], _claim_hook(obj),
                                               f"raised {type(exc).__name__}: {exc}")))
                 continue
             if answer is None:
                 continue
-            if not isinstance(answer, str) or answer not in self.families_of(name):
-                failed.append(str(PluginError(self.infos[name], "famtune_claim_checkpoint",
+            if not isinstance(answer, str) or answer not in self.families_of(owner):
+                failed.append(str(PluginError(self.infos[owner], _claim_hook(obj),
                                               f"returned {answer!r}, not one of its family names")))
                 continue
-            claims.append((name, answer))
+            claims.append((owner, answer))
         for problem in failed:
             print(f"famtune: warning: {problem}; ignoring its claim", file=sys.stderr)
         model_type = config.get("model_type", "?")
@@ -196,6 +327,10 @@ class PluginSet:
         return Family(self, *claims[0])
 
 
+def _claim_hook(obj: ModelFamily) -> str:
+    return "famtune_claim_checkpoint" if isinstance(obj, LegacyFamily) else f"family {obj.name!r} claims()"
+
+
 _PLUGINS: PluginSet | None = None
 
 
@@ -207,145 +342,7 @@ def get_plugins() -> PluginSet:
         plugins.load_entry_points()
         for b in plugins.broken:
             print(f"famtune: warning: {b.info.describe()} is disabled: {b.error}", file=sys.stderr)
+        for message in plugins.deprecated.values():
+            print(f"famtune: warning: {message}", file=sys.stderr)
         _PLUGINS = plugins
     return _PLUGINS
-
-
-class Family:
-    """The claiming plugin, bound to one family. Every answer is validated here."""
-
-    def __init__(self, plugins: PluginSet, plugin_name: str, name: str) -> None:
-        self.plugins = plugins
-        self.plugin_name = plugin_name
-        self.name = name
-        self.info = plugins.infos[plugin_name]
-
-    def _call(self, hook: str, required: bool = True, **kwargs: Any) -> Any:
-        try:
-            answer = self.plugins.call_one(hook, self.plugin_name, family=self.name, **kwargs)
-        except FamtuneError:
-            raise
-        except Exception as exc:
-            raise PluginError(self.info, hook, f"raised {type(exc).__name__}: {exc}") from exc
-        if answer is None and required:
-            raise PluginError(self.info, hook, f"gave no answer for family {self.name!r}")
-        return answer
-
-    def _bad(self, hook: str, why: str) -> PluginError:
-        return PluginError(self.info, hook, why)
-
-    # -- templates -----------------------------------------------------------------------------
-    def conversation_template(self):
-        from fastchat.conversation import Conversation, register_conv_template
-
-        conv = self._call("famtune_conversation_template")
-        if not isinstance(conv, Conversation):
-            raise self._bad("famtune_conversation_template", f"returned {type(conv).__name__}, not a fastchat Conversation")
-        register_conv_template(conv, override=True)
-        return conv
-
-    def chat_template(self) -> str:
-        tpl = self._call("famtune_chat_template")
-        if not isinstance(tpl, str) or "{" not in tpl:
-            raise self._bad("famtune_chat_template", "did not return a Jinja template string")
-        return tpl
-
-    def masking_policies(self) -> list[str]:
-        policies = self._call("famtune_masking_policies")
-        if not isinstance(policies, (list, tuple)) or not all(isinstance(p, str) for p in policies):
-            raise self._bad("famtune_masking_policies", f"returned {policies!r}, not a list of policy names")
-        missing = [p for p in GENERIC_POLICIES if p not in policies]
-        if missing:
-            raise self._bad("famtune_masking_policies", f"does not accept the generic policies {missing}")
-        return list(policies)
-
-    def encode(self, tokenizer: Any, messages: list[dict[str, str]], masking: str,
-               add_generation_prompt: bool = False) -> EncodedConversation:
-        hook = "famtune_encode_conversation"
-        enc = self._call(hook, tokenizer=tokenizer, messages=messages, masking=masking,
-                         add_generation_prompt=add_generation_prompt)
-        if not isinstance(enc, EncodedConversation):
-            raise self._bad(hook, f"returned {type(enc).__name__}, not an EncodedConversation")
-        if len(enc.labels) != len(enc.input_ids):
-            raise self._bad(hook, f"gave {len(enc.input_ids)} ids but {len(enc.labels)} labels")
-        if not enc.input_ids:
-            raise self._bad(hook, "gave an empty sequence")
-        if not add_generation_prompt and enc.num_supervised == 0:
-            raise self._bad(hook, f"supervised no token under masking {masking!r}")
-        vocab = len(tokenizer)
-        bad = [x for x in enc.labels if x != IGNORE_INDEX and not 0 <= x < vocab]
-        if bad:
-            raise self._bad(hook, f"gave label ids outside the tokenizer: {bad[:5]}")
-        return enc
-
-    # -- model ---------------------------------------------------------------------------------
-    def lora_target_modules(self, model: Any, mode: str) -> list[str]:
-        hook = "famtune_lora_target_modules"
-        targets = self._call(hook, model=model, mode=mode)
-        if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) for t in targets):
-            raise self._bad(hook, f"returned {targets!r}, not a non-empty list of module names")
-        return validate_targets(targets, model, lambda why: self._bad(hook, why))
-
-    def generation_defaults(self, tokenizer: Any) -> GenerationDefaults:
-        hook = "famtune_generation_defaults"
-        gen = self._call(hook, tokenizer=tokenizer)
-        if not isinstance(gen, GenerationDefaults):
-            raise self._bad(hook, f"returned {type(gen).__name__}, not GenerationDefaults")
-        if not gen.stop_ids:
-            raise self._bad(hook, "gave no stop ids")
-        for sid in gen.stop_ids:
-            if not isinstance(sid, int) or not 0 <= sid < len(tokenizer):
-                raise self._bad(hook, f"stop id {sid!r} is not in the tokenizer (size {len(tokenizer)})")
-        return gen
-
-    def load_tokenizer(self, path: str, trust_remote_code: bool) -> Any:
-        tok = self._call("famtune_load_tokenizer", required=False, path=path, trust_remote_code=trust_remote_code)
-        if tok is not None and not (callable(getattr(tok, "encode", None)) and hasattr(tok, "__len__")):
-            raise self._bad("famtune_load_tokenizer", f"returned {type(tok).__name__}, not a tokenizer")
-        return tok
-
-    def load_model(self, path: str, load_kwargs: dict[str, Any]) -> Any:
-        model = self._call("famtune_load_model", required=False, path=path, load_kwargs=load_kwargs)
-        if model is not None:
-            from transformers import PreTrainedModel
-
-            if not isinstance(model, PreTrainedModel):
-                raise self._bad("famtune_load_model", f"returned {type(model).__name__}, not a transformers PreTrainedModel")
-        return model
-
-    def write_original_layout(self, native_dir: str, out_dir: str, original_config: dict[str, Any]) -> bool:
-        done = self._call("famtune_write_original_layout", required=False, native_dir=native_dir,
-                          out_dir=out_dir, original_config=original_config)
-        if done is not None and not isinstance(done, bool):
-            raise self._bad("famtune_write_original_layout", f"returned {done!r}, not True or None")
-        return bool(done)
-
-    def supports_packing(self) -> bool:
-        answer = self._call("famtune_supports_packing", required=False)
-        if answer is not None and not isinstance(answer, bool):
-            raise self._bad("famtune_supports_packing", f"returned {answer!r}, not True or False")
-        return bool(answer)
-
-    def tiny_checkpoint(self, out_dir: str, corpus: list[str]) -> bool:
-        done = self._call("famtune_tiny_checkpoint", required=False, out_dir=out_dir, corpus=corpus)
-        if done is not None and not isinstance(done, bool):
-            raise self._bad("famtune_tiny_checkpoint", f"returned {done!r}, not True or None")
-        return bool(done)
-
-    def describe(self) -> dict[str, str]:
-        return {"plugin": self.info.name, "distribution": self.info.distribution,
-                "version": self.info.version, "family": self.name}
-
-
-def validate_targets(targets: list[str], model: Any, bad: Callable[[str], Exception]) -> list[str]:
-    """Every target must name existing modules, and none may be the output head."""
-    names = [n for n, _ in model.named_modules()]
-    head = model.get_output_embeddings()
-    head_names = {n for n, m in model.named_modules() if head is not None and m is head}
-    for t in targets:
-        hits = [n for n in names if n == t or n.endswith("." + t)]
-        if not hits:
-            raise bad(f"target module {t!r} does not exist in the model")
-        if head_names & set(hits):
-            raise bad(f"target module {t!r} is the output head; the head is never a LoRA target")
-    return list(targets)

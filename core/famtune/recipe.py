@@ -6,7 +6,6 @@ file and the key. The resolved recipe is written beside the adapter so a run can
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 from famtune.distributed import PRESETS as DISTRIBUTED_PRESETS
 from famtune.errors import FamtuneError
 from famtune.kernels import HALF_MATMUL_CHOICES
+from famtune.validate import canonical_key, check_ranges
 
 
 @dataclass
@@ -59,6 +59,7 @@ class Recipe:
     gradient_checkpointing: bool = True
     packing: Any = "auto"  # auto: pack where the family keeps packed samples apart; true: required; false: off
     seed: int = 42
+    nan_policy: str = "stop"  # non-finite loss or gradient norm: stop the run, or skip_step (skip that update)
     # logging, evaluation, checkpoints
     logging_steps: int = 1
     eval_steps: int = 0  # 0: only at the end
@@ -82,8 +83,14 @@ class Recipe:
 
 def _coerce(name: str, value: Any, default: Any, where: str) -> Any:
     """Check a value against the default's type; strings from the command line are YAML-parsed."""
-    if value is None or default is None:
-        return value
+    if value is None:
+        if default is None:  # the keys whose default is null may be set back to null
+            return None
+        raise FamtuneError(f"{where}: {name} is null; give a value (default {default!r})")
+    if default is None:
+        if isinstance(value, str):
+            return value
+        raise FamtuneError(f"{where}: {name} is {value!r} ({type(value).__name__}); expected a string or null")
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -132,7 +139,11 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             else:
                 i += 1
                 value = args[i]
-        out[key.replace("-", "_")] = yaml.safe_load(value) if value != "" else ""
+        try:
+            out[key.replace("-", "_")] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as exc:
+            raise FamtuneError(f"command line: --{key} {value!r} is not a valid value "
+                               f"({getattr(exc, 'problem', None) or type(exc).__name__}); quote it") from None
         i += 1
     return out
 
@@ -148,19 +159,22 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise FamtuneError(f"{path}: cannot read recipe ({exc.strerror})") from None
+        except UnicodeDecodeError as exc:
+            raise FamtuneError(f"{path}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
-            raise FamtuneError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+            problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line, always
+            raise FamtuneError(f"{path}{line}: invalid YAML ({problem})") from None
         if not isinstance(raw, dict):
             raise FamtuneError(f"{path}: a recipe is a mapping of keys to values, got {type(raw).__name__}")
         # relative data/model paths are relative to the recipe file
         base = Path(path).resolve().parent
         for key in ("data", "eval_data", "model", "output_dir"):
             v = raw.get(key)
-            if isinstance(v, str) and v and not Path(v).is_absolute() and (base / v).exists():
+            if isinstance(v, str) and v and "\0" not in v and not Path(v).is_absolute() and (base / v).exists():
                 raw[key] = str(base / v)
         ev = raw.get("eval")
         if isinstance(ev, dict) and isinstance(ev.get("data"), str) and (base / ev["data"]).exists():
@@ -169,12 +183,15 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
     values: dict[str, Any] = {}
     known = set(Recipe.keys())
     for source, items in ((where, raw), ("command line", overrides or {})):
+        given: dict[str, str] = {}
         for key, value in items.items():
-            if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=3)
-                hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-                raise FamtuneError(f"{source}: unknown recipe key {key!r}{hint}; the recipe keys are listed in the README")
-            values[key] = _coerce(key, value, getattr(defaults, key), source)
+            if not isinstance(key, str):
+                raise FamtuneError(f"{source}: recipe key {key!r} is not a name; keys are words like lora_r")
+            name = canonical_key(key, known, source)
+            if name in given:
+                raise FamtuneError(f"{source}: {given[name]} and {key} both set {name}; keep one")
+            given[name] = key
+            values[name] = _coerce(name, value, getattr(defaults, name), source)
     recipe = dataclasses.replace(defaults, **values)
     if not recipe.model:
         raise FamtuneError(f"{where}: no model given; set `model:` to a directory, Org/Name or modelscope:Org/Name")
@@ -193,6 +210,10 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
     recipe.eval = parse_eval_spec(recipe.eval, where)
     if not 0 <= recipe.eval_split < 1:
         raise FamtuneError(f"{where}: eval_split is {recipe.eval_split}; expected a fraction in [0, 1)")
+    try:
+        check_ranges(recipe)
+    except FamtuneError as exc:
+        raise FamtuneError(f"{where}: {exc}") from None
     from famtune.adapters import validate_adapter_recipe
 
     validate_adapter_recipe(recipe, where)

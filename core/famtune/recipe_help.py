@@ -40,6 +40,7 @@ KEY_MEANINGS = {
     "gradient_checkpointing": "recompute activations in backward to save memory",
     "packing": "auto (where the family supports it), true (required) or false",
     "seed": "seed of initialisation, data order and dropout",
+    "nan_policy": "non-finite loss or gradient norm: stop (naming step and samples) or skip_step",
     "logging_steps": "log loss, lr and throughput every N steps",
     "eval_steps": "eval loss and generations every N steps (0: only at the end)",
     "save_steps": "resumable checkpoint every N steps (0: only at the end)",

@@ -7,7 +7,9 @@ optimizer and scheduler state, every RNG state and the data position. It is read
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -15,33 +17,43 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from famtune import durable
 from famtune.errors import FamtuneError
+from famtune.faults import crash_point
 
 CHECKPOINTS = "checkpoints"
 
 
 class StopOnInterrupt:
-    """The first Ctrl-C (SIGINT) asks the run to stop at the next optimizer-step boundary, where
-    its state is consistent and can be saved; a second one interrupts at once."""
+    """The first SIGINT (Ctrl-C) or SIGTERM (what schedulers and ``docker stop`` send) asks the run
+    to stop at the next optimizer-step boundary, where its state is consistent and can be saved;
+    a second one of either ends the process at once."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nfamtune: stopping after this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+        self.signal_name = signal.Signals(signum).name
+        print(f"\nfamtune: {self.signal_name}: stopping after this step and saving a checkpoint "
+              "(send it again to abort)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> StopOnInterrupt:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for name in self.SIGNALS:
+                signum = getattr(signal, name)
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc) -> bool:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
         return False
 
 
@@ -103,40 +115,110 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out: Path, step: int, epoch: int, micro_in_epoch: int, model, optimizer, scheduler,
-                    accelerator, extra: dict[str, Any] | None = None) -> Path:
+def _save_tensors(obj: Any, path: Path) -> None:
     import torch
 
+    # Through a Python file object, so a full disk surfaces as OSError(ENOSPC) rather than
+    # torch's "basic_ios::clear: iostream error".
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def save_checkpoint(out: Path, step: int, epoch: int, micro_in_epoch: int, model, optimizer, scheduler,
+                    accelerator, extra: dict[str, Any] | None = None, write_extra=None) -> Path:
+    """Write ``checkpoints/step-N`` through ``step-N.tmp``: files, fsync, manifest, then one rename."""
     path = Path(out) / CHECKPOINTS / f"step-{step}"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(
-            {"step": step, "epoch": epoch, "batch_in_epoch": micro_in_epoch, **(extra or {})}, indent=2) + "\n")
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)  # a checkpoint is either complete or absent
+        try:
+            accelerator.unwrap_model(model).save_pretrained(tmp)
+            crash_point("checkpoint_write")
+            _save_tensors(optimizer.state_dict(), tmp / "optimizer.pt")
+            crash_point("checkpoint_write")
+            _save_tensors(scheduler.state_dict(), tmp / "scheduler.pt")
+            _save_tensors(_rng_state(), tmp / "rng.pt")
+            if write_extra is not None:
+                write_extra(tmp)
+            (tmp / "trainer_state.json").write_text(json.dumps(
+                {"step": step, "epoch": epoch, "batch_in_epoch": micro_in_epoch, **(extra or {})}, indent=2) + "\n")
+            crash_point("checkpoint_write")
+            durable.write_manifest(tmp)
+            crash_point("checkpoint_rename")
+            durable.replace_directory(tmp, path)  # a checkpoint is either complete or absent
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if durable.is_disk_full(exc):
+                raise durable.disk_full_error(path.parent, _previous_size(path.parent),
+                                              f"the checkpoint of step {step} could not be written; free space, "
+                                              "then continue with: famtune train RECIPE --resume") from None
+            raise
     accelerator.wait_for_everyone()
     return path
 
 
-def find_checkpoint(out: Path, resume: str | bool) -> Path:
+def _previous_size(root: Path) -> int | None:
+    done = [p for p in root.glob("step-*") if _STEP_DIR.fullmatch(p.name)]
+    return durable.directory_size(done[0]) if done else None
+
+
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """Finished-looking checkpoint directories, newest first (``step-N.tmp`` never counts)."""
+    root = Path(out) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
+
+
+def clean_stale(out: Path, log=print) -> None:
+    """Remove ``*.tmp``/``*.old-*`` leftovers of writes a crash interrupted (the run lock is held)."""
+    root = Path(out) / CHECKPOINTS
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.is_dir() and (p.name.endswith(".tmp") or ".old-" in p.name):
+            shutil.rmtree(p, ignore_errors=True)
+            log(f"famtune: removed {p}, left by an interrupted checkpoint write")
+
+
+def find_checkpoint(out: Path, resume: str | bool, log=print) -> Path:
+    """The checkpoint to resume from: the given one, or the newest whose manifest verifies."""
     if isinstance(resume, str) and resume not in ("true", "latest"):
         path = Path(resume)
         if not (path / "trainer_state.json").exists():
             raise FamtuneError(f"{resume}: not a famtune checkpoint (no trainer_state.json)")
+        bad = durable.verify_manifest(path)
+        if bad:
+            raise FamtuneError(f"{resume}: damaged checkpoint ({bad}); resume from another one "
+                               "or with --resume alone to take the newest good one")
         return path
+    clean_stale(out, log)
+    found = checkpoint_dirs(out)
+    for path in found:
+        bad = durable.verify_manifest(path)
+        if bad is None:
+            return path
+        log(f"famtune: warning: skipping damaged checkpoint {path}: {bad}")
     root = Path(out) / CHECKPOINTS
-    found = sorted((p for p in root.glob("step-*") if (p / "trainer_state.json").exists()),
-                   key=lambda p: int(p.name.split("-")[1])) if root.exists() else []
-    if not found:
-        raise FamtuneError(f"{root}: no checkpoint to resume from; run without --resume or set save_steps")
-    return found[-1]
+    if found:
+        raise FamtuneError(f"{root}: none of the {len(found)} checkpoints verifies; start again with --overwrite")
+    raise FamtuneError(f"{root}: no checkpoint to resume from; run without --resume or set save_steps")
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
+        int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+        return state
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FamtuneError(f"{path}/trainer_state.json: unreadable ({type(exc).__name__}); "
+                           "resume from another checkpoint") from None
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator) -> tuple[int, int, int]:
@@ -144,15 +226,41 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator) -> tup
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    state = json.loads((path / "trainer_state.json").read_text())
+    state = read_trainer_state(path)
     # safetensors names the CPU "cpu" only; accelerate's multi-process CPU device is "cpu:0"
     device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)
-    weights = load_file(str(path / "adapter_model.safetensors"), device=device)
-    set_peft_model_state_dict(accelerator.unwrap_model(model), weights)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location=device))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    try:
+        weights = load_file(str(path / "adapter_model.safetensors"), device=device)
+        set_peft_model_state_dict(accelerator.unwrap_model(model), weights)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location=device))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    except Exception as exc:  # a verified checkpoint of another shape (e.g. another lora_r)
+        raise FamtuneError(f"{path}: cannot be loaded into this run ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); resume with the recipe "
+                           "that wrote it, or start again with --overwrite") from None
     return state["step"], state["epoch"], state["batch_in_epoch"]
+
+
+def save_adapter(out: Path, save) -> None:
+    """The final adapter, written by ``save(directory)`` beside ``out`` first and moved in once
+    complete, so an interrupted save never leaves a truncated ``adapter_model.safetensors`` in ``out``."""
+    staging = Path(out) / ".adapter.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        save(staging)
+        crash_point("final_save")
+        for f in staging.rglob("*"):
+            if f.is_file():
+                durable.fsync_path(f)
+        for f in sorted(staging.iterdir(), key=lambda p: p.suffix == ".json"):  # weights first, config last
+            target = Path(out) / f.name
+            if f.is_dir() and target.is_dir():
+                shutil.rmtree(target)
+            os.replace(f, target)
+        durable.fsync_path(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def peak_rss_mib() -> float:

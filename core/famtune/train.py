@@ -17,9 +17,11 @@ from typing import Any
 from famtune import checkpoint as ckpt_mod
 from famtune import distributed, kernels, run_state, tracking
 from famtune import packing as packing_mod
+from famtune import runlock, schedule
 from famtune.adapters import AdapterRun, adapter_settings, rank_distribution
 from famtune.adapters import describe as describe_adapter
 from famtune.backends import training_policy
+from famtune.callbacks import Callbacks
 from famtune.encoding import IGNORE_INDEX
 from famtune.errors import FamtuneError
 from famtune.evaluate.training import score_during_training
@@ -68,9 +70,12 @@ def supervised_count(batch: dict[str, Any]) -> int:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, resume: str | bool | None = None, log=print) -> None:
+    def __init__(self, recipe: Recipe, resume: str | bool | None = None, log=print, overwrite: bool = False) -> None:
         self.recipe = recipe
         self.resume = resume
+        self.overwrite = overwrite
+        self.resume_state: dict[str, Any] | None = None
+        self.skipped_steps: list[int] = []
         self.log = log
         self.out = Path(recipe.output_dir)
 
@@ -126,10 +131,9 @@ class Trainer:
         self.adapters = AdapterRun(r, self.total_steps, self.out, self.log)
         self.model = self._build_model()
         self.optimizer = self.adapters.optimizer(self.model)
-        from transformers import get_cosine_schedule_with_warmup
-
-        self.scheduler = get_cosine_schedule_with_warmup(
-            self.optimizer, math.ceil(r.warmup_ratio * self.total_steps), self.total_steps)
+        self._plan_schedule()
+        self.scheduler = schedule.build_scheduler(self.optimizer, self.warmup_steps, self.schedule_total,
+                                                  self.schedule_segments)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, self.optimizer, self.scheduler)
 
     def epoch_units(self, epoch: int) -> list[Any]:
@@ -240,15 +244,29 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        from famtune.validate import check_paths
+
+        check_paths(self.recipe, "the recipe")  # before any model loads
+        with runlock.RunDirectory(self.recipe, self.resume, self.overwrite, self.log) as self.run_dir:
+            if self.resume:
+                self.state_dir = run_state.find_checkpoint(self.out, self.resume, self.log)
+                self.resume_state = run_state.read_trainer_state(self.state_dir)
+                self.run_dir.verify_checkpoint(self.resume_state, self.state_dir)
+            return self._run_locked()
+
+    def _run_locked(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         r = self.recipe
         self.setup()
         self.out.mkdir(parents=True, exist_ok=True)
+        callbacks = Callbacks(r)  # plugins' trackers (famtune_training_callbacks)
+        callbacks.on_train_begin({"family": self.family.describe(), "total_steps": self.total_steps,
+                                  "output_dir": str(self.out)})
         metrics = run_state.MetricsLog(self.out / "metrics.jsonl", enabled=self.accelerator.is_main_process)
         step, epoch, pos = 0, 0, 0  # pos: units (samples or packed rows) of the epoch consumed so far
         if self.resume:
-            state_dir = run_state.find_checkpoint(self.out, self.resume)
+            state_dir = self.state_dir
             self.adapters.check_resume(state_dir)
             step, epoch, batch_in_epoch = run_state.load_checkpoint(
                 state_dir, self.model, self.optimizer, self.scheduler, self.accelerator)
@@ -293,6 +311,7 @@ class Trainer:
                                   "elapsed_s": elapsed}
                         metrics.write(record)
                         self.tracker.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step)
+                        callbacks.on_log(step, record)
                         if print_lines:
                             self.log(tracking.progress_line(step, self.total_steps, step_loss, lr,
                                                             tokens_seen / elapsed, elapsed))
@@ -306,14 +325,14 @@ class Trainer:
             bar.close()
             self.tracker.finish()
             path = self._save_checkpoint(step, epoch, pos)
-            raise FamtuneError(f"interrupted at step {step}/{self.total_steps}; state saved in {path}; "
+            raise FamtuneError(f"interrupted at step {step}/{self.total_steps} ({stop.signal_name}); state saved in {path}; "
                                f"continue with: famtune train RECIPE --resume")
         bar.close()
         train_wall = time.perf_counter() - t_start
         final = self._evaluate(step, metrics, None)
         task_eval = score_during_training(self, "tuned")
         self.tracker.finish()
-        self._save_final(metrics)
+        self._save_final_or_rescue(metrics, step, epoch, pos)
         self.counts = {k: int(v) for k, v in zip(self.counts, self.dp.sum(list(self.counts.values())))}
         summary = {"steps": step, "final_loss": last_loss, "eval_loss": final.get("eval_loss"),
                    "train_wall_s": train_wall, "tokens_per_s": tokens_seen / train_wall if train_wall else None,
@@ -325,11 +344,15 @@ class Trainer:
         if task_eval:
             summary["task_eval"] = task_eval
         summary["adapter"] = adapter_settings(r)
+        if self.skipped_steps:
+            summary["skipped_steps"] = self.skipped_steps
         if self.dp.main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             from famtune.modelcard import write_model_card
 
             write_model_card(self.out)  # after summary.json: the card quotes its losses
+        self.run_dir.finish()
+        callbacks.on_train_end(summary)
         self.log(f"done: {step} steps, final loss {last_loss:.4f}"
                  + (f", eval loss {final['eval_loss']:.4f}" if final.get("eval_loss") is not None else "")
                  + f"; adapter in {self.out}")
@@ -340,11 +363,10 @@ class Trainer:
         global_micro = -(-pos // (self.recipe.batch_size * self.dp.world))
         model = self.accelerator.unwrap_model(self.model)
         with self.adapters.saving_checkpoint(model):
-            path = run_state.save_checkpoint(self.out, step, epoch, global_micro, self.model, self.optimizer,
-                                             self.scheduler, self.accelerator, extra={"units_in_epoch": pos})
-        if self.accelerator.is_main_process:
-            self.adapters.save_state(path, model)
-        return path
+            # the adapter's own state goes in before the manifest, so the checkpoint proves it too
+            return run_state.save_checkpoint(self.out, step, epoch, global_micro, self.model, self.optimizer,
+                                             self.scheduler, self.accelerator, self._checkpoint_fields(pos),
+                                             write_extra=lambda d: self.adapters.save_state(d, model))
 
     def _optimizer_step(self, group: list[distributed.MicroBatch], step_index: int) -> tuple[float, int]:
         import torch
@@ -380,6 +402,9 @@ class Trainer:
         self.last_grad_norm = float(self.accelerator.clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], r.max_grad_norm))
         self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step used
+        if not (math.isfinite(total_loss) and math.isfinite(self.last_grad_norm)):
+            self._skip_or_stop_non_finite(group, total_loss)  # raises under nan_policy: stop
+            return total_loss, tokens
         self.optimizer.step()
         self.adapters.after_optimizer_step(self.accelerator.unwrap_model(self.model), step_index)
         self.scheduler.step()
@@ -412,9 +437,9 @@ class Trainer:
             return
         model = self.accelerator.unwrap_model(self.model)
         if state is not None:  # a sharded model: its gathered weights, as a plain LoRA adapter
-            model.save_pretrained(self.out, state_dict=state)
+            run_state.save_adapter(self.out, lambda target: model.save_pretrained(target, state_dict=state))
         else:
-            self.adapters.save_final(model, self.out)
+            run_state.save_adapter(self.out, lambda target: self.adapters.save_final(model, target))
         meta = build_metadata(
             family=self.family, template_name=self.conversation.name, generation=self.generation,
             base_model=self.recipe.model, base_path=self.ckpt.path, quantization=self.recipe.quantization,
@@ -432,5 +457,77 @@ class Trainer:
         run_state.plot_losses(metrics.path, self.out / "loss.png")
 
 
-def train(recipe: Recipe, resume: str | bool | None = None, log=print) -> dict[str, Any]:
-    return Trainer(recipe, resume=resume, log=log).run()
+    # -- hardening: schedule, checkpoints' identity, non-finite steps, a final save that loses nothing
+    def _plan_schedule(self) -> None:
+        """Warmup, last step and extension segments; a changed step budget on resume adds a segment."""
+        r, state = self.recipe, self.resume_state
+        self.warmup_steps = math.ceil(r.warmup_ratio * self.total_steps)
+        self.schedule_total, self.schedule_segments = self.total_steps, []
+        if not state or "total_steps" not in state:
+            return
+        self.warmup_steps, self.schedule_total = state["warmup_steps"], state["total_steps"]
+        self.schedule_segments = [list(s) for s in state.get("schedule", [])]
+        old_end = self.schedule_segments[-1][2] if self.schedule_segments else self.schedule_total
+        if self.total_steps != old_end:
+            if self.total_steps <= state["step"]:
+                raise FamtuneError(f"--resume: the step budget is now {self.total_steps} steps but the checkpoint is "
+                                   f"at step {state['step']}; raise max_steps or epochs")
+            self.schedule_segments = schedule.extend(self.schedule_segments, state["step"], self.warmup_steps,
+                                                     self.schedule_total, self.total_steps)
+            self.log(f"step budget {old_end} -> {self.total_steps}: from step {state['step']} the learning rate "
+                     "decays by cosine from its current value to 0 at the new last step")
+
+    def _checkpoint_fields(self, pos: int) -> dict[str, Any]:
+        # units_in_epoch: the data position, the same for any number of processes
+        return {**self.run_dir.checkpoint_fields(), "units_in_epoch": pos, "total_steps": self.schedule_total,
+                "warmup_steps": self.warmup_steps, "schedule": self.schedule_segments,
+                "skipped_steps": self.skipped_steps}
+
+    def _skip_or_stop_non_finite(self, group: list[Any], loss: float) -> None:
+        """nan_policy on a non-finite loss or gradient norm: stop with the culprits, or skip the update."""
+        step = getattr(self.scheduler, "scheduler", self.scheduler).last_epoch + 1  # accelerate wraps it
+        flat = [i for spec in group for item in spec for i in (item if isinstance(item, list) else [item])]
+        where = ", ".join(f"{self.train_samples[i].source}:{self.train_samples[i].line}" for i in flat[:5])
+        what = f"step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} " \
+               f"(loss {loss}, grad norm {self.last_grad_norm}) on samples {flat[:5]} ({where})"
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.recipe.nan_policy == "skip_step":
+            self.skipped_steps.append(step)
+            self.log(f"famtune: warning: {what}; update skipped (nan_policy: skip_step)")
+            self.scheduler.step()  # the schedule stays aligned with the step count
+            return
+        kept = run_state.checkpoint_dirs(self.out)
+        raise FamtuneError(f"{what}; nothing of this step was applied"
+                           + (f", the last good checkpoint is {kept[0]}" if kept else "")
+                           + "; lower learning_rate or check those records, or set nan_policy: skip_step")
+
+    def _save_final_or_rescue(self, metrics, step: int, epoch: int, pos: int) -> None:
+        """The final save; if it fails, the trained state goes to a checkpoint so nothing is lost."""
+        from famtune import durable
+
+        try:
+            self._save_final(metrics)
+        except Exception as exc:
+            if not isinstance(exc, OSError) and not durable.is_disk_full(exc):
+                raise
+            why = "disk full" if durable.is_disk_full(exc) else f"{type(exc).__name__}: {exc}"
+            rescue = self._rescue_checkpoint(step, epoch, pos)
+            kept = (f"the trained state is kept in {rescue}; free space, then finish with: famtune train RECIPE "
+                    f"--resume {rescue}") if rescue else "no checkpoint could be written either"
+            raise FamtuneError(f"final save to {self.out} failed ({why}); {kept}") from None
+
+    def _rescue_checkpoint(self, step: int, epoch: int, pos: int):
+        import tempfile
+
+        global_micro = -(-pos // (self.recipe.batch_size * self.dp.world))
+        for root in (self.out, Path(tempfile.gettempdir()) / f"famtune-rescue-{self.run_dir.run['run_id']}"):
+            try:
+                return run_state.save_checkpoint(root, step, epoch, global_micro, self.model, self.optimizer,
+                                                 self.scheduler, self.accelerator, self._checkpoint_fields(pos))
+            except (FamtuneError, OSError):
+                continue
+        return None
+
+
+def train(recipe: Recipe, resume: str | bool | None = None, log=print, overwrite: bool = False) -> dict[str, Any]:
+    return Trainer(recipe, resume=resume, log=log, overwrite=overwrite).run()

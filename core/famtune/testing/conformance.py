@@ -42,6 +42,9 @@ MERGE_ATOL = 1e-4
 # gives logits of a few tens, where summing in a different order alone moves the last bits by
 # ~1e-5. A sample that sees its neighbour moves them by whole units.
 PACKING_ATOL = PACKING_RTOL = 1e-5
+#: Sample lengths of the packing check, as in famtune's tests/test_packing.py: rows [9, 17, 1, 5],
+#: [30, 4] and [11] (the first sample is a real conversation of the family's format).
+PACKING_LENGTHS = (9, 17, 1, 5, 30, 4, 11)
 
 
 @dataclass
@@ -142,12 +145,13 @@ class _State:
     """One family's tiny checkpoint and what the checks learn about it on the way."""
 
     def __init__(self, family, tiny: Path, workdir: Path) -> None:
-        from famtune.checkpoint import open_checkpoint
+        from famtune.checkpoint import Checkpoint, read_json
 
         self.family = family
         self.tiny = tiny
         self.workdir = workdir
-        self.ckpt = open_checkpoint(str(tiny), family=family.name)
+        # The very Family under test loads the checkpoint (the claim is checked on its own).
+        self.ckpt = Checkpoint(str(tiny), str(tiny), read_json(tiny / "config.json"), family)
         self.tokenizer = self.ckpt.load_tokenizer()
         self.adapter: Path | None = None
 
@@ -243,7 +247,7 @@ class _State:
             "lora_dropout": 0.0, "learning_rate": 0.01, "warmup_ratio": 0.0, "batch_size": 3, "max_steps": 1,
             "gradient_checkpointing": False, "packing": False, "progress": False, "logging_steps": 1,
         })
-        summary = train(recipe, log=lambda *a, **k: None)
+        summary = train(recipe, log=lambda *a, **k: None, overwrite=True)  # a reused --workdir is ours
         loss = summary["final_loss"]
         assert isinstance(loss, float) and math.isfinite(loss), f"QLoRA step loss is {loss!r}"
         self.adapter = out
@@ -279,28 +283,62 @@ class _State:
         return PASS, f"max |merged - (base+adapter)| = {diff:.2g} (adapter moves logits by {moved:.2g})"
 
     def packing(self):
+        """As strict as famtune's own packing test: several rows, a one-token sample, padding,
+        random ids, a row longer than the model's sliding window if it has one, every sample's
+        logits equal to its logits alone and the packed loss equal to the sum of the lone losses."""
+        import random
+
         import torch
 
+        from famtune.encoding import EncodedConversation
+        from famtune.loss import causal_lm_loss
         from famtune.packing import collate_packed
 
         if not self.family.supports_packing():
             return SKIPPED, "packing: not declared"
         model = self.ckpt.load_model(quantization="none", compute_dtype="fp32")
-        a, b = self._encode(CONVERSATIONS[0]), self._encode(CONVERSATIONS[2])
-        batch = collate_packed([[a, b]], a.input_ids[0], torch.device("cpu"))
         # As in training: without a cache, the model reads sample boundaries from the position ids.
+        model.config.use_cache = False
+        rng = random.Random(0)
+        vocab = len(self.tokenizer)
+        lengths = list(PACKING_LENGTHS)
+        window = getattr(model.config, "sliding_window", None)
+        if isinstance(window, int) and 0 < window < 256:
+            lengths[4] = window + 9  # attention beyond the window must stay inside the sample too
+        samples = []
+        for n in lengths:
+            ids = [rng.randrange(vocab) for _ in range(n)]
+            samples.append(EncodedConversation(ids, [t if rng.random() < 0.7 else IGNORE_INDEX for t in ids]))
+        samples[0] = self._encode(CONVERSATIONS[0])  # a real conversation too
+        rows = [samples[0:4], samples[4:6], samples[6:7]]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        batch = collate_packed(rows, pad, torch.device("cpu"))
+        worst, excess = 0.0, 0.0
         with torch.no_grad():
-            packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
-            worst, excess = 0.0, 0.0
-            for enc, at in ((a, 0), (b, len(a.input_ids))):
-                alone = model(input_ids=torch.tensor([enc.input_ids]), use_cache=False).logits[0]
-                diff = (packed[at:at + len(enc.input_ids)] - alone).abs()
-                worst = max(worst, diff.max().item())
-                excess = max(excess, (diff - PACKING_ATOL - PACKING_RTOL * alone.abs()).max().item())
+            packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+            alone_loss = torch.zeros(())
+            for r, row in enumerate(rows):
+                at = 0
+                for enc in row:
+                    n = len(enc.input_ids)
+                    alone = model(input_ids=torch.tensor([enc.input_ids]), use_cache=False).logits[0]
+                    diff = (packed[r, at:at + n] - alone).abs()
+                    worst = max(worst, diff.max().item())
+                    excess = max(excess, (diff - PACKING_ATOL - PACKING_RTOL * alone.abs()).max().item())
+                    lone = {"input_ids": torch.tensor([enc.input_ids]), "labels": torch.tensor([enc.labels]),
+                            "position_ids": torch.arange(n)[None]}
+                    alone_loss = alone_loss + causal_lm_loss(model, lone, 1)
+                    at += n
+            packed_loss = causal_lm_loss(model, batch, 1)
         assert excess <= 0, (
-            f"famtune_supports_packing says True, but a packed sample's logits differ from the sample alone "
-            f"by {worst:.3g} (max abs, fp32); return False for this family")
-        return PASS, f"2 samples in one row: max |packed - alone| = {worst:.2g}"
+            f"supports_packing is True, but a packed sample's logits differ from the sample alone by {worst:.3g} "
+            f"(max abs, fp32, rows of {[len(r) for r in rows]} samples); declare False for this family")
+        loss_gap = abs(packed_loss.item() - alone_loss.item())
+        assert loss_gap <= 1e-4 + 1e-5 * abs(alone_loss.item()), (
+            f"the packed rows' summed loss {packed_loss.item():.6g} differs from the samples' own losses "
+            f"{alone_loss.item():.6g}; declare supports_packing False for this family")
+        return PASS, (f"{len(samples)} samples in {len(rows)} rows (longest row {batch['input_ids'].shape[1]} tokens): "
+                      f"max |packed - alone| = {worst:.2g}, loss gap {loss_gap:.2g}")
 
 
 def _supervised_spans(labels: list[int]) -> list[tuple[int, int]]:

@@ -14,7 +14,7 @@ def write_tiny_checkpoint(out_dir: str, corpus: list[str], seed: int = 0) -> boo
 
     # Like Meta's tokenizer: BOS is <|begin_of_text|>, the chat end is <|eot_id|>, no pad token.
     tok = train_tokenizer(corpus, SPECIALS, vocab_size=1200, bos_token=template.BOS, eos_token=template.EOT)
-    tok.chat_template = template.CHAT_TEMPLATE
+    tok.chat_template = template.LLAMA3.jinja()
     tok.save_pretrained(out_dir)
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -25,7 +25,7 @@ def write_tiny_checkpoint(out_dir: str, corpus: list[str], seed: int = 0) -> boo
         bos_token_id=tok.convert_tokens_to_ids(template.BOS),
         eos_token_id=[tok.convert_tokens_to_ids(template.EOT), tok.convert_tokens_to_ids(template.END_OF_TEXT)],
         # The tiny vocabulary is not Llama-3's, so the claim needs this marker to recognise it.
-        famtune_family="llama3",
+        famtune_family="llama3",  # famtune.family.MARKER_KEY
     )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).to(torch.float32).save_pretrained(out_dir)

@@ -28,12 +28,12 @@ def tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(out)
 
 
-def test_renders_meta_llama3_instruct_format(tokenizer):
-    from famtune_llama3 import template
+def test_renders_the_meta_llama_3_instruct_format(tokenizer):
+    from famtune_llama3.template import LLAMA3
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi there "},
                 {"role": "assistant", "content": "Hello, how can I help?"}]
-    enc = template.encode(tokenizer, messages, "all_assistant", add_generation_prompt=False)
+    enc = LLAMA3.encode(tokenizer, messages, "all_assistant", add_generation_prompt=False)
     # Meta's published rendering: BOS once, a header per message, contents trimmed, <|eot_id|> after each.
     assert tokenizer.decode(enc.input_ids) == (
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
@@ -41,7 +41,7 @@ def test_renders_meta_llama3_instruct_format(tokenizer):
         "<|start_header_id|>assistant<|end_header_id|>\n\nHello, how can I help?<|eot_id|>")
     supervised = [t for t, label in zip(enc.input_ids, enc.labels) if label != -100]
     assert tokenizer.decode(supervised) == "Hello, how can I help?<|eot_id|>"
-    prompt = template.encode(tokenizer, messages[:2], "all_assistant", add_generation_prompt=True)
+    prompt = LLAMA3.encode(tokenizer, messages[:2], "all_assistant", add_generation_prompt=True)
     assert tokenizer.decode(prompt.input_ids).endswith("Hi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
 
 

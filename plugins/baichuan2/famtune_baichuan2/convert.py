@@ -18,17 +18,20 @@ valid NormHead checkpoint too (the model normalises them again at run time).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
+from pathlib import Path
 from typing import Any, Iterator
 
+from famtune.convert import (
+    MARKER_KEY, TensorReader, cache_key, cached_copy, copy_generation_config, native_copy, read_json, weight_files,
+    write_json, write_shards,
+)
 from famtune.errors import FamtuneError
 
 FAMILY_7B = "baichuan2-7b"
 FAMILY_13B = "baichuan2-13b"
 FAMILIES = (FAMILY_7B, FAMILY_13B)
-MARKER_KEY = "famtune_family"
 ALIBI_MODEL_TYPE = "famtune_baichuan2_alibi"
 ORIGINAL_MODEL_TYPE = "baichuan"
 ORIGINAL_CLASS = "BaichuanForCausalLM"
@@ -40,8 +43,6 @@ HEAD_FILE = os.path.join("famtune_baichuan2", "lm_head_unnormalised.safetensors"
 # survives save_pretrained, so a merged model can still find the head it was converted from.
 HEAD_SOURCE_KEY = "famtune_baichuan2_head_source"
 HEAD = "lm_head.weight"
-WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 SAFETENSORS_METADATA = {"format": "pt"}
 
 _W_PACK = re.compile(r"^(model\.layers\.\d+\.self_attn\.)W_pack\.weight$")
@@ -149,109 +150,85 @@ class ToOriginal:
             )
 
 
-# -- files --------------------------------------------------------------------------------------
-def weight_files(path: str) -> list[str]:
-    """The safetensors files of a checkpoint, in shard order."""
-    index = os.path.join(path, INDEX)
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map", {})
-        return [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
-    single = os.path.join(path, WEIGHTS)
-    if os.path.isfile(single):
-        return [single]
-    pickled = [n for n in sorted(os.listdir(path)) if n.endswith((".bin", ".pt", ".pth"))]
-    if pickled:
-        raise FamtuneError(
-            f"{path}: holds only pickled weights ({pickled[0]}, ...); famtune loads safetensors only, "
-            "download the model's safetensors files or convert them with safetensors' convert script first"
-        )
-    raise FamtuneError(f"{path}: no {WEIGHTS} or {INDEX}; pass a complete checkpoint directory")
+# -- files (famtune.convert reads, shards and caches) -------------------------------------------------
+#: Part of the cache key: bump it when the conversion changes.
+CONVERTER_VERSION = 1
+#: The cache namespace of both families' native copies.
+CACHE_NAME = "baichuan2"
 
 
-def _iter_tensors(file: str) -> Iterator[tuple[str, Any]]:
-    from safetensors import safe_open
-
-    with safe_open(file, framework="pt") as f:
-        for name in f.keys():
-            yield name, f.get_tensor(name)
-
-
-def _read_tensor(files: list[str], wanted: str):
+def _read_tensor(files: list[Path], wanted: str):
     from safetensors import safe_open
 
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with safe_open(str(file), framework="pt") as f:
             if wanted in f.keys():
                 return f.get_tensor(wanted)
     return None
 
 
-def _convert_files(files: list[str], out_dir: str, mapper) -> None:
-    """Streams shard by shard: output shard i holds what input shard i maps to."""
-    from safetensors.torch import save_file
-
-    names = [WEIGHTS] if len(files) == 1 else [
-        f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))
-    ]
-    weight_map: dict[str, str] = {}
-    total = 0
-    for file, out_name in zip(files, names):
-        out: dict[str, Any] = {}
-        for name, tensor in _iter_tensors(file):
-            for new_name, new_tensor in mapper(name, tensor):
-                out[new_name] = new_tensor.contiguous()
-                weight_map[new_name] = out_name
-                total += new_tensor.numel() * new_tensor.element_size()
-        save_file(out, os.path.join(out_dir, out_name), metadata=SAFETENSORS_METADATA)
-    if len(files) > 1:
-        with open(os.path.join(out_dir, INDEX), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+def _mapped(src: str | Path, mapper) -> Iterator[tuple[str, Any]]:
+    reader = TensorReader(src)
+    for name in reader.keys():
+        yield from mapper(name, reader.get(name))
 
 
-def _write_json(path: str, data: dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-
-
-def _copy_generation_config(src: str, dst: str) -> None:
-    gen = os.path.join(src, "generation_config.json")
-    if os.path.isfile(gen):
-        with open(gen, "rb") as f_in, open(os.path.join(dst, "generation_config.json"), "wb") as f_out:
-            f_out.write(f_in.read())
-
-
-def write_native(original_dir: str, out_dir: str, original: dict[str, Any], head_source: str | None = None) -> None:
+def write_native(original_dir: str | Path, out_dir: str | Path, original: dict[str, Any],
+                 head_source: str | None = None) -> None:
     """Writes the native layout of the original checkpoint in ``original_dir`` to ``out_dir``;
     ``head_source`` names that copy for a later ``write_original`` (see ``HEAD_SOURCE_KEY``)."""
     from safetensors.torch import save_file
 
-    files = weight_files(original_dir)
-    os.makedirs(os.path.join(out_dir, os.path.dirname(HEAD_FILE)), exist_ok=True)
-    raw_head = _read_tensor(files, HEAD)
+    raw_head = _read_tensor(weight_files(original_dir), HEAD)
     if raw_head is None:
         raise FamtuneError(f"{original_dir}: no {HEAD} in the weights; pass a complete Baichuan2 checkpoint")
+    os.makedirs(os.path.join(out_dir, os.path.dirname(HEAD_FILE)), exist_ok=True)
     save_file({HEAD: raw_head.contiguous()}, os.path.join(out_dir, HEAD_FILE), metadata=SAFETENSORS_METADATA)
-    _convert_files(files, out_dir, to_native)
+    write_shards(_mapped(original_dir, to_native), out_dir)
     config = native_config(original)
     if head_source is not None:
         config[HEAD_SOURCE_KEY] = head_source
-    _write_json(os.path.join(out_dir, "config.json"), config)
-    _copy_generation_config(original_dir, out_dir)
+    write_json(os.path.join(out_dir, "config.json"), config)
+    copy_generation_config(original_dir, out_dir)
 
 
-def write_original(native_dir: str, out_dir: str, original_config: dict[str, Any],
+def write_original(native_dir: str | Path, out_dir: str | Path, original_config: dict[str, Any],
                    head_file: str | None = None) -> bool:
     """Writes the original layout (``original_config`` and original names) of a native checkpoint;
     ``head_file`` holds the un-normalised head it was converted from, if known."""
     from safetensors.torch import load_file
 
-    os.makedirs(out_dir, exist_ok=True)
     raw_head = load_file(head_file)[HEAD] if head_file and os.path.isfile(head_file) else None
     mapper = ToOriginal(raw_head)
-    _convert_files(weight_files(native_dir), out_dir, mapper)
-    mapper.check_done(native_dir)
-    _write_json(os.path.join(out_dir, "config.json"), original_config)
-    _copy_generation_config(native_dir, out_dir)
+    write_shards(_mapped(native_dir, mapper), out_dir)
+    mapper.check_done(str(native_dir))
+    write_json(os.path.join(out_dir, "config.json"), original_config)
+    copy_generation_config(native_dir, out_dir)
     return True
+
+
+def native_dir(path: str, original: dict[str, Any]) -> str:
+    """The cached native-layout copy of the original checkpoint at ``path``, made if missing."""
+    key = cache_key(path, CACHE_NAME, CONVERTER_VERSION)
+    return str(native_copy(path, CACHE_NAME, CONVERTER_VERSION,
+                           lambda src, out: write_native(src, out, original, head_source=key)))
+
+
+def raw_head_file(native: str) -> str | None:
+    """The un-normalised head a native checkpoint was converted from: beside its weights (a
+    converted copy) or, for a model saved from one (a merge), in that copy in the cache."""
+    beside = os.path.join(native, HEAD_FILE)
+    if os.path.isfile(beside):
+        return beside
+    try:
+        key = read_json(os.path.join(native, "config.json")).get(HEAD_SOURCE_KEY)
+    except (OSError, ValueError, FamtuneError):
+        return None
+    if not isinstance(key, str) or os.path.basename(key) != key:
+        return None
+    cached = cached_copy(CACHE_NAME, key) / HEAD_FILE
+    return str(cached) if cached.is_file() else None
+
+
+def write_original_layout(native: str, out_dir: str, original_config: dict[str, Any]) -> bool:
+    return write_original(native, out_dir, original_config, raw_head_file(native))

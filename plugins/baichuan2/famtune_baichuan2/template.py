@@ -126,3 +126,26 @@ def generation_defaults(tokenizer: Any) -> GenerationDefaults:
     b = ConversationBuilder(tokenizer)
     return GenerationDefaults([b.token_id(EOS_TOKEN), b.token_id(USER_TOKEN)], dict(SAMPLING))
 
+
+
+class Baichuan2Format:
+    """Baichuan2's hand-written format, with the methods of a ``famtune.chatformat.ChatFormat``.
+
+    Written by hand because a reply ends with the *next* turn's marker (or ``</s>`` at the end),
+    which a declarative prefix/suffix format cannot express.
+    """
+
+    name = "famtune-baichuan2"
+    encode = staticmethod(encode)
+
+    def jinja(self) -> str:
+        return CHAT_TEMPLATE
+
+    def fastchat_conversation(self):
+        return conversation()
+
+    def stop_ids(self, tokenizer: Any) -> list[int]:
+        return generation_defaults(tokenizer).stop_ids
+
+
+BAICHUAN2 = Baichuan2Format()

@@ -62,9 +62,9 @@ def write_tiny_checkpoint(family: str, out_dir: str, corpus: list[str], seed: in
     config = original_config(family, len(tok))
     native = convert.native_config(config)
     if native["model_type"] == convert.ALIBI_MODEL_TYPE:
-        from famtune_baichuan2 import loader
+        from famtune_baichuan2.family import register_alibi_model
 
-        loader.register_alibi_model()
+        register_alibi_model()
     model_config = CONFIG_MAPPING[native["model_type"]](**{k: v for k, v in native.items() if k != "model_type"})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)

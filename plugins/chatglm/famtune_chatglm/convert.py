@@ -10,15 +10,20 @@ ChatGLM3 reference checkpoint):
   converter drops ``rope_ratio`` (``getattr`` on a dict), which would give GLM-4 a base of 1e4
   instead of 5e6; here it is carried over.
 
-Functions here are pure: they map names and tensors; reading and writing files is in layout.py.
+The name and tensor maps are this family's part; the file work at the end is famtune.convert's.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from famtune.errors import FamtuneError
 
-from famtune_chatglm.families import FAMILY_MARKER, NATIVE_MODEL_TYPE
+from famtune.convert import (
+    MARKER_KEY, TensorReader, copy_generation_config, native_copy, read_json, write_json, write_shards,
+)
+
+NATIVE_MODEL_TYPE = "glm"
 
 if TYPE_CHECKING:
     import torch
@@ -101,7 +106,7 @@ def native_config(config: dict[str, Any], family: str) -> dict[str, Any]:
     native = {
         "architectures": ["GlmForCausalLM"],
         "model_type": NATIVE_MODEL_TYPE,
-        FAMILY_MARKER: family,
+        MARKER_KEY: family,
         "vocab_size": vocab,
         "hidden_size": config["hidden_size"],
         "intermediate_size": config["ffn_hidden_size"],
@@ -208,3 +213,31 @@ def original_tensors(names: Iterable[str], load: Load, config: dict[str, Any], w
         else:
             raise FamtuneError(f"{where}: unexpected tensor {name!r}; it has no place in the original ChatGLM layout")
     yield INV_FREQ, original_inv_freq(config)
+
+
+# -- files (famtune.convert reads, shards and caches) -------------------------------------------------
+#: Part of the cache key: bump it when the conversion changes.
+CONVERTER_VERSION = 1
+
+
+def write_native(src: str | Path, out_dir: str | Path, family: str, config: dict[str, Any]) -> None:
+    """Write the native layout of the original checkpoint ``src`` (whose config is ``config``)."""
+    check_supported(config, str(src))
+    reader = TensorReader(src)
+    write_shards(native_tensors(reader.keys(), reader.get, config, str(src)), out_dir)
+    write_json(Path(out_dir) / "config.json", native_config(config, family))
+    copy_generation_config(src, out_dir)
+
+
+def native_cache_dir(src: str | Path, family: str, config: dict[str, Any]) -> Path:
+    """The cached native copy of ``src``, converted on first use."""
+    return native_copy(src, family, CONVERTER_VERSION, lambda s, out: write_native(s, out, family, config))
+
+
+def write_original(native_dir: str | Path, out_dir: str | Path, original_config: dict[str, Any]) -> None:
+    """Write the original layout (its ``config.json`` with ``auto_map``, original tensor names)."""
+    check_supported(original_config, str(native_dir))
+    reader = TensorReader(native_dir)
+    write_shards(original_tensors(reader.keys(), reader.get, original_config, str(native_dir)), out_dir)
+    write_json(Path(out_dir) / "config.json", original_config)
+    copy_generation_config(native_dir, out_dir)

@@ -26,12 +26,48 @@ two differ.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from famtune.encoding import GENERIC_POLICIES, IGNORE_INDEX, ConversationBuilder, EncodedConversation
 
-from famtune_chatglm.families import SPECS
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str
+    #: the two tokens every sequence starts with (``get_prefix_tokens`` of the original tokenizer)
+    prefix: tuple[str, str]
+    eos: str
+    #: token that ends the final assistant turn of a training sample (see template.py)
+    final_end_of_turn: str
+    stop_tokens: tuple[str, ...]
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+
+SPECS: dict[str, FamilySpec] = {
+    # chat()/stream_chat() of chatglm3-6b: eos_token_id=[eos, <|user|>, <|observation|>],
+    # do_sample=True, top_p=0.8, temperature=0.8. The official finetune ends every sample with eos.
+    "chatglm3": FamilySpec(
+        name="chatglm3",
+        prefix=("[gMASK]", "sop"),
+        eos="</s>",
+        final_end_of_turn="</s>",
+        stop_tokens=("</s>", "<|user|>", "<|observation|>"),
+        sampling={"do_sample": True, "temperature": 0.8, "top_p": 0.8},
+    ),
+    # glm-4-9b-chat generation_config.json: eos [151329, 151336, 151338], do_sample, 0.8 / 0.8.
+    # The official GLM-4 finetune appends <|user|> ("EOS for chat") to every sample.
+    "glm4": FamilySpec(
+        name="glm4",
+        prefix=("[gMASK]", "<sop>"),
+        eos="<|endoftext|>",
+        final_end_of_turn="<|user|>",
+        stop_tokens=("<|endoftext|>", "<|user|>", "<|observation|>"),
+        sampling={"do_sample": True, "temperature": 0.8, "top_p": 0.8},
+    ),
+}
+
+FAMILIES = tuple(SPECS)
 
 ROLES = ("system", "user", "assistant")
 
@@ -180,3 +216,36 @@ def encode_conversation(
         else:
             b.assistant_ids(s.ids, s.turn)
     return b.build(masking)
+
+
+class ChatGLMFormat:
+    """One ChatGLM family's hand-written format, with the methods of a ``famtune.chatformat.ChatFormat``.
+
+    Written by hand because a reply's end of turn is the next role token, and because ChatGLM's
+    tokenizer tokenizes each message apart (``_message_ids``).
+    """
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+        self.name = f"famtune-{family}"
+
+    def encode(self, tokenizer: Any, messages: list[dict[str, str]], masking: str,
+               add_generation_prompt: bool) -> EncodedConversation:
+        return encode_conversation(self.family, tokenizer, messages, masking, add_generation_prompt)
+
+    def jinja(self) -> str:
+        return chat_template(self.family)
+
+    def fastchat_conversation(self):
+        return conversation_template(self.family)
+
+    def stop_ids(self, tokenizer: Any) -> list[int]:
+        stop_ids = []
+        for token in SPECS[self.family].stop_tokens:
+            tid = tokenizer.convert_tokens_to_ids(token)
+            if tid is not None and tid != getattr(tokenizer, "unk_token_id", None):
+                stop_ids.append(tid)
+        if not stop_ids:
+            raise ValueError(f"the tokenizer knows none of {', '.join(SPECS[self.family].stop_tokens)}; "
+                             f"it is not a {self.family} tokenizer")
+        return stop_ids

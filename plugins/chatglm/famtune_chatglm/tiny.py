@@ -19,8 +19,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from famtune_chatglm import convert, layout
-from famtune_chatglm.families import SPECS
+from famtune_chatglm import convert
+from famtune_chatglm.template import SPECS
 
 SIZES = {"hidden_size": 64, "ffn_hidden_size": 128, "kv_channels": 16, "num_attention_heads": 4,
          "multi_query_group_num": 2, "num_layers": 2}
@@ -99,7 +99,7 @@ def write_tiny_checkpoint(family: str, out_dir: str, corpus: list[str], seed: in
     config = original_config(family, len(tok), eos_ids, pad_id)
 
     native = convert.native_config(config, family)
-    for key in ("model_type", "architectures", convert.FAMILY_MARKER, "dtype"):
+    for key in ("model_type", "architectures", convert.MARKER_KEY, "dtype"):
         native.pop(key, None)
     # A wide init lets the frozen head give confident logits, so a short LoRA run reaches a low loss.
     native["initializer_range"] = 0.25
@@ -107,7 +107,7 @@ def write_tiny_checkpoint(family: str, out_dir: str, corpus: list[str], seed: in
     model = AutoModelForCausalLM.from_config(GlmConfig(**native), dtype=torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
-        layout.write_original(tmp, out, config)
+        convert.write_original(tmp, out, config)
     (out / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": stop_ids, "pad_token_id": pad_id,
          **spec.sampling}, indent=2), encoding="utf-8")

@@ -2,8 +2,8 @@
 
 Original checkpoints (``InternLM2ForCausalLM`` with ``auto_map`` and fused ``wqkv``) load as
 transformers' native ``LlamaForCausalLM`` and their SentencePiece tokenizer as a native fast
-tokenizer; no remote code ever runs. Modules: ``plugin`` (the hooks), ``convert`` (layouts),
-``files`` (cache and shards), ``template`` (chat format, labels), ``tokenizer``.
+tokenizer; no remote code ever runs. Modules: ``plugin`` (registration), ``family`` (the family),
+``template`` (chat format, labels), ``convert`` (layouts), ``tokenizer``, ``tiny``.
 """
 from __future__ import annotations
 

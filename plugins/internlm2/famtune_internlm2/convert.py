@@ -1,6 +1,7 @@
 """InternLM2's original layout <-> transformers' native ``LlamaForCausalLM`` layout.
 
-Pure functions on config dicts and state dicts; reading and writing files is in ``files.py``.
+Config and state-dict functions (the family-specific part), then the two file conversions built
+on ``famtune.convert`` (reading, sharding, the cached native copy).
 
 InternLM2 is Llama with other names plus one fused projection: ``attention.wqkv`` holds q, k and
 v **grouped per kv head**. Its rows are ``num_key_value_heads`` blocks, each made of the group's
@@ -11,13 +12,16 @@ RoPE is Llama's rotate-half on the full head, so q and k need no permutation.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
+
+from famtune.convert import (
+    MARKER_KEY, TensorReader, copy_generation_config, native_copy, read_json, weight_files, write_json, write_shards,
+)
 
 FAMILY = "internlm2"
 MODEL_TYPE = "internlm2"
 ARCHITECTURE = "InternLM2ForCausalLM"
-#: Top-level key in a native config.json written by famtune; it tells the claim this Llama is InternLM2.
-MARKER_KEY = "famtune_family"
 
 AUTO_MAP = {
     "AutoConfig": "configuration_internlm2.InternLM2Config",
@@ -245,3 +249,54 @@ def to_original_state_dict(config: dict[str, Any], state_dict: dict[str, Any]) -
             raise ConversionError(f"{prefix}self_attn is missing {', '.join(missing)}.{kind}; q, k and v fuse together")
         original[f"{prefix}attention.wqkv.{kind}"] = fuse_wqkv(qkv["q_proj"], qkv["k_proj"], qkv["v_proj"], config)
     return original
+
+
+# -- files ------------------------------------------------------------------------------------------
+#: Part of the cache key: bump it when the conversion's output changes.
+CONVERTER_VERSION = 1
+_KV = ("k_proj.weight", "v_proj.weight", "k_proj.bias", "v_proj.bias")
+
+
+def _shard_keys(reader: TensorReader, file: Path) -> list[str]:
+    return [k for k, name in reader.weight_map.items() if name == file.name]
+
+
+def write_native_layout(src: str | Path, out_dir: str | Path) -> None:
+    """Convert the original checkpoint at ``src`` into a native ``LlamaForCausalLM`` directory."""
+    original = read_json(Path(src) / "config.json")
+    reader = TensorReader(src)
+
+    def tensors():
+        for f in weight_files(src):  # a fused wqkv never spans two shards, so each converts alone
+            yield from to_native_state_dict(original, {k: reader.get(k) for k in _shard_keys(reader, f)}).items()
+
+    write_shards(tensors(), out_dir)
+    write_json(Path(out_dir) / "config.json", to_native_config(original))
+    copy_generation_config(src, out_dir)
+
+
+def native_cache_dir(path: str | Path) -> Path:
+    """The native-layout copy of the original checkpoint at ``path``, converted on first use."""
+    return native_copy(path, FAMILY, CONVERTER_VERSION, write_native_layout)
+
+
+def write_original_layout(native_dir: str | Path, out_dir: str | Path, original_config: dict[str, Any] | None) -> None:
+    """Convert a native-layout directory (e.g. a merged model) back to InternLM2's original layout."""
+    native = read_json(Path(native_dir) / "config.json")
+    reader = TensorReader(native_dir)
+
+    def tensors():
+        for f in weight_files(native_dir):
+            keys = [k for k in _shard_keys(reader, f) if not k.endswith(_KV)]
+            # q, k and v of one layer fuse into one wqkv, wherever the native shards put them.
+            for k in list(keys):
+                if k.endswith(("q_proj.weight", "q_proj.bias")):
+                    for sibling in (k.replace("q_proj", "k_proj"), k.replace("q_proj", "v_proj")):
+                        if sibling not in reader.weight_map:
+                            raise KeyError(f"{native_dir}: {k} has no {sibling}; the native weights are incomplete")
+                        keys.append(sibling)
+            yield from to_original_state_dict(native, {k: reader.get(k) for k in keys}).items()
+
+    write_shards(tensors(), out_dir)
+    write_json(Path(out_dir) / "config.json", to_original_config(native, original_config))
+    copy_generation_config(native_dir, out_dir)

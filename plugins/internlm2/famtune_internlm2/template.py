@@ -131,3 +131,32 @@ def encode_conversation(tokenizer: Any, messages: list[dict[str, str]], masking:
         builder.prompt_ids([im_start])
         builder.prompt_text("assistant\n")
     return builder.build(masking)
+
+
+class InternLM2Format:
+    """InternLM2's hand-written format, with the methods of a ``famtune.chatformat.ChatFormat``.
+
+    Written by hand because an answer starting with a newline merges with the header's newline
+    in the original tokenization (``_split_after_head``), which a declarative format cannot express.
+    """
+
+    name = TEMPLATE_NAME
+    encode = staticmethod(encode_conversation)
+
+    def jinja(self) -> str:
+        return CHAT_TEMPLATE
+
+    def fastchat_conversation(self):
+        return conversation_template()
+
+    def stop_ids(self, tokenizer: Any) -> list[int]:
+        # The remote chat() stops on eos or <|im_end|>.
+        stop: list[int] = []
+        for token in (tokenizer.eos_token, IM_END):
+            tid = tokenizer.convert_tokens_to_ids(token) if token else None
+            if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in stop:
+                stop.append(tid)
+        return stop
+
+
+INTERNLM2 = InternLM2Format()

@@ -15,7 +15,8 @@ import json
 import os
 import tempfile
 
-from famtune_internlm2 import convert, files, template
+from famtune.convert import MARKER_KEY, write_json
+from famtune_internlm2 import convert, template
 
 CONTROL_TOKENS = ["<|im_start|>", "<|im_end|>"]
 SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -77,19 +78,19 @@ def write_tiny_checkpoint(out_dir: str, corpus: list[str], seed: int = 0) -> boo
         f.write(spm_bytes)
     pieces = [p for p, _, _ in tokenizer.read_spm_model(os.path.join(out_dir, "tokenizer.model")).pieces]
     control_ids = {t: pieces.index(t) for t in CONTROL_TOKENS}
-    files.write_json(os.path.join(out_dir, "tokenizer_config.json"), tokenizer_config(control_ids))
+    write_json(os.path.join(out_dir, "tokenizer_config.json"), tokenizer_config(control_ids))
 
     config = original_config(len(pieces))
     native = convert.to_native_config(config)
     native.pop("model_type")
-    native.pop(convert.MARKER_KEY)
+    native.pop(MARKER_KEY)
     # A wide init lets the frozen head give confident logits, so a short LoRA run reaches a low loss.
     native["initializer_range"] = 0.25
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**native), dtype=torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
-        files.write_original_layout(tmp, out_dir, config)
+        convert.write_original_layout(tmp, out_dir, config)
     with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump({"bos_token_id": 1, "eos_token_id": [2, control_ids["<|im_end|>"]], "pad_token_id": 2}, f, indent=2)
     return True

@@ -15,7 +15,7 @@ def write_tiny_checkpoint(family: str, out_dir: str, corpus: list[str], seed: in
 
     specials = SPECIALS + (QWEN3_SPECIALS if family == "qwen3" else [])
     tok = train_tokenizer(corpus, specials, vocab_size=1200, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.chat_template = template.chat_template(family)
+    tok.chat_template = {"qwen2": template.QWEN2, "qwen2.5": template.QWEN25, "qwen3": template.QWEN3}[family].jinja()
     tok.save_pretrained(out_dir)
     model_type = "qwen3" if family == "qwen3" else "qwen2"
     config = AutoConfig.for_model(

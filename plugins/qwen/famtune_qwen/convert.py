@@ -7,22 +7,19 @@ and w1 the up projection. The original ``intermediate_size`` counts both branche
 logits within ``seq_length``; beyond it the original switches on its own dynamic NTK and logn
 attention, which no native class has.
 
-Weights are converted tensor by tensor from safetensors shards and written as shards, so
-converting a 7B checkpoint never holds more than one output shard in memory.
+This module holds the rename table and the tensor plans; ``famtune.convert`` reads and writes the
+safetensors shards (one output shard in memory at a time) and keeps the cached native copy.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from famtune.cache import cache_dir
+from famtune.convert import (
+    MARKER_KEY, MAX_SHARD_BYTES, TensorReader, copy_generation_config, native_copy, read_json, write_json, write_shards,
+)
 from famtune.errors import FamtuneError
 
 FAMILY = "qwen1"
@@ -30,8 +27,6 @@ ORIGINAL_ARCH = "QWenLMHeadModel"
 NATIVE_ARCH = "Qwen2ForCausalLM"
 # Bump when the conversion changes, so stale cache entries are not reused.
 CONVERTER_VERSION = 1
-MAX_SHARD_BYTES = 4 << 30
-INDEX_NAME = "model.safetensors.index.json"
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +88,7 @@ def native_config(config: dict[str, Any], dtype: str | None = None) -> dict[str,
     out: dict[str, Any] = {
         "architectures": [NATIVE_ARCH],
         "model_type": "qwen2",
-        "famtune_family": FAMILY,
+        MARKER_KEY: FAMILY,
         "vocab_size": _require(config, "vocab_size"),
         "hidden_size": hidden,
         "intermediate_size": inter // 2,
@@ -241,108 +236,15 @@ def to_original(native_config: dict[str, Any], native_state_dict: dict[str, Any]
     return cfg, sd
 
 
-# -- safetensors directories ------------------------------------------------------------------------
+# -- files (famtune.convert does the reading, sharding and caching) ---------------------------------
 
-_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
-
-
-class _ShardReader:
-    """Lazy access to the tensors of a safetensors checkpoint directory (sharded or not)."""
-
-    def __init__(self, directory: str | Path) -> None:
-        from safetensors import safe_open
-
-        d = Path(directory)
-        index = d / INDEX_NAME
-        if index.exists():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(p.name for p in d.glob("*.safetensors"))
-            weight_map = None
-        if not files:
-            raise FamtuneError(
-                f"{d}: no .safetensors weights; famtune never unpickles .bin files, so convert them to safetensors first"
-            )
-        self.handles = {f: safe_open(str(d / f), framework="pt") for f in files}
-        if weight_map is None:
-            weight_map = {k: f for f, h in self.handles.items() for k in h.keys()}
-        self.weight_map = weight_map
-        self._last: tuple[str, Any] | None = None
-
-    def keys(self) -> list[str]:
-        return list(self.weight_map)
-
-    def dtype(self, key: str) -> str:
-        """The stored dtype, read from the header (no tensor data is loaded)."""
-        code = self.handles[self.weight_map[key]].get_slice(key).get_dtype()
-        return _SAFETENSORS_DTYPES.get(code, code.lower())
-
-    def get(self, key: str) -> Any:
-        if self._last is None or self._last[0] != key:  # c_attn is read three times in a row
-            self._last = (key, self.handles[self.weight_map[key]].get_tensor(key))
-        return self._last[1]
-
-
-def _write_shards(tensors: Iterator[tuple[str, Any]], out_dir: Path, max_shard_bytes: int) -> None:
-    from safetensors.torch import save_file
-
-    parts: list[tuple[Path, list[str]]] = []
-    total = 0
-    buf: dict[str, Any] = {}
-    size = 0
-
-    def flush() -> None:
-        nonlocal buf, size
-        if buf:
-            path = out_dir / f"part-{len(parts):05d}.tmp"
-            save_file(buf, str(path), metadata={"format": "pt"})
-            parts.append((path, list(buf)))
-        buf, size = {}, 0
-
-    for key, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if buf and size + nbytes > max_shard_bytes:
-            flush()
-        buf[key] = t.contiguous()
-        size += nbytes
-        total += nbytes
-    flush()
-    if len(parts) == 1:
-        parts[0][0].rename(out_dir / "model.safetensors")
-        return
-    weight_map = {}
-    for i, (path, keys) in enumerate(parts, 1):
-        name = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
-        path.rename(out_dir / name)
-        weight_map.update({k: name for k in keys})
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FamtuneError(f"{path}: not found; a model directory needs config.json") from None
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def convert_to_native_dir(src: str | Path, dst: str | Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
-    """Write the native layout of the original checkpoint ``src`` into the new directory ``dst``."""
-    src, dst = Path(src), Path(dst)
-    config = _read_json(src / "config.json")
-    reader = _ShardReader(src)
+def _write_native(src: Path, dst: Path) -> None:
+    config = read_json(src / "config.json")
+    reader = TensorReader(src)
     _check_complete(set(reader.keys()), expected_original_keys(config), str(src))
-    dst.mkdir(parents=True, exist_ok=True)
-    _write_shards(_apply(native_plan(reader.keys()), reader.get), dst, max_shard_bytes)
-    _write_json(dst / "config.json", native_config(config, dtype=reader.dtype("transformer.wte.weight")))
-    # Data only (sampling values, eos); nothing executable is copied.
-    if (src / "generation_config.json").exists():
-        shutil.copyfile(src / "generation_config.json", dst / "generation_config.json")
+    write_shards(_apply(native_plan(reader.keys()), reader.get), dst)
+    write_json(dst / "config.json", native_config(config, dtype=reader.dtype("transformer.wte.weight")))
+    copy_generation_config(src, dst)
 
 
 def write_original_layout(native_dir: str, out_dir: str, original_config: dict[str, Any],
@@ -353,61 +255,26 @@ def write_original_layout(native_dir: str, out_dir: str, original_config: dict[s
     belong to the source checkpoint.
     """
     src, dst = Path(native_dir), Path(out_dir)
-    cfg = restore_original_config(_read_json(src / "config.json"), original_config)
-    reader = _ShardReader(src)
-    dst.mkdir(parents=True, exist_ok=True)
+    cfg = restore_original_config(read_json(src / "config.json"), original_config)
+    reader = TensorReader(src)
     plan = original_plan(reader.keys())
     _check_complete({k for k, _, _ in plan}, expected_original_keys(cfg), str(src))
-    _write_shards(_apply(plan, reader.get), dst, max_shard_bytes)
-    _write_json(dst / "config.json", cfg)
-    if (src / "generation_config.json").exists():
-        shutil.copyfile(src / "generation_config.json", dst / "generation_config.json")
+    write_shards(_apply(plan, reader.get), dst, max_shard_bytes)
+    write_json(dst / "config.json", cfg)
+    copy_generation_config(src, dst)
     return True
 
 
-# -- loading ----------------------------------------------------------------------------------------
-
-def cache_root() -> Path:
-    return cache_dir()
-
-
-def cache_key(path: str | Path) -> str:
-    """A hash of what the conversion reads: config.json and the weight files' names, sizes, mtimes."""
-    src = Path(path)
-    h = hashlib.sha256(f"qwen1-native-v{CONVERTER_VERSION}\n".encode())
-    h.update((src / "config.json").read_bytes())
-    for p in sorted(src.glob("*.safetensors")) + sorted(src.glob("*.safetensors.index.json")):
-        st = p.stat()
-        h.update(f"\n{p.name}\t{st.st_size}\t{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:24]
-
-
 def native_dir_for(path: str | Path) -> Path:
-    """The cache directory holding the native layout of ``path``, converting on first use."""
-    dest = cache_root() / "qwen1-native" / cache_key(path)
-    if (dest / "config.json").exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # Convert into a sibling temp dir and rename: an interrupted run never leaves a half cache entry.
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
-    try:
-        convert_to_native_dir(path, tmp)
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            if not (dest / "config.json").exists():  # another process won the race otherwise
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    """The cached native layout of the original checkpoint at ``path``, converted on first use."""
+    return native_copy(path, FAMILY, CONVERTER_VERSION, _write_native)
 
 
 def load_model(path: str, load_kwargs: dict[str, Any]) -> Any:
     """The original Qwen1 checkpoint at ``path`` as a native ``Qwen2ForCausalLM`` (no remote code)."""
     from transformers import AutoModelForCausalLM
 
-    config = _read_json(Path(path) / "config.json")
+    config = read_json(Path(path) / "config.json")
     if config.get("use_dynamic_ntk") or config.get("use_logn_attn"):
         log.warning(
             "%s: Qwen1 runs as native Qwen2 here; it matches the original up to seq_length=%s tokens only "

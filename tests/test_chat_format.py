@@ -1,0 +1,89 @@
+"""One chat-format definition, three views: the encoder, the Jinja chat_template and FastChat's
+Conversation all derive from a family's ChatFormat and give the same ids, id for id."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from famtune.chatformat import ChatFormat
+from famtune.plugins import get_plugins
+from famtune.testing.conformance import CONVERSATIONS
+
+from conftest import build_tiny
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "famtune-llama3"
+EDGE_CASES = [
+    [{"role": "user", "content": "\nstarts with a newline"}, {"role": "assistant", "content": "\n\nso does this"}],
+    [{"role": "system", "content": ""}, {"role": "user", "content": "empty system"},
+     {"role": "assistant", "content": "  padded  "}],
+]
+
+
+def declarative_families():
+    plugins = get_plugins()
+    return [name for name, (obj, _) in plugins.registry.families.items() if isinstance(obj.chat_format, ChatFormat)]
+
+
+def three_views(fmt: ChatFormat, tokenizer, messages, add_generation_prompt):
+    encoded = fmt.encode(tokenizer, messages, "all_assistant", add_generation_prompt).input_ids
+    jinja = list(tokenizer.apply_chat_template(messages, chat_template=fmt.jinja(), tokenize=True,
+                                               add_generation_prompt=add_generation_prompt, return_dict=False))
+    system = messages[0]["content"] if messages[0]["role"] == "system" else None
+    conv = fmt.fastchat_conversation(system)
+    for m in messages[1:] if system is not None else messages:
+        # FastChat does not trim contents; a trimming format's caller does.
+        content = m["content"].strip() if fmt.strip_content else m["content"]
+        conv.append_message(conv.roles[0] if m["role"] == "user" else conv.roles[1], content)
+    if add_generation_prompt:
+        conv.append_message(conv.roles[1], None)
+    fastchat = list(tokenizer(conv.get_prompt(), add_special_tokens=False)["input_ids"])
+    return encoded, jinja, fastchat
+
+
+def check_agreement(fmt: ChatFormat, tokenizer) -> int:
+    checked = 0
+    for messages in CONVERSATIONS + EDGE_CASES:
+        for prompt in (False, True):
+            msgs = messages[:-1] if prompt else messages
+            encoded, jinja, fastchat = three_views(fmt, tokenizer, msgs, prompt)
+            assert encoded == jinja, (prompt, tokenizer.decode(encoded), tokenizer.decode(jinja))
+            # FastChat has one assistant prefix; a format whose last turn differs (Qwen3's empty
+            # think block) is rendered by it only where the two prefixes agree.
+            if fmt.final_assistant_prefix is None:
+                assert fastchat == encoded, (prompt, tokenizer.decode(fastchat), tokenizer.decode(encoded))
+                checked += 1
+            checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("family", declarative_families())
+def test_encoder_jinja_and_fastchat_agree_id_for_id(family, tmp_path):
+    from transformers import AutoTokenizer
+
+    fam = get_plugins().claim({}, "", family=family)
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny(family, tmp_path))
+    assert check_agreement(fam.obj.chat_format, tokenizer) >= 2 * len(CONVERSATIONS + EDGE_CASES)
+    assert fam.chat_template() == fam.obj.chat_format.jinja()  # the facade serves the derived views
+    assert fam.conversation_template().name == fam.obj.chat_format.name
+
+
+def test_the_example_llama3_format_agrees_id_for_id(tmp_path):
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(EXAMPLE))
+    try:
+        from famtune_llama3 import tiny
+        from famtune_llama3.template import LLAMA3
+    finally:
+        sys.path.remove(str(EXAMPLE))
+    from famtune.demo import demo_corpus
+
+    tiny.write_tiny_checkpoint(str(tmp_path), demo_corpus())
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert check_agreement(LLAMA3, tokenizer) == 4 * len(CONVERSATIONS + EDGE_CASES)
+    # Meta's rendering, as a string, so the derived template is also checked against the published one.
+    text = LLAMA3.render([{"role": "user", "content": " Hi "}], add_generation_prompt=True)
+    assert text == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n")
