@@ -88,7 +88,7 @@ def _coerce(name: str, value: Any, default: Any, where: str) -> Any:
             return None
         raise FamtuneError(f"{where}: {name} is null; give a value (default {default!r})")
     if default is None:
-        if isinstance(value, str):
+        if isinstance(value, str) or (name == "eval" and isinstance(value, dict)):  # eval: checked by parse_eval_spec
             return value
         raise FamtuneError(f"{where}: {name} is {value!r} ({type(value).__name__}); expected a string or null")
     if isinstance(default, bool):
