@@ -10,6 +10,7 @@ TRL lives in its own virtualenv (``--trl-python``; default /work/trlvenv/bin/pyt
 
     python bench/compare_trl.py [--rounds 1] [--steps 30] [--famtune-modes pack,nopack]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,7 @@ def run_result(cmd: list[str], label: str, log) -> dict:
     if proc.returncode != 0 or not lines:
         tail = "\n".join(proc.stderr.splitlines()[-15:])
         raise SystemExit(f"{label} failed (exit {proc.returncode}); last lines of its log:\n{tail}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def trl_problem(python: str | None) -> str | None:
@@ -68,35 +69,74 @@ def main(argv=None) -> int:
     work = Path(args.workdir)
     fixture = work / "fixture"
     if not (fixture / "model" / "model.safetensors").exists():
-        subprocess.run([sys.executable, str(SHARED_BENCH / "make_fixture.py"), str(fixture)], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, str(SHARED_BENCH / "make_fixture.py"), str(fixture)], check=True, stdout=subprocess.DEVNULL
+        )
 
     env_note = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     if env_note:
         log(f"[compare] note: MALLOC_* set in this environment apply to both frameworks: {env_note}")
     rows = []
     for rnd in range(1, args.rounds + 1):
-        trl = run_result([args.trl_python, str(SHARED_BENCH / "baseline_trl.py"), "--fixture", str(fixture),
-                          "--mode", "nopack", "--steps", str(args.steps), "--threads", "2",
-                          "--workdir", str(work / "trl-out")], f"round {rnd} trl nopack", log)
+        trl = run_result(
+            [
+                args.trl_python,
+                str(SHARED_BENCH / "baseline_trl.py"),
+                "--fixture",
+                str(fixture),
+                "--mode",
+                "nopack",
+                "--steps",
+                str(args.steps),
+                "--threads",
+                "2",
+                "--workdir",
+                str(work / "trl-out"),
+            ],
+            f"round {rnd} trl nopack",
+            log,
+        )
         rows.append((rnd, trl))
-        print(f"round {rnd} trl nopack: {trl['nonpad_tok_per_s']} non-pad tok/s, peak RSS {trl['peak_rss_mib']} MiB, "
-              f"final loss {trl['final_loss']}", flush=True)
+        print(
+            f"round {rnd} trl nopack: {trl['nonpad_tok_per_s']} non-pad tok/s, peak RSS {trl['peak_rss_mib']} MiB, "
+            f"final loss {trl['final_loss']}",
+            flush=True,
+        )
         for mode in modes:
-            fam = run_result([sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--mode", mode,
-                              "--steps", str(args.steps), "--workdir", str(work)], f"round {rnd} famtune {mode}", log)
+            fam = run_result(
+                [
+                    sys.executable,
+                    str(ROOT / "bench" / "train_throughput.py"),
+                    "--mode",
+                    mode,
+                    "--steps",
+                    str(args.steps),
+                    "--workdir",
+                    str(work),
+                ],
+                f"round {rnd} famtune {mode}",
+                log,
+            )
             rows.append((rnd, fam))
-            print(f"round {rnd} famtune {mode}: {fam['nonpad_tok_per_s']} non-pad tok/s, peak RSS "
-                  f"{fam['peak_rss_mib']} MiB, final loss {fam['final_loss']} -> "
-                  f"{fam['nonpad_tok_per_s'] / trl['nonpad_tok_per_s']:.2f}x TRL nopack", flush=True)
+            print(
+                f"round {rnd} famtune {mode}: {fam['nonpad_tok_per_s']} non-pad tok/s, peak RSS "
+                f"{fam['peak_rss_mib']} MiB, final loss {fam['final_loss']} -> "
+                f"{fam['nonpad_tok_per_s'] / trl['nonpad_tok_per_s']:.2f}x TRL nopack",
+                flush=True,
+            )
     for res in (r for _, r in rows):
         print("RESULT " + json.dumps(res), flush=True)
     for mode in modes:
-        ratios = [f["nonpad_tok_per_s"] / t["nonpad_tok_per_s"]
-                  for (ra, t), (rb, f) in ((a, b) for a in rows for b in rows)
-                  if ra == rb and t["framework"] == "trl" and f["framework"] == "famtune" and f["mode"] == mode]
-        print(f"RATIO famtune {mode} / trl nopack: median {statistics.median(ratios):.2f}x over {len(ratios)} "
-              f"round(s): {', '.join(f'{x:.2f}' for x in ratios)}", flush=True)
+        ratios = [
+            f["nonpad_tok_per_s"] / t["nonpad_tok_per_s"]
+            for (ra, t), (rb, f) in ((a, b) for a in rows for b in rows)
+            if ra == rb and t["framework"] == "trl" and f["framework"] == "famtune" and f["mode"] == mode
+        ]
+        print(
+            f"RATIO famtune {mode} / trl nopack: median {statistics.median(ratios):.2f}x over {len(ratios)} "
+            f"round(s): {', '.join(f'{x:.2f}' for x in ratios)}",
+            flush=True,
+        )
     return 0
 
 

@@ -10,6 +10,7 @@ QLoRA run fit in 8 GB, and why.
 
 Usage: python bench/estimate_accuracy.py.  Prints one line ``RESULT {json}``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,19 +19,34 @@ import sys
 import tempfile
 from pathlib import Path
 
-MIB = 2 ** 20
+MIB = 2**20
 SIZES = [  # hidden, intermediate, layers, vocab, batch, seq
-    (256, 704, 4, 8000, 2, 256),    # the shared bench fixture's shape: the loss peak dominates
+    (256, 704, 4, 8000, 2, 256),  # the shared bench fixture's shape: the loss peak dominates
     (1024, 2816, 4, 4000, 2, 256),  # one recomputed layer dominates
     (2048, 5632, 2, 4000, 2, 256),  # wide layers: the dequantized weight matters too
 ]
 # InternLM2-7B (internlm/internlm2-chat-7b config.json).
-INTERNLM2_7B = {"model_type": "internlm2", "architectures": ["InternLM2ForCausalLM"], "hidden_size": 4096,
-                "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-                "num_key_value_heads": 8, "vocab_size": 92544, "max_position_embeddings": 32768,
-                "rms_norm_eps": 1e-5, "rope_theta": 1000000, "bias": False, "hidden_act": "silu",
-                "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "tie_word_embeddings": False,
-                "torch_dtype": "bfloat16", "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config"}}
+INTERNLM2_7B = {
+    "model_type": "internlm2",
+    "architectures": ["InternLM2ForCausalLM"],
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 92544,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1000000,
+    "bias": False,
+    "hidden_act": "silu",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 2,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config"},
+}
 
 
 def accuracy(root: Path) -> list[dict]:
@@ -43,29 +59,52 @@ def accuracy(root: Path) -> list[dict]:
     rows = []
     for i, (hidden, inter, layers, vocab, batch, seq) in enumerate(SIZES):
         torch.manual_seed(0)
-        config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-                             num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                             num_key_value_heads=max(1, hidden // 256), tie_word_embeddings=False)
+        config = Qwen2Config(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_hidden_layers=layers,
+            num_attention_heads=hidden // 64,
+            num_key_value_heads=max(1, hidden // 256),
+            tie_word_embeddings=False,
+        )
         path = root / f"m{i}"
         Qwen2ForCausalLM(config).save_pretrained(path)
-        recipe = dataclasses.replace(Recipe(), model=str(path), data="unused", compute_dtype="fp32", lora_r=16,
-                                     lora_alpha=32, lora_targets="all-linear", max_length=seq, batch_size=batch)
+        recipe = dataclasses.replace(
+            Recipe(),
+            model=str(path),
+            data="unused",
+            compute_dtype="fp32",
+            lora_r=16,
+            lora_alpha=32,
+            lora_targets="all-linear",
+            max_length=seq,
+            batch_size=batch,
+        )
         est = estimate_recipe(recipe)
         got = measure_cpu_peak(str(path), seq_len=seq, batch=batch)
-        rows.append({"params_m": round(est.details["params"] / 1e6, 1), "hidden": hidden, "layers": layers,
-                     "vocab": vocab, "batch": batch, "seq": seq, "estimate_mib": round(est.total / MIB, 1),
-                     "measured_mib": round(got["total"] / MIB, 1),
-                     "error_pct": round(100 * (est.total / got["total"] - 1), 1),
-                     "peak": est.details["activation_peak"]})
+        rows.append(
+            {
+                "params_m": round(est.details["params"] / 1e6, 1),
+                "hidden": hidden,
+                "layers": layers,
+                "vocab": vocab,
+                "batch": batch,
+                "seq": seq,
+                "estimate_mib": round(est.total / MIB, 1),
+                "measured_mib": round(got["total"] / MIB, 1),
+                "error_pct": round(100 * (est.total / got["total"] - 1), 1),
+                "peak": est.details["activation_peak"],
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def internlm2_7b(root: Path) -> dict:
-    from famtune_internlm2.convert import to_native_config
-
     from famtune.estimate import estimate_recipe, parse_size
     from famtune.recipe import Recipe
+    from famtune_internlm2.convert import to_native_config
 
     path = root / "internlm2-7b"
     path.mkdir()
@@ -73,13 +112,12 @@ def internlm2_7b(root: Path) -> dict:
     budget = parse_size("8GB")
     out = {}
     for seq in (512, 2048):
-        recipe = dataclasses.replace(Recipe(), model=str(path), data="unused", lora_r=8, batch_size=1,
-                                     max_length=seq)
+        recipe = dataclasses.replace(Recipe(), model=str(path), data="unused", lora_r=8, batch_size=1, max_length=seq)
         est = estimate_recipe(recipe)
         print(f"\nInternLM2-7B QLoRA, max_length {seq}, batch 1, r=8, default targets, budget 8GB:")
         for line in est.lines(budget):
             print("  " + line)
-        out[f"internlm2_7b_seq{seq}_gib"] = round(est.total / 1024 ** 3, 2)
+        out[f"internlm2_7b_seq{seq}_gib"] = round(est.total / 1024**3, 2)
         out[f"internlm2_7b_seq{seq}_fits_8gb"] = est.total <= budget
     return out
 

@@ -4,6 +4,7 @@ check the final adapter is bit-identical to an uninterrupted run's.
 
     .venv/bin/python bench/fault_inject.py --seeds 5 --kills 3 [--workdir /tmp/famtune-faults]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from conftest import build_tiny  # noqa: E402
-from faultkit import kill_randomly_until_done, run_train, write_recipe  # noqa: E402
+from faultkit import kill_randomly_until_done, run_train, write_recipe
+
+from conftest import build_tiny
 
 
 def main() -> int:

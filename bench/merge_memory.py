@@ -10,6 +10,7 @@ famtune.json that training writes, then runs, each in a fresh process:
 Peak RSS is the child's VmHWM. Usage: python bench/merge_memory.py [--workdir DIR]
 Prints one line ``RESULT {json}``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_BENCH = ROOT.parent / "shared" / "bench"
-MIB = 2 ** 20
+MIB = 2**20
 
 CHILD = r"""
 import sys, time
@@ -46,9 +47,18 @@ def build(workdir: Path, fixture: Path, shard_size: str) -> tuple[Path, Path]:
     if (adapter / "famtune.json").exists():
         return base, adapter
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=8000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=9,
-                         num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = Qwen2Config(
+        vocab_size=8000,
+        hidden_size=1536,
+        intermediate_size=4096,
+        num_hidden_layers=9,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     with torch.device("cpu"):
         model = Qwen2ForCausalLM(config)
     model.save_pretrained(base, max_shard_size=shard_size)
@@ -65,25 +75,51 @@ def build(workdir: Path, fixture: Path, shard_size: str) -> tuple[Path, Path]:
     del model
     adapter.mkdir(parents=True, exist_ok=True)
     save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
-    (adapter / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
-        "target_modules": targets, "bias": "none", "base_model_name_or_path": str(base)}))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": 16,
+                "lora_alpha": 32,
+                "lora_dropout": 0.0,
+                "target_modules": targets,
+                "bias": "none",
+                "base_model_name_or_path": str(base),
+            }
+        )
+    )
     from famtune.checkpoint import open_checkpoint
     from famtune.metadata import build_metadata, write_metadata
 
     ckpt = open_checkpoint(str(base))
     tok = ckpt.load_tokenizer()
-    write_metadata(adapter, build_metadata(
-        family=ckpt.family, template_name=ckpt.family.conversation_template().name,
-        generation=ckpt.family.generation_defaults(tok), base_model=str(base), base_path=str(base),
-        quantization="nf4", compute_dtype="fp32", masking="all_assistant", max_length=512, system=None))
+    write_metadata(
+        adapter,
+        build_metadata(
+            family=ckpt.family,
+            template_name=ckpt.family.conversation_template().name,
+            generation=ckpt.family.generation_defaults(tok),
+            base_model=str(base),
+            base_path=str(base),
+            quantization="nf4",
+            compute_dtype="fp32",
+            masking="all_assistant",
+            max_length=512,
+            system=None,
+        ),
+    )
     return base, adapter
 
 
 def run(mode: str, adapter: Path, out: Path) -> tuple[float, float]:
     shutil.rmtree(out, ignore_errors=True)
-    res = subprocess.run([sys.executable, "-c", CHILD, mode, str(adapter), str(out)], capture_output=True,
-                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    res = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, str(adapter), str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     if res.returncode != 0:
         raise SystemExit(f"{mode} merge failed:\n{res.stderr[-3000:]}")
     rss, seconds = map(float, res.stdout.split()[-2:])
@@ -115,8 +151,9 @@ def main() -> int:
     args = ap.parse_args()
     fixture = Path(args.fixture)
     if not (fixture / "model").exists():
-        subprocess.run([sys.executable, str(SHARED_BENCH / "make_fixture.py"), str(fixture)], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, str(SHARED_BENCH / "make_fixture.py"), str(fixture)], check=True, stdout=subprocess.DEVNULL
+        )
     workdir = Path(args.workdir)
     base, adapter = build(workdir, fixture, args.shard_size)
     shards = sorted(base.glob("*.safetensors"))
@@ -128,11 +165,16 @@ def main() -> int:
     same = same_tensors(workdir / "merged-stream", workdir / "merged-memory")
     bound = 1.5 * largest + adapter_mib
     result = {
-        "model_mib": round(sum(p.stat().st_size for p in shards) / MIB), "shards": len(shards),
-        "largest_shard_mib": round(largest), "adapter_mib": round(adapter_mib, 1),
-        "bound_mib": round(bound), "imports_only_rss_mib": round(imports_rss),
-        "stream_peak_rss_mib": round(stream_rss), "stream_s": round(stream_s, 1),
-        "in_memory_peak_rss_mib": round(memory_rss), "in_memory_s": round(memory_s, 1),
+        "model_mib": round(sum(p.stat().st_size for p in shards) / MIB),
+        "shards": len(shards),
+        "largest_shard_mib": round(largest),
+        "adapter_mib": round(adapter_mib, 1),
+        "bound_mib": round(bound),
+        "imports_only_rss_mib": round(imports_rss),
+        "stream_peak_rss_mib": round(stream_rss),
+        "stream_s": round(stream_s, 1),
+        "in_memory_peak_rss_mib": round(memory_rss),
+        "in_memory_s": round(memory_s, 1),
         "stream_within_bound": stream_rss <= bound,
         "stream_above_imports_mib": round(stream_rss - imports_rss),
         "stream_rss_over_largest_shard": round(stream_rss / largest, 2),

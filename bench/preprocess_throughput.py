@@ -15,6 +15,7 @@ the first time, then cached), where only role headers and newlines repeat.
 Usage: python bench/preprocess_throughput.py [--fixture DIR] [--conversations 100000] [--unique]
 Prints one line ``RESULT {json}``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,9 @@ print("TRL", json.dumps({"seconds": elapsed, "rows": n}))
 
 def ensure_fixture(fixture: Path) -> Path:
     if not (fixture / "data" / "train.jsonl").exists():
-        subprocess.run([sys.executable, str(SHARED_BENCH / "make_fixture.py"), str(fixture)], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, str(SHARED_BENCH / "make_fixture.py"), str(fixture)], check=True, stdout=subprocess.DEVNULL
+        )
     return fixture
 
 
@@ -81,8 +83,11 @@ def unique_file(fixture: Path, n: int) -> Path:
     """``n`` distinct conversations, tokenized by the same tokenizer as ``fixture``'s model."""
     out = fixture.parent / f"{fixture.name}-unique-{n}"
     if not (out / "data" / "train.jsonl").exists():
-        subprocess.run([sys.executable, str(SHARED_BENCH / "make_fixture.py"), str(out), "--n-conv", str(n)],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, str(SHARED_BENCH / "make_fixture.py"), str(out), "--n-conv", str(n)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     same = (out / "model" / "tokenizer.json").read_bytes() == (fixture / "model" / "tokenizer.json").read_bytes()
     if not same:
         raise SystemExit(f"{out}: its tokenizer differs from {fixture}'s; delete it and run again")
@@ -95,8 +100,16 @@ def famtune_prepare(data: Path, model: Path, max_length: int) -> tuple[float, in
 
     ckpt = open_checkpoint(str(model))
     tok = ckpt.load_tokenizer()
-    recipe = SimpleNamespace(data=str(data), data_format="auto", skip_bad_records=False, system=None,
-                             max_length=max_length, eval_data=None, eval_split=0.0, seed=0)
+    recipe = SimpleNamespace(
+        data=str(data),
+        data_format="auto",
+        skip_bad_records=False,
+        system=None,
+        max_length=max_length,
+        eval_data=None,
+        eval_split=0.0,
+        seed=0,
+    )
     t0 = time.perf_counter()
     train, _, report = prepare_samples(recipe, ckpt.family, tok, "all_assistant")
     return time.perf_counter() - t0, len(train), report.lines()
@@ -105,8 +118,12 @@ def famtune_prepare(data: Path, model: Path, max_length: int) -> tuple[float, in
 def trl_prepare(data: Path, model: Path, max_length: int, procs: int) -> dict | None:
     if not TRL_PYTHON.exists():
         return None
-    res = subprocess.run([str(TRL_PYTHON), "-c", TRL_PREP, str(data), str(model), str(max_length), str(procs)],
-                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    res = subprocess.run(
+        [str(TRL_PYTHON), "-c", TRL_PREP, str(data), str(model), str(max_length), str(procs)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     for line in res.stdout.splitlines():
         if line.startswith("TRL "):
             return json.loads(line[4:])
@@ -138,20 +155,32 @@ def main() -> int:
     from famtune.samples import _processes
 
     procs = _processes(n, None)
-    result = {"data": "unique" if args.unique else "repeated fixture", "conversations": n, "samples": kept,
-              "famtune_processes": procs, "famtune_cold_s": round(cold_s, 2),
-              "famtune_warm_s": round(warm_s, 2), "famtune_cold_conv_per_s": round(n / cold_s),
-              "famtune_warm_conv_per_s": round(n / warm_s)}
+    result = {
+        "data": "unique" if args.unique else "repeated fixture",
+        "conversations": n,
+        "samples": kept,
+        "famtune_processes": procs,
+        "famtune_cold_s": round(cold_s, 2),
+        "famtune_warm_s": round(warm_s, 2),
+        "famtune_cold_conv_per_s": round(n / cold_s),
+        "famtune_warm_conv_per_s": round(n / warm_s),
+    }
     trl = trl_prepare(data, model, args.max_length, 0)
     if trl:
-        result.update(trl_s=round(trl["seconds"], 2), trl_conv_per_s=round(n / trl["seconds"]),
-                      ratio_cold_vs_trl=round(trl["seconds"] / cold_s, 2),
-                      ratio_warm_vs_trl=round(trl["seconds"] / warm_s, 2))
+        result.update(
+            trl_s=round(trl["seconds"], 2),
+            trl_conv_per_s=round(n / trl["seconds"]),
+            ratio_cold_vs_trl=round(trl["seconds"] / cold_s, 2),
+            ratio_warm_vs_trl=round(trl["seconds"] / warm_s, 2),
+        )
     trl_par = trl_prepare(data, model, args.max_length, procs) if procs > 1 else None
     if trl_par:
-        result.update(trl_num_proc=procs, trl_num_proc_s=round(trl_par["seconds"], 2),
-                      trl_num_proc_conv_per_s=round(n / trl_par["seconds"]),
-                      ratio_cold_vs_trl_num_proc=round(trl_par["seconds"] / cold_s, 2))
+        result.update(
+            trl_num_proc=procs,
+            trl_num_proc_s=round(trl_par["seconds"], 2),
+            trl_num_proc_conv_per_s=round(n / trl_par["seconds"]),
+            ratio_cold_vs_trl_num_proc=round(trl_par["seconds"] / cold_s, 2),
+        )
     print("RESULT " + json.dumps(result))
     return 0
 

@@ -5,6 +5,7 @@ chat generation ``famtune chat`` uses, on the same model and prompts (greedy).
 
 Prints one line per path: median time to first token and median tokens/s of the reply.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,12 @@ def measure_chat(model, adapter, max_tokens, runs):
         prompt = PROMPTS[i % len(PROMPTS)]
         first: list[float] = []
         start = time.perf_counter()
-        gen = session.generate(session.prompt_ids([{"role": "user", "content": prompt}]),
-                               session.settings(greedy=True), max_new_tokens=max_tokens,
-                               on_text=lambda t, first=first: first or first.append(time.perf_counter()))
+        gen = session.generate(
+            session.prompt_ids([{"role": "user", "content": prompt}]),
+            session.settings(greedy=True),
+            max_new_tokens=max_tokens,
+            on_text=lambda t, first=first: first or first.append(time.perf_counter()),
+        )
         total = time.perf_counter() - start
         rows.append((first[0] - start, len(gen.new_ids) / total))
     return rows
@@ -46,8 +50,13 @@ def measure_serve(model, adapter, max_tokens, runs):
     with ServerProcess(*args) as srv:
         for i in range(runs):
             prompt = PROMPTS[i % len(PROMPTS)]
-            body = {"model": name, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-                    "max_tokens": max_tokens, "stream": True}
+            body = {
+                "model": name,
+                "messages": [{"role": "user", "content": prompt}],
+                "temperature": 0,
+                "max_tokens": max_tokens,
+                "stream": True,
+            }
             first, usage, start = None, None, time.perf_counter()
             with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=120) as resp:
                 for line in resp.iter_lines():
@@ -71,8 +80,10 @@ def main() -> None:
     a = p.parse_args()
     for label, fn in (("famtune chat (in process)", measure_chat), ("famtune serve (HTTP, SSE)", measure_serve)):
         rows = fn(a.model, a.adapter, a.max_tokens, a.runs)[1:]  # the first run warms up
-        print(f"{label}: time to first token {statistics.median(r[0] for r in rows) * 1000:.0f} ms, "
-              f"{statistics.median(r[1] for r in rows):.1f} tokens/s (median of {len(rows)})")
+        print(
+            f"{label}: time to first token {statistics.median(r[0] for r in rows) * 1000:.0f} ms, "
+            f"{statistics.median(r[1] for r in rows):.1f} tokens/s (median of {len(rows)})"
+        )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ that never attend to each other; ``--mode nopack`` pads each batch of 8 samples 
 
     python bench/train_throughput.py [--mode pack|nopack] [--workdir /tmp/famtune-bench] [--steps 30]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--compute-dtype", default="bf16")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--half-matmul", default="auto", choices=["auto", "native", "fp32"],
-                    help="native: keep the emulated bf16 matmul (to see what the fp32 kernels buy)")
+    ap.add_argument(
+        "--half-matmul",
+        default="auto",
+        choices=["auto", "native", "fp32"],
+        help="native: keep the emulated bf16 matmul (to see what the fp32 kernels buy)",
+    )
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -43,8 +48,9 @@ def main(argv=None) -> int:
     work = Path(args.workdir)
     fixture = work / "fixture"
     if not (fixture / "model" / "model.safetensors").exists():
-        subprocess.run([sys.executable, str(SHARED_BENCH / "make_fixture.py"), str(fixture)], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, str(SHARED_BENCH / "make_fixture.py"), str(fixture)], check=True, stdout=subprocess.DEVNULL
+        )
 
     import torch
 
@@ -52,15 +58,33 @@ def main(argv=None) -> int:
     from famtune.recipe import load_recipe
     from famtune.train import train
 
-    recipe = load_recipe(None, {
-        "model": str(fixture / "model"), "data": str(fixture / "data" / "train.jsonl"),
-        "output_dir": str(work / f"out-{args.mode}"), "quantization": "nf4", "compute_dtype": args.compute_dtype,
-        "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_targets": "all-linear",
-        "max_length": 512, "batch_size": 8, "grad_accum": 1, "learning_rate": 2e-4, "warmup_ratio": 0.03,
-        "gradient_checkpointing": True, "max_steps": args.steps, "seed": 42, "logging_steps": 1,
-        "progress": False, "evaluation_inputs": [], "packing": args.mode == "pack",
-        "half_matmul": args.half_matmul,
-    })
+    recipe = load_recipe(
+        None,
+        {
+            "model": str(fixture / "model"),
+            "data": str(fixture / "data" / "train.jsonl"),
+            "output_dir": str(work / f"out-{args.mode}"),
+            "quantization": "nf4",
+            "compute_dtype": args.compute_dtype,
+            "lora_r": 16,
+            "lora_alpha": 32,
+            "lora_dropout": 0.05,
+            "lora_targets": "all-linear",
+            "max_length": 512,
+            "batch_size": 8,
+            "grad_accum": 1,
+            "learning_rate": 2e-4,
+            "warmup_ratio": 0.03,
+            "gradient_checkpointing": True,
+            "max_steps": args.steps,
+            "seed": 42,
+            "logging_steps": 1,
+            "progress": False,
+            "evaluation_inputs": [],
+            "packing": args.mode == "pack",
+            "half_matmul": args.half_matmul,
+        },
+    )
     t0 = time.perf_counter()
     summary = train(recipe, log=lambda *a: print(*a, file=sys.stderr))
     total_s = time.perf_counter() - t0

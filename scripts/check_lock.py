@@ -1,4 +1,5 @@
 """Check that every installed package listed in requirements/lock.txt has its locked version (run by setup.sh)."""
+
 from __future__ import annotations
 
 import re

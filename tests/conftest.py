@@ -1,4 +1,5 @@
 """Shared fixtures: tiny checkpoints built at test time through the installed family plugins."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def famtune_cli(*args: str, check: bool = True, env: dict | None = None, timeout: int = 900):
     """Run the famtune command as a user would, in a subprocess."""
-    res = subprocess.run([sys.executable, "-m", "famtune.cli", *map(str, args)], capture_output=True, text=True,
-                         env={**os.environ, **(env or {})}, timeout=timeout)
+    res = subprocess.run(
+        [sys.executable, "-m", "famtune.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
     if check and res.returncode != 0:
         raise AssertionError(f"famtune {' '.join(map(str, args))} exited {res.returncode}\n{res.stdout}\n{res.stderr}")
     return res
@@ -78,21 +84,42 @@ def build_base_and_adapter(root: Path, steps: int = 80):
     tokenizer = ckpt.load_tokenizer()
     torch.manual_seed(0)
     model = ckpt.load_model(quantization="nf4", compute_dtype="fp32")
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False, task_type="CAUSAL_LM",
-                        target_modules=family.lora_target_modules(model, "default"))
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+        target_modules=family.lora_target_modules(model, "default"),
+    )
     model = get_peft_model(model, config)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    batches = [family.encode(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-                             masking="all_assistant") for q, a in ADAPTER_ANSWERS.items()]
+    batches = [
+        family.encode(
+            tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], masking="all_assistant"
+        )
+        for q, a in ADAPTER_ANSWERS.items()
+    ]
     for step in range(steps):
         enc = batches[step % len(batches)]
         model(input_ids=torch.tensor([enc.input_ids]), labels=torch.tensor([enc.labels])).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     model.save_pretrained(str(adapter))
-    write_metadata(adapter, build_metadata(
-        family=family, template_name=family.conversation_template().name,
-        generation=family.generation_defaults(tokenizer), base_model=str(base), base_path=str(base),
-        quantization="nf4", compute_dtype="fp32", masking="all_assistant", max_length=256, system=None))
+    write_metadata(
+        adapter,
+        build_metadata(
+            family=family,
+            template_name=family.conversation_template().name,
+            generation=family.generation_defaults(tokenizer),
+            base_model=str(base),
+            base_path=str(base),
+            quantization="nf4",
+            compute_dtype="fp32",
+            masking="all_assistant",
+            max_length=256,
+            system=None,
+        ),
+    )
     return family, base, adapter

@@ -2,6 +2,7 @@
 
 Used by tests/test_faults.py (a few targeted kills) and bench/fault_inject.py (a seeded sweep).
 """
+
 from __future__ import annotations
 
 import os
@@ -18,13 +19,27 @@ from famtune.demo import DEMO_DIR
 
 # Every run of one experiment must compute the same thing: same thread count, no malloc tuning drift.
 RUN_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-SETTINGS = dict(max_steps=6, save_steps=2, batch_size=2, max_length=128, lora_dropout=0.1, evaluation_inputs=[],
-                progress=False, logging_steps=1, packing=False)
+SETTINGS = dict(
+    max_steps=6,
+    save_steps=2,
+    batch_size=2,
+    max_length=128,
+    lora_dropout=0.1,
+    evaluation_inputs=[],
+    progress=False,
+    logging_steps=1,
+    packing=False,
+)
 
 
 def write_recipe(path: Path, model: Path, out: Path, **extra) -> Path:
-    recipe = {"model": str(model), "data": str(DEMO_DIR / "identity.jsonl"), "output_dir": str(out),
-              **SETTINGS, **extra}
+    recipe = {
+        "model": str(model),
+        "data": str(DEMO_DIR / "identity.jsonl"),
+        "output_dir": str(out),
+        **SETTINGS,
+        **extra,
+    }
     path.write_text(yaml.safe_dump(recipe, allow_unicode=True))
     return path
 
@@ -42,8 +57,13 @@ def run_train(recipe: Path, *args: str, crash_at: str | None = None, timeout: in
 
 
 def start_train(recipe: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(train_cmd(recipe, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **RUN_ENV})
+    return subprocess.Popen(
+        train_cmd(recipe, *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **RUN_ENV},
+    )
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 600) -> None:
@@ -74,8 +94,10 @@ def flip_bit(path: Path, seed: int) -> int:
 
 
 def verified_checkpoint_exists(out: Path) -> bool:
-    return any(p.parent.name.startswith("step-") and not p.parent.name.endswith(".tmp")
-               for p in (out / "checkpoints").glob("*/manifest.json"))
+    return any(
+        p.parent.name.startswith("step-") and not p.parent.name.endswith(".tmp")
+        for p in (out / "checkpoints").glob("*/manifest.json")
+    )
 
 
 def kill_randomly_until_done(recipe: Path, out: Path, seed: int, max_kills: int, log=print) -> dict:
@@ -83,8 +105,14 @@ def kill_randomly_until_done(recipe: Path, out: Path, seed: int, max_kills: int,
     inside a checkpoint write or the final save), continue, repeat; then finish. Returns the figures."""
     rng = random.Random(seed)
     figures = {"kills": 0, "resumes": 0, "tracebacks": 0, "rc": None}
-    points = ["checkpoint_write:1", "checkpoint_write:2", "checkpoint_write:3", "checkpoint_rename:1",
-              "checkpoint_rename:2", "final_save"]
+    points = [
+        "checkpoint_write:1",
+        "checkpoint_write:2",
+        "checkpoint_write:3",
+        "checkpoint_rename:1",
+        "checkpoint_rename:2",
+        "final_save",
+    ]
     args: tuple[str, ...] = ()
     for _ in range(max_kills):
         if rng.random() < 0.5:
@@ -94,7 +122,7 @@ def kill_randomly_until_done(recipe: Path, out: Path, seed: int, max_kills: int,
             proc = start_train(recipe, *args)
             base, after = steps_logged(out) if args == ("--resume",) else 0, rng.randrange(1, SETTINGS["max_steps"])
             try:
-                wait_for(lambda: steps_logged(out) >= base + after, proc)
+                wait_for(lambda base=base, after=after: steps_logged(out) >= base + after, proc)
                 time.sleep(rng.uniform(0, 0.3))
             except AssertionError:
                 pass

@@ -1,4 +1,5 @@
 """Test helpers: a famtune server on a free loopback port, in this process or as the CLI."""
+
 from __future__ import annotations
 
 import os
@@ -56,8 +57,13 @@ class ServerProcess:
         self.timeout = timeout
 
     def __enter__(self) -> ServerProcess:
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.proc = subprocess.Popen(
+            self.args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         deadline = time.monotonic() + self.timeout
         while True:
             if self.proc.poll() is not None:

@@ -1,5 +1,6 @@
 """famtune.adapters: recipe keys and their checks, AdaLoRA's schedule and real rank allocation,
 LoRA+'s optimizer groups, the bundled Baichuan2 AdaLoRA recipe and the memory estimate per method."""
+
 from __future__ import annotations
 
 import json
@@ -30,17 +31,20 @@ def recipe_file(tmp_path: Path, **keys) -> Path:
     return path
 
 
-@pytest.mark.parametrize("keys, words", [
-    ({"adapter": "qlora"}, ["adapter is 'qlora'", "lora, adalora, dora"]),
-    ({"lora_init": "svd"}, ["lora_init is 'svd'", "pissa"]),
-    ({"loraplus_lr_ratio": 0.5}, ["loraplus_lr_ratio is 0.5", ">= 1"]),
-    ({"lora_init": "loftq", "quantization": "none"}, ["loftq", "quantization: nf4"]),
-    ({"adapter": "adalora", "rslora": True}, ["rslora", "adalora"]),
-    ({"adapter": "adalora", "lora_init": "pissa"}, ["lora_init: pissa", "adalora"]),
-    ({"adapter": "adalora", "lora_r": 8, "adalora_target_r": 9}, ["adalora_target_r is 9", "1..lora_r (8)"]),
-    ({"adapter": "dora", "lora_init": "olora"}, ["olora", "dora"]),
-    ({"adalora_target_r": 4}, ["adalora_target_r is set", "adapter: adalora"]),
-])
+@pytest.mark.parametrize(
+    "keys, words",
+    [
+        ({"adapter": "qlora"}, ["adapter is 'qlora'", "lora, adalora, dora"]),
+        ({"lora_init": "svd"}, ["lora_init is 'svd'", "pissa"]),
+        ({"loraplus_lr_ratio": 0.5}, ["loraplus_lr_ratio is 0.5", ">= 1"]),
+        ({"lora_init": "loftq", "quantization": "none"}, ["loftq", "quantization: nf4"]),
+        ({"adapter": "adalora", "rslora": True}, ["rslora", "adalora"]),
+        ({"adapter": "adalora", "lora_init": "pissa"}, ["lora_init: pissa", "adalora"]),
+        ({"adapter": "adalora", "lora_r": 8, "adalora_target_r": 9}, ["adalora_target_r is 9", "1..lora_r (8)"]),
+        ({"adapter": "dora", "lora_init": "olora"}, ["olora", "dora"]),
+        ({"adalora_target_r": 4}, ["adalora_target_r is set", "adapter: adalora"]),
+    ],
+)
 def test_bad_adapter_keys_are_one_line_errors_naming_the_file(tmp_path, keys, words):
     path = recipe_file(tmp_path, **keys)
     with pytest.raises(FamtuneError) as err:
@@ -93,17 +97,20 @@ def test_estimate_adds_each_methods_memory(tmp_path, adapter, lora_init):
 
     model = test_estimate.qwen2_dir(tmp_path / "m", 256, 688, 2, 3000)
     plain = estimate_recipe(load_recipe(None, {"model": str(model), "data": "d", "max_length": 256}))
-    other = estimate_recipe(load_recipe(None, {"model": str(model), "data": "d", "max_length": 256,
-                                               "adapter": adapter, "lora_init": lora_init}))
+    other = estimate_recipe(
+        load_recipe(
+            None, {"model": str(model), "data": "d", "max_length": 256, "adapter": adapter, "lora_init": lora_init}
+        )
+    )
     p, o = plain.details, other.details
     if adapter == "dora":  # one magnitude value per output feature of each target
-        assert o["lora_params"] - p["lora_params"] == sum(
-            m.out_features for n, m in _targets(model))
+        assert o["lora_params"] - p["lora_params"] == sum(m.out_features for n, m in _targets(model))
         assert other.activations > plain.activations
     elif adapter == "adalora":  # E (r per target), and three allocator copies of every adapter value
         assert o["lora_params"] - p["lora_params"] == 8 * p["lora_modules"]
-        assert other.optimizer - plain.optimizer == pytest.approx(o["lora_params"] * 8 + o["lora_params"] * 12
-                                                                  - p["lora_params"] * 8)
+        assert other.optimizer - plain.optimizer == pytest.approx(
+            o["lora_params"] * 8 + o["lora_params"] * 12 - p["lora_params"] * 8
+        )
     else:
         assert other.total == plain.total and o["init_peak"] > other.weights
     assert o["method_note"] and not p["method_note"]
@@ -119,8 +126,11 @@ def _targets(model_dir: Path):
     ckpt = open_checkpoint(str(model_dir))
     model = meta_model(ckpt, torch.bfloat16)
     names = ckpt.family.lora_target_modules(model, "default")
-    return [(n, m) for n, m in model.named_modules() if any(n.endswith("." + t) for t in names)
-            and hasattr(m, "out_features")]
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if any(n.endswith("." + t) for t in names) and hasattr(m, "out_features")
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +141,19 @@ def tiny(tmp_path_factory):
 def run(tiny: Path, out: Path, resume=None, **keys) -> dict:
     from famtune.train import train
 
-    settings = dict(model=str(tiny), data=str(DEMO_DIR / "identity.jsonl"), output_dir=str(out), progress=False,
-                    max_length=128, batch_size=2, evaluation_inputs=[], compute_dtype="fp32", lora_dropout=0.0,
-                    learning_rate=0.02, lora_targets="all-linear")
+    settings = dict(
+        model=str(tiny),
+        data=str(DEMO_DIR / "identity.jsonl"),
+        output_dir=str(out),
+        progress=False,
+        max_length=128,
+        batch_size=2,
+        evaluation_inputs=[],
+        compute_dtype="fp32",
+        lora_dropout=0.0,
+        learning_rate=0.02,
+        lora_targets="all-linear",
+    )
     settings.update(keys)
     logs: list[str] = []
     summary = train(load_recipe(None, settings), resume=resume, log=logs.append)
@@ -149,10 +169,27 @@ def test_adalora_prunes_to_target_rank_on_average_unevenly_and_peft_reloads_it(t
 
     from famtune.train import Trainer
 
-    recipe = load_recipe(None, dict(model=str(tiny), data=str(DEMO_DIR / "identity.jsonl"), output_dir=str(tmp_path / "out"),
-                                    progress=False, max_length=128, batch_size=2, evaluation_inputs=[],
-                                    compute_dtype="fp32", lora_dropout=0.0, learning_rate=0.02, lora_targets="all-linear",
-                                    adapter="adalora", lora_r=8, adalora_target_r=4, max_steps=12, quantization="none"))
+    recipe = load_recipe(
+        None,
+        dict(
+            model=str(tiny),
+            data=str(DEMO_DIR / "identity.jsonl"),
+            output_dir=str(tmp_path / "out"),
+            progress=False,
+            max_length=128,
+            batch_size=2,
+            evaluation_inputs=[],
+            compute_dtype="fp32",
+            lora_dropout=0.0,
+            learning_rate=0.02,
+            lora_targets="all-linear",
+            adapter="adalora",
+            lora_r=8,
+            adalora_target_r=4,
+            max_steps=12,
+            quantization="none",
+        ),
+    )
     trainer = Trainer(recipe, log=lambda *a: None)
     trainer.run()
     trained = trainer.accelerator.unwrap_model(trainer.model).eval()
@@ -215,9 +252,10 @@ def test_loraplus_groups_are_recorded_and_a_changed_ratio_refuses_to_resume(tiny
     assert groups["B"]["lr"] == pytest.approx(8 * groups["A"]["lr"])
     assert groups["A"]["params"] and all("lora_A" in n for n in groups["A"]["params"])
     assert groups["B"]["params"] and all("lora_B" in n for n in groups["B"]["params"])
-    optimizer = __import__("torch").load(tmp_path / "a" / "checkpoints" / "step-2" / "optimizer.pt",
-                                         weights_only=True)
-    assert [len(g["params"]) for g in optimizer["param_groups"]] == [len(g["params"]) for g in state["optimizer_groups"]]
+    optimizer = __import__("torch").load(tmp_path / "a" / "checkpoints" / "step-2" / "optimizer.pt", weights_only=True)
+    assert [len(g["params"]) for g in optimizer["param_groups"]] == [
+        len(g["params"]) for g in state["optimizer_groups"]
+    ]
     shutil.copytree(tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints")
     with pytest.raises(FamtuneError, match="loraplus_lr_ratio 8.0") as err:
         run(tiny, tmp_path / "b", resume=True, loraplus_lr_ratio=4, max_steps=3, save_steps=2)
@@ -242,10 +280,20 @@ def test_bundled_baichuan2_recipe_runs_on_a_tiny_baichuan2(tmp_path):
     from famtune.train import train
 
     tiny = build_tiny("baichuan2-7b", tmp_path / "tiny")
-    recipe = load_recipe(str(EXAMPLE), {"model": str(tiny), "data": str(DEMO_DIR / "identity.jsonl"),
-                                        "output_dir": str(tmp_path / "out"), "max_steps": 4, "max_length": 128,
-                                        "progress": False, "evaluation_inputs": [], "compute_dtype": "fp32",
-                                        "grad_accum": 1})
+    recipe = load_recipe(
+        str(EXAMPLE),
+        {
+            "model": str(tiny),
+            "data": str(DEMO_DIR / "identity.jsonl"),
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 4,
+            "max_length": 128,
+            "progress": False,
+            "evaluation_inputs": [],
+            "compute_dtype": "fp32",
+            "grad_accum": 1,
+        },
+    )
     train(recipe, log=lambda *a: None)
     acfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert acfg["peft_type"] == "ADALORA" and (acfg["init_r"], acfg["target_r"]) == (12, 8)
@@ -259,18 +307,42 @@ def test_unknown_method_in_compare_is_a_one_line_error(tmp_path):
     res = famtune_cli("compare", recipe, "--adapters", "lora,lokr", "--output", tmp_path / "out", check=False)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "'lokr' is not one of" in res.stderr and "dora" in res.stderr
-    res = famtune_cli("compare", recipe, "--adapters", "lora+loftq", "--quantization", "none",
-                      "--output", tmp_path / "out", check=False)
+    res = famtune_cli(
+        "compare",
+        recipe,
+        "--adapters",
+        "lora+loftq",
+        "--quantization",
+        "none",
+        "--output",
+        tmp_path / "out",
+        check=False,
+    )
     assert res.returncode != 0 and "adapter method 'lora+loftq'" in res.stderr and "nf4" in res.stderr
 
 
 @pytest.mark.slow
 def test_compare_trains_one_model_once_per_adapter_method(tmp_path):
     recipe = tmp_path / "c.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "models": ["tiny:qwen2.5"], "adapters": ["lora", "adalora"], "data": str(DEMO_DIR / "identity.jsonl"),
-        "quantization": "nf4", "compute_dtype": "fp32", "max_length": 128, "lora_r": 8, "lora_targets": "all-linear",
-        "learning_rate": 0.01, "batch_size": 6, "max_steps": 3, "evaluation_inputs": [], "progress": False}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "models": ["tiny:qwen2.5"],
+                "adapters": ["lora", "adalora"],
+                "data": str(DEMO_DIR / "identity.jsonl"),
+                "quantization": "nf4",
+                "compute_dtype": "fp32",
+                "max_length": 128,
+                "lora_r": 8,
+                "lora_targets": "all-linear",
+                "learning_rate": 0.01,
+                "batch_size": 6,
+                "max_steps": 3,
+                "evaluation_inputs": [],
+                "progress": False,
+            }
+        )
+    )
     out = tmp_path / "out"
     famtune_cli("compare", recipe, "--output", out, env={"FAMTUNE_CACHE": str(tmp_path / "cache")})
     rows = json.loads((out / "report" / "results.json").read_text())["models"]

@@ -4,6 +4,7 @@ model equal to base+adapter, chat with the adapter and with the merged model.
 The full method matrix runs here on Qwen2.5 with and without NF4 (about a minute on two shared
 cores); test_adapters_families.py runs one method per quantization on every other built-in family.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,16 +55,29 @@ def tiny_models(tmp_path_factory):
 
 
 def run_recipe(model: Path, out: Path, **keys):
-    settings = dict(model=str(model), data=str(DEMO_DIR / "identity.jsonl"), output_dir=str(out), progress=False,
-                    max_steps=3, max_length=128, batch_size=2, evaluation_inputs=[], compute_dtype="fp32",
-                    lora_dropout=0.0, learning_rate=0.02, lora_targets="all-linear", logging_steps=1)
+    settings = dict(
+        model=str(model),
+        data=str(DEMO_DIR / "identity.jsonl"),
+        output_dir=str(out),
+        progress=False,
+        max_steps=3,
+        max_length=128,
+        batch_size=2,
+        evaluation_inputs=[],
+        compute_dtype="fp32",
+        lora_dropout=0.0,
+        learning_rate=0.02,
+        lora_targets="all-linear",
+        logging_steps=1,
+    )
     settings.update(keys)
     return load_recipe(None, settings)
 
 
 def losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-            if "loss" in r}
+    return {
+        r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    }
 
 
 def base_plus_adapter(base: Path, adapter: Path, family: str, quantization: str):
@@ -93,8 +107,9 @@ def check_merge_and_chat(base: Path, out: Path, family: str, quantization: str, 
     adapter_session = load_chat_model(str(base), str(out))
     ckpt = open_checkpoint(str(base), family=family)
     tokenizer = ckpt.load_tokenizer()
-    ids = torch.tensor([ckpt.family.encode(tokenizer, PROMPT, masking="all_assistant",
-                                           add_generation_prompt=True).input_ids])
+    ids = torch.tensor(
+        [ckpt.family.encode(tokenizer, PROMPT, masking="all_assistant", add_generation_prompt=True).input_ids]
+    )
     reference = base_plus_adapter(base, out, family, quantization)
     plain = ckpt.load_model(quantization="none", compute_dtype="fp32")
     with torch.no_grad():
@@ -128,8 +143,10 @@ def check_resume(model: Path, work: Path, quantization: str, **keys) -> Path:
     for step in (3, 4):
         assert got[step] == pytest.approx(want[step], abs=1e-6), (step, got, want)
     # AdaLoRA: the allocation resumed mid-budget reaches the same final rank pattern
-    patterns = [json.loads((d / "adapter_config.json").read_text()).get("rank_pattern")
-                for d in (work / "straight", resumed_out)]
+    patterns = [
+        json.loads((d / "adapter_config.json").read_text()).get("rank_pattern")
+        for d in (work / "straight", resumed_out)
+    ]
     assert patterns[0] == patterns[1]
     a = load_file(work / "straight" / "adapter_model.safetensors")
     b = load_file(resumed_out / "adapter_model.safetensors")

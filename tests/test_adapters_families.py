@@ -3,6 +3,7 @@ method matrix is in test_adapters_e2e.py): the methods rotate over the families,
 meets a family with packed projections (Baichuan2's W_pack, InternLM2's wqkv, ChatGLM's
 query_key_value) and each family trains, resumes, merges and chats with a non-plain method.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -21,8 +22,13 @@ def one_thread(one_torch_thread):
 @pytest.mark.slow
 @pytest.mark.parametrize("quantization", ["nf4", "none"])
 @pytest.mark.parametrize("family, method", ROTATION)
-def test_one_method_per_family_trains_resumes_merges_and_chats(tiny_models, tmp_path, family, method,  # noqa: F811
-                                                               quantization):
+def test_one_method_per_family_trains_resumes_merges_and_chats(
+    tiny_models,
+    tmp_path,
+    family,
+    method,
+    quantization,
+):
     base = tiny_models(family)
     out = matrix.check_resume(base, tmp_path, quantization, **matrix.METHODS[method])
     matrix.check_merge_and_chat(base, out, family, quantization, tmp_path)

@@ -1,4 +1,5 @@
 """Device-specific tuning lives in famtune.backends: applied on the CPU only, recorded, no side effects on load."""
+
 from __future__ import annotations
 
 import json
@@ -17,15 +18,18 @@ print(json.dumps({"policy": policy.as_dict(), "cpu_module": "famtune.backends.cp
 def policy_in_fresh_process(device: str, **env: str) -> dict:
     import os
 
-    res = subprocess.run([sys.executable, "-c", POLICY, device], capture_output=True, text=True,
-                         env={**os.environ, **env}, check=True)
+    res = subprocess.run(
+        [sys.executable, "-c", POLICY, device], capture_output=True, text=True, env={**os.environ, **env}, check=True
+    )
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def test_cuda_runs_nothing_cpu_specific():
     got = policy_in_fresh_process("cuda")  # a device object needs no GPU; the policy must not look further
-    assert got == {"policy": {"device": "cuda", "allocator": "default", "nf4_kernel": "dequantize"},
-                   "cpu_module": False}
+    assert got == {
+        "policy": {"device": "cuda", "allocator": "default", "nf4_kernel": "dequantize"},
+        "cpu_module": False,
+    }
 
 
 def test_cpu_tunes_the_allocator_unless_turned_off():

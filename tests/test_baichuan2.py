@@ -2,6 +2,7 @@
 
 Both variants: 7B (RoPE, loaded as LlamaForCausalLM) and 13B (ALiBi, famtune's own model).
 """
+
 from __future__ import annotations
 
 import functools
@@ -96,9 +97,10 @@ def test_logits_and_cached_greedy_match_the_original(layout, record_property):
     assert diff <= TOLERANCE
     for seq in reference(layout)["sequences"]:
         ids = torch.tensor([seq["input_ids"]])
-        out = model.generate(ids, max_new_tokens=5, do_sample=False, repetition_penalty=1.0,
-                             eos_token_id=None, use_cache=True)
-        assert out[0, ids.shape[1]:].tolist() == seq["greedy_next_5"]
+        out = model.generate(
+            ids, max_new_tokens=5, do_sample=False, repetition_penalty=1.0, eos_token_id=None, use_cache=True
+        )
+        assert out[0, ids.shape[1] :].tolist() == seq["greedy_next_5"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -111,15 +113,22 @@ def test_padding_masks_keys_and_keeps_each_sequence_exact(layout):
     mask = torch.tensor([[1] * len(short) + [0] * len(pad), [1] * len(long_)])
     with torch.no_grad():
         out = model(torch.tensor([short + pad, long_]), attention_mask=mask).logits
-    assert (out[0, :len(short)] - logits["seq0.logits"]).abs().max() <= TOLERANCE
+    assert (out[0, : len(short)] - logits["seq0.logits"]).abs().max() <= TOLERANCE
     assert (out[1] - logits["seq1.logits"]).abs().max() <= TOLERANCE
     assert torch.isfinite(out).all()
     # Batched generation pads on the left; the cache then carries the padding mask along.
     left_mask = torch.tensor([[0] * len(pad) + [1] * len(short), [1] * len(long_)])
-    gen = model.generate(torch.tensor([pad + short, long_]), attention_mask=left_mask, max_new_tokens=5,
-                         do_sample=False, repetition_penalty=1.0, eos_token_id=None, pad_token_id=0)
-    assert gen[0, len(long_):].tolist() == seqs[0]["greedy_next_5"]
-    assert gen[1, len(long_):].tolist() == seqs[1]["greedy_next_5"]
+    gen = model.generate(
+        torch.tensor([pad + short, long_]),
+        attention_mask=left_mask,
+        max_new_tokens=5,
+        do_sample=False,
+        repetition_penalty=1.0,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    assert gen[0, len(long_) :].tolist() == seqs[0]["greedy_next_5"]
+    assert gen[1, len(long_) :].tolist() == seqs[1]["greedy_next_5"]
 
 
 def test_alibi_model_refuses_packed_rows():
@@ -134,8 +143,8 @@ def test_alibi_slopes_follow_the_published_series():
 
     # 8 heads: 1/2 ... 1/256 (ALiBi paper). 12 heads: the 8-head series, then every other slope of
     # the 16-head series 2^-0.5, 2^-1, ..., i.e. 2^-0.5, 2^-1.5, 2^-2.5, 2^-3.5.
-    assert alibi_slopes(8) == pytest.approx([2.0 ** -k for k in range(1, 9)])
-    assert alibi_slopes(12) == pytest.approx([2.0 ** -k for k in (*range(1, 9), 0.5, 1.5, 2.5, 3.5)])
+    assert alibi_slopes(8) == pytest.approx([2.0**-k for k in range(1, 9)])
+    assert alibi_slopes(12) == pytest.approx([2.0**-k for k in (*range(1, 9), 0.5, 1.5, 2.5, 3.5)])
     assert alibi_slopes(40)[:32] == pytest.approx([2.0 ** (-k / 4) for k in range(1, 33)])
     assert alibi_slopes(40)[32:] == pytest.approx([2.0 ** (-k / 8) for k in range(1, 16, 2)])
 
@@ -182,8 +191,12 @@ def test_nf4_alibi_backward_with_gradient_checkpointing_and_lora():
     ckpt, model = load(REFERENCE / "baichuan2_13b" / "tiny", quantization="nf4")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as train.py
     model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM",
-                                             target_modules=ckpt.family.lora_target_modules(model, "default")))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules=ckpt.family.lora_target_modules(model, "default")
+        ),
+    )
     model.train()
     calls = []
     # The layer's first sub-module: the checkpoint replays the layer's forward (not the layer's own
@@ -319,8 +332,9 @@ def test_conversations_match_build_chat_input_id_for_id(layout):
         expected = conv["build_chat_input"]["input_ids"]
         enc = family.encode(tok, conv["messages"], "all_assistant", add_generation_prompt=True)
         assert enc.input_ids == expected, name
-        rendered = tok.apply_chat_template(conv["messages"], chat_template=template, add_generation_prompt=True,
-                                           tokenize=True, return_dict=False)
+        rendered = tok.apply_chat_template(
+            conv["messages"], chat_template=template, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         assert rendered == expected, name
         assert tok.decode(expected) == conv["build_chat_input"]["decoded"], name
 
@@ -330,7 +344,7 @@ def training_conversation(facts):
     c3 = facts["conversations"]["c3_multi_turn"]
     ids = c3["build_chat_input"]["input_ids"]
     user, assistant = facts["user_token_id"], facts["assistant_token_id"]
-    first_reply = ids[ids.index(assistant) + 1:ids.index(user, ids.index(assistant))]
+    first_reply = ids[ids.index(assistant) + 1 : ids.index(user, ids.index(assistant))]
     messages = c3["messages"] + [{"role": "assistant", "content": c3["messages"][2]["content"]}]
     return messages, ids, first_reply
 

@@ -3,6 +3,7 @@
 Uses a tiny random-weight Qwen2.5 checkpoint from the installed Qwen plugin and a QLoRA adapter
 trained on it for a few steps to answer two prompts, so replies are known and end on a stop token.
 """
+
 from __future__ import annotations
 
 import io
@@ -11,7 +12,6 @@ import pytest
 import torch
 
 from conftest import ADAPTER_ANSWERS, ADAPTER_FAMILY, build_base_and_adapter
-
 from famtune.chat import load_chat_model, run_chat
 from famtune.merge import merge
 
@@ -31,7 +31,9 @@ def built(tmp_path_factory):
     family, base, adapter = build_base_and_adapter(root)
     merge(str(adapter), str(root / "merged"), log=lambda _: None)
     return {
-        "family": family, "base": base, "adapter": adapter,
+        "family": family,
+        "base": base,
+        "adapter": adapter,
         "merged": load_chat_model(str(root / "merged")),
         "with_adapter": load_chat_model(str(base), adapter=str(adapter)),
     }
@@ -52,8 +54,9 @@ def record_prompts(model):
 
 
 def encode(session, messages):
-    return session.family.encode(session.tokenizer, messages, masking="all_assistant",
-                                 add_generation_prompt=True).input_ids
+    return session.family.encode(
+        session.tokenizer, messages, masking="all_assistant", add_generation_prompt=True
+    ).input_ids
 
 
 def chat_once(session, prompt, system=None):
@@ -89,8 +92,10 @@ def test_interactive_chat_keeps_history_until_reset(built):
         handle.remove()
     assert code == 0
     first = [{"role": "user", "content": "hi"}]
-    second = first + [{"role": "assistant", "content": ANSWERS["hi"]},
-                      {"role": "user", "content": "What is the capital of France?"}]
+    second = first + [
+        {"role": "assistant", "content": ANSWERS["hi"]},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
     after_reset = second[-1:]
     assert prompts == [encode(session, first), encode(session, second), encode(session, after_reset)]
     text = out.getvalue()
@@ -105,8 +110,18 @@ def test_exit_stops_reading(built):
         calls.append(1)
         return "/exit"
 
-    assert run_chat(built["merged"], prompt=None, system=None, greedy=True, max_new_tokens=4,
-                    input_fn=read, output=io.StringIO()) == 0
+    assert (
+        run_chat(
+            built["merged"],
+            prompt=None,
+            system=None,
+            greedy=True,
+            max_new_tokens=4,
+            input_fn=read,
+            output=io.StringIO(),
+        )
+        == 0
+    )
     assert len(calls) == 1
 
 
@@ -117,8 +132,9 @@ def test_system_prompt_is_used(built):
         chat_once(session, "hi", system="You are a robot.")
     finally:
         handle.remove()
-    assert prompts == [encode(session, [{"role": "system", "content": "You are a robot."},
-                                        {"role": "user", "content": "hi"}])]
+    assert prompts == [
+        encode(session, [{"role": "system", "content": "You are a robot."}, {"role": "user", "content": "hi"}])
+    ]
 
 
 def test_streamed_pieces_make_up_the_reply(built):

@@ -1,5 +1,6 @@
 """One chat-format definition, three views: the encoder, the Jinja chat_template and FastChat's
 Conversation all derive from a family's ChatFormat and give the same ids, id for id."""
+
 from __future__ import annotations
 
 import sys
@@ -7,17 +8,19 @@ from pathlib import Path
 
 import pytest
 
+from conftest import build_tiny
 from famtune.chatformat import ChatFormat
 from famtune.plugins import get_plugins
 from famtune.testing.conformance import CONVERSATIONS
 
-from conftest import build_tiny
-
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "famtune-llama3"
 EDGE_CASES = [
     [{"role": "user", "content": "\nstarts with a newline"}, {"role": "assistant", "content": "\n\nso does this"}],
-    [{"role": "system", "content": ""}, {"role": "user", "content": "empty system"},
-     {"role": "assistant", "content": "  padded  "}],
+    [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": "empty system"},
+        {"role": "assistant", "content": "  padded  "},
+    ],
 ]
 
 
@@ -28,8 +31,15 @@ def declarative_families():
 
 def three_views(fmt: ChatFormat, tokenizer, messages, add_generation_prompt):
     encoded = fmt.encode(tokenizer, messages, "all_assistant", add_generation_prompt).input_ids
-    jinja = list(tokenizer.apply_chat_template(messages, chat_template=fmt.jinja(), tokenize=True,
-                                               add_generation_prompt=add_generation_prompt, return_dict=False))
+    jinja = list(
+        tokenizer.apply_chat_template(
+            messages,
+            chat_template=fmt.jinja(),
+            tokenize=True,
+            add_generation_prompt=add_generation_prompt,
+            return_dict=False,
+        )
+    )
     system = messages[0]["content"] if messages[0]["role"] == "system" else None
     conv = fmt.fastchat_conversation(system)
     for m in messages[1:] if system is not None else messages:
@@ -85,5 +95,7 @@ def test_the_example_llama3_format_agrees_id_for_id(tmp_path):
     assert check_agreement(LLAMA3, tokenizer) == 4 * len(CONVERSATIONS + EDGE_CASES)
     # Meta's rendering, as a string, so the derived template is also checked against the published one.
     text = LLAMA3.render([{"role": "user", "content": " Hi "}], add_generation_prompt=True)
-    assert text == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
-                    "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )

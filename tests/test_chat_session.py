@@ -3,6 +3,7 @@
 
 Uses the tiny Qwen2.5 base and the QLoRA adapter trained to give known answers (conftest).
 """
+
 from __future__ import annotations
 
 import json
@@ -134,9 +135,23 @@ def test_ipython_chat_cell_magic(built):
 
 @pytest.mark.slow  # starts famtune chat in a subprocess (loads the model)
 def test_non_utf8_stdin_is_replaced_and_reported_and_long_messages_refused(built):
-    res = subprocess.run([sys.executable, "-m", "famtune.cli", "chat", str(built["base"]), "--adapter",
-                          str(built["adapter"]), "--greedy", "--max-new-tokens", "24"],
-                         input=b"h\xffi\n/reset\nhi\n" + b"word " * 1000 + b"\n/exit\n", capture_output=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "famtune.cli",
+            "chat",
+            str(built["base"]),
+            "--adapter",
+            str(built["adapter"]),
+            "--greedy",
+            "--max-new-tokens",
+            "24",
+        ],
+        input=b"h\xffi\n/reset\nhi\n" + b"word " * 1000 + b"\n/exit\n",
+        capture_output=True,
+        timeout=300,
+    )
     out, err = res.stdout.decode(), res.stderr.decode()
     assert "(the line had bytes that are not UTF-8; they are sent as U+FFFD)" in out
     assert res.returncode == 0 and ADAPTER_ANSWERS["hi"] in out and "Traceback" not in err
@@ -152,17 +167,36 @@ def test_terminal_chat_in_a_pseudo_terminal(built, tmp_path):
     from famtune.chat import load_chat_model
 
     session = load_chat_model(str(built["base"]))
-    long_prompt = next((p for p in ("tell me everything", "hello there", "story", "a b c", "1 2 3",
-                                    "the quick brown fox", "zzz", "robot paint")
-                        if session.generate(session.prompt_ids([{"role": "user", "content": p}]),
-                                            session.settings(greedy=True), max_new_tokens=100).finish_reason == "length"),
-                       None)
+    long_prompt = next(
+        (
+            p
+            for p in (
+                "tell me everything",
+                "hello there",
+                "story",
+                "a b c",
+                "1 2 3",
+                "the quick brown fox",
+                "zzz",
+                "robot paint",
+            )
+            if session.generate(
+                session.prompt_ids([{"role": "user", "content": p}]), session.settings(greedy=True), max_new_tokens=100
+            ).finish_reason
+            == "length"
+        ),
+        None,
+    )
     assert long_prompt, "no prompt makes the base write 100 tokens"
     saved = tmp_path / "conversation.json"
-    child = pexpect.spawn(sys.executable, ["-m", "famtune.cli", "chat", str(built["base"]), "--greedy",
-                                           "--max-new-tokens", "100"],
-                          env={**os.environ, "FAMTUNE_CACHE": str(tmp_path / "cache"), "TERM": "dumb"},
-                          encoding="utf-8", timeout=180, dimensions=(40, 200))
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "famtune.cli", "chat", str(built["base"]), "--greedy", "--max-new-tokens", "100"],
+        env={**os.environ, "FAMTUNE_CACHE": str(tmp_path / "cache"), "TERM": "dumb"},
+        encoding="utf-8",
+        timeout=180,
+        dimensions=(40, 200),
+    )
     try:
         child.expect(">>> ")
         child.sendline("/help")
@@ -199,8 +233,8 @@ def test_terminal_chat_in_a_pseudo_terminal(built, tmp_path):
     # the interrupted turn is not kept; both edited lines arrived as "hi"
     assert [(m["role"], m["content"]) for m in messages if m["role"] == "user"] == [("user", "hi")] * 2
     assert [m["role"] for m in messages] == ["user", "assistant"] * 2
-    assert messages[1]["content"] == session.reply([{"role": "user", "content": "hi"}], greedy=True,
-                                                   max_new_tokens=100)
+    assert messages[1]["content"] == session.reply([{"role": "user", "content": "hi"}], greedy=True, max_new_tokens=100)
     assert json.loads((tmp_path / "conversation.json.2").read_text())["messages"] == [
-        {"role": "system", "content": "You are terse."}]
+        {"role": "system", "content": "You are terse."}
+    ]
     assert (tmp_path / "cache" / "chat_history").read_text().count("hi") >= 2  # readline history kept

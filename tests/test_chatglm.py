@@ -5,6 +5,7 @@ code) and, for GLM-4 (no fixture), from checkpoints and vocabularies built here 
 layout plus an independent re-implementation of the original forward pass that is first checked
 against the ChatGLM3 reference logits.
 """
+
 from __future__ import annotations
 
 import base64
@@ -21,7 +22,6 @@ from famtune.checkpoint import open_checkpoint
 from famtune.encoding import IGNORE_INDEX
 from famtune.errors import FamtuneError
 from famtune.plugins import get_plugins
-
 from famtune_chatglm import convert as layout
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference" / "chatglm3"
@@ -36,9 +36,22 @@ GLM4_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-GLM4_SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
-                 "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>",
-                 "<|begin_of_video|>", "<|end_of_video|>"]
+GLM4_SPECIALS = [
+    "<|endoftext|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
+]
 GLM4_RANKS = 151329  # size of the released GLM-4 vocabulary, so special ids land on the real ones
 
 
@@ -81,7 +94,9 @@ def glm4_tok(glm4_vocab):
 def glm4_reference(glm4_vocab):
     import tiktoken
 
-    return tiktoken.Encoding(name="glm4-reference", pat_str=GLM4_PATTERN, mergeable_ranks=glm4_vocab[1], special_tokens={})
+    return tiktoken.Encoding(
+        name="glm4-reference", pat_str=GLM4_PATTERN, mergeable_ranks=glm4_vocab[1], special_tokens={}
+    )
 
 
 def tensors_of(directory: Path) -> dict[str, torch.Tensor]:
@@ -92,6 +107,7 @@ def tensors_of(directory: Path) -> dict[str, torch.Tensor]:
 
 
 # --- an independent forward pass of the original ChatGLM block ------------------------------------
+
 
 def original_forward(sd: dict[str, torch.Tensor], cfg: dict, ids: list[int]) -> torch.Tensor:
     """Logits of the remote-code ChatGLM2/3/GLM-4 model, re-implemented from its definition:
@@ -138,19 +154,47 @@ def glm4_config(dtype: str) -> dict:
     """glm-4-9b-chat's config.json with the sizes shrunk."""
     auto = "modeling_chatglm.ChatGLMForConditionalGeneration"
     return {
-        "_name_or_path": "THUDM/glm-4-9b-chat", "model_type": "chatglm", "architectures": ["ChatGLMModel"],
-        "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig", "AutoModel": auto,
-                     "AutoModelForCausalLM": auto, "AutoModelForSeq2SeqLM": auto,
-                     "AutoModelForSequenceClassification": "modeling_chatglm.ChatGLMForSequenceClassification"},
-        "add_bias_linear": False, "add_qkv_bias": True, "apply_query_key_layer_scaling": True,
-        "apply_residual_connection_post_layernorm": False, "attention_dropout": 0.0, "attention_softmax_in_fp32": True,
-        "attn_implementation": "sdpa", "bias_dropout_fusion": True, "ffn_hidden_size": 96,
-        "fp32_residual_connection": False, "hidden_dropout": 0.0, "hidden_size": 64, "kv_channels": 16,
-        "layernorm_epsilon": 1.5625e-07, "multi_query_attention": True, "multi_query_group_num": 2,
-        "num_attention_heads": 4, "num_hidden_layers": 2, "num_layers": 2, "rope_ratio": 500, "original_rope": True,
-        "padded_vocab_size": 512, "post_layer_norm": True, "rmsnorm": True, "seq_length": 131072, "use_cache": True,
-        "torch_dtype": dtype, "transformers_version": "4.44.0", "tie_word_embeddings": False,
-        "eos_token_id": [151329, 151336, 151338], "pad_token_id": 151329,
+        "_name_or_path": "THUDM/glm-4-9b-chat",
+        "model_type": "chatglm",
+        "architectures": ["ChatGLMModel"],
+        "auto_map": {
+            "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+            "AutoModel": auto,
+            "AutoModelForCausalLM": auto,
+            "AutoModelForSeq2SeqLM": auto,
+            "AutoModelForSequenceClassification": "modeling_chatglm.ChatGLMForSequenceClassification",
+        },
+        "add_bias_linear": False,
+        "add_qkv_bias": True,
+        "apply_query_key_layer_scaling": True,
+        "apply_residual_connection_post_layernorm": False,
+        "attention_dropout": 0.0,
+        "attention_softmax_in_fp32": True,
+        "attn_implementation": "sdpa",
+        "bias_dropout_fusion": True,
+        "ffn_hidden_size": 96,
+        "fp32_residual_connection": False,
+        "hidden_dropout": 0.0,
+        "hidden_size": 64,
+        "kv_channels": 16,
+        "layernorm_epsilon": 1.5625e-07,
+        "multi_query_attention": True,
+        "multi_query_group_num": 2,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "num_layers": 2,
+        "rope_ratio": 500,
+        "original_rope": True,
+        "padded_vocab_size": 512,
+        "post_layer_norm": True,
+        "rmsnorm": True,
+        "seq_length": 131072,
+        "use_cache": True,
+        "torch_dtype": dtype,
+        "transformers_version": "4.44.0",
+        "tie_word_embeddings": False,
+        "eos_token_id": [151329, 151336, 151338],
+        "pad_token_id": 151329,
     }
 
 
@@ -183,9 +227,15 @@ def make_glm4_checkpoint(directory: Path, dtype: str = "float32", seed: int = 0)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "ChatGLM4Tokenizer",
-         "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLM4Tokenizer", None]}}), encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "ChatGLM4Tokenizer",
+                "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLM4Tokenizer", None]},
+            }
+        ),
+        encoding="utf-8",
+    )
     return cfg
 
 
@@ -195,6 +245,7 @@ def write_raising_remote_code(directory: Path) -> None:
 
 
 # --- plugin registration and claims ---------------------------------------------------------------
+
 
 def test_plugin_provides_both_families():
     assert get_plugins().families_of("chatglm") == ["chatglm3", "glm4"]
@@ -228,6 +279,7 @@ def test_claims(tmp_path):
 
 # --- ChatGLM3 model -------------------------------------------------------------------------------
 
+
 def test_chatglm3_tiny_matches_reference_logits_and_greedy(famtune_cache, record_property):
     ckpt = open_checkpoint(str(TINY))
     assert ckpt.family.name == "chatglm3"
@@ -242,7 +294,7 @@ def test_chatglm3_tiny_matches_reference_logits_and_greedy(famtune_cache, record
             logits = model(ids).logits[0]
         worst = max(worst, (logits - ref[f"seq{seq['index']}.logits"]).abs().max().item())
         out = model.generate(ids, do_sample=False, max_new_tokens=5, use_cache=True, eos_token_id=None, pad_token_id=0)
-        assert out[0, ids.shape[1]:].tolist() == seq["generate_greedy"] == seq["greedy_next_5"]
+        assert out[0, ids.shape[1] :].tolist() == seq["generate_greedy"] == seq["greedy_next_5"]
     record_property("max_abs_logit_diff", worst)
     print(f"chatglm3 tiny: max abs logit diff vs reference = {worst:.3g}")
     assert worst <= 1e-4
@@ -286,18 +338,26 @@ def test_nf4_load_gives_linear4bit_and_finite_loss():
     loss = model(ids, labels=ids).loss
     assert torch.isfinite(loss)
     assert ckpt.family.lora_target_modules(model, "all-linear") == sorted(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"])
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
+    )
 
 
 def test_lora_targets_are_native_names_and_never_the_head():
     ckpt = open_checkpoint(str(TINY))
     model = ckpt.load_model(quantization="none", compute_dtype="fp32")
     assert ckpt.family.lora_target_modules(model, "default") == [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_up_proj",
+        "down_proj",
+    ]
     assert "lm_head" not in ckpt.family.lora_target_modules(model, "all-linear")
 
 
 # --- layout round trips ---------------------------------------------------------------------------
+
 
 def assert_same_checkpoint(original: Path, written: Path) -> None:
     a, b = tensors_of(original), tensors_of(written)
@@ -376,6 +436,7 @@ def test_unsupported_config_is_refused(tmp_path):
 
 # --- ChatGLM3 tokenizer and chat format -----------------------------------------------------------
 
+
 def test_chatglm3_special_token_ids(glm3_tok):
     for token, tid in CHAT_IDS["special_token_ids"].items():
         assert glm3_tok.convert_tokens_to_ids(token) == tid
@@ -422,7 +483,7 @@ def chatglm3_training_sample():
     prompt = case["build_chat_input"]["input_ids"]  # ends with <|assistant|>
     first = prompt.index(64796)  # first reply: <|assistant|> ▁ \n content, closed by <|user|>
     closing_user = prompt.index(64795, first)
-    header = prompt[first + 1:first + 3]
+    header = prompt[first + 1 : first + 3]
     ids = prompt + header + reply["input_ids_no_special"] + [2]
     return messages, ids, (first, closing_user), header
 
@@ -433,7 +494,7 @@ def test_chatglm3_golden_labels_for_every_policy(glm3_tok):
     assert fam.masking_policies() == ["all_assistant", "last_turn", "train_on_prompt", "chatglm3_official"]
     n = len(ids)
     second = len(ids) - len(CHAT_IDS["plain_strings"]["english"]["input_ids_no_special"]) - 1  # first content id
-    assert ids[second - 3:second] == [64796, *header]
+    assert ids[second - 3 : second] == [64796, *header]
 
     def keep(*ranges):
         positions = {i for a, b in ranges for i in range(a, b)}
@@ -455,13 +516,23 @@ def test_chatglm3_golden_labels_for_every_policy(glm3_tok):
     assert glm3_tok.apply_chat_template(messages, tokenize=True)["input_ids"] == ids
 
 
-@pytest.mark.parametrize("messages", [
-    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}],
-    [{"role": "system", "content": ""}, {"role": "user", "content": "  two leading spaces\n\n"},
-     {"role": "assistant", "content": "\nstarts with a newline"}],
-    [{"role": "system", "content": "S"}, {"role": "user", "content": "你好"}, {"role": "assistant", "content": "A"},
-     {"role": "user", "content": "🙏 again"}],
-])
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}],
+        [
+            {"role": "system", "content": ""},
+            {"role": "user", "content": "  two leading spaces\n\n"},
+            {"role": "assistant", "content": "\nstarts with a newline"},
+        ],
+        [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "你好"},
+            {"role": "assistant", "content": "A"},
+            {"role": "user", "content": "🙏 again"},
+        ],
+    ],
+)
 def test_chatglm3_chat_template_equals_encode(glm3_tok, messages):
     fam = family("chatglm3")
     tok = glm3_tok
@@ -476,8 +547,9 @@ def test_chatglm3_user_text_spelling_control_tokens_stays_text(glm3_tok):
 
     sp = sentencepiece.SentencePieceProcessor(model_file=str(TOKENIZER / "tokenizer.model"))
     text = "ignore this <|user|> [gMASK]sop </s> <|observation|> isopropyl"
-    enc = family("chatglm3").encode(glm3_tok, [{"role": "user", "content": text}], "all_assistant",
-                                    add_generation_prompt=True)
+    enc = family("chatglm3").encode(
+        glm3_tok, [{"role": "user", "content": text}], "all_assistant", add_generation_prompt=True
+    )
     assert enc.input_ids == [64790, 64792, 64795, 30910, 13, *sp.encode(text), 64796]
     # plain tokenizer calls keep "sop" inside words as text
     assert glm3_tok("isopropyl", add_special_tokens=False)["input_ids"] == sp.encode("isopropyl")
@@ -496,6 +568,7 @@ def test_conversation_templates():
 
 
 # --- GLM-4 tokenizer and chat format (vocabulary built here; see the module docstring) ------------
+
 
 def test_glm4_special_ids_follow_the_vocabulary(glm4_tok):
     ids = glm4_tok.convert_tokens_to_ids(GLM4_SPECIALS)
@@ -518,19 +591,26 @@ def test_glm4_text_matches_tiktoken(glm4_tok, glm4_reference, text):
 def test_glm4_conversation_ids_and_golden_labels(glm4_tok, glm4_reference):
     enc = glm4_reference.encode_ordinary
     system, user, reply1, user2, reply2 = "Be brief.", "Hello world", "Hello", "<|user|> again", "\n\nHello"
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": user},
-                {"role": "assistant", "content": reply1}, {"role": "user", "content": user2},
-                {"role": "assistant", "content": reply2}]
+    messages = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": reply1},
+        {"role": "user", "content": user2},
+        {"role": "assistant", "content": reply2},
+    ]
     S = {t: GLM4_RANKS + i for i, t in enumerate(GLM4_SPECIALS)}
     nl = enc("\n")
     # role id, then "\n" + content tokenized as one piece (GLM-4's apply_chat_template)
     parts = [
         ("prefix", [S["[gMASK]"], S["<sop>"]]),
         ("prompt", [S["<|system|>"], *enc("\n" + system), S["<|user|>"], *enc("\n" + user), S["<|assistant|>"]]),
-        ("header1", nl), ("reply1", enc("\n" + reply1)[len(nl):]), ("end1", [S["<|user|>"]]),
+        ("header1", nl),
+        ("reply1", enc("\n" + reply1)[len(nl) :]),
+        ("end1", [S["<|user|>"]]),
         ("prompt2", [*enc("\n" + user2), S["<|assistant|>"]]),
         # "\n\n" is one token of this vocabulary, so the header merges into the reply's first token
-        ("reply2", enc("\n" + reply2)), ("end2", [S["<|user|>"]]),
+        ("reply2", enc("\n" + reply2)),
+        ("end2", [S["<|user|>"]]),
     ]
     assert enc("\n" + reply2)[0] == glm4_reference.encode_single_token(b"\n\n")
     ids = [t for _, p in parts for t in p]
@@ -553,12 +633,16 @@ def test_glm4_conversation_ids_and_golden_labels(glm4_tok, glm4_reference):
         assert got.labels == want, policy
     # the template renders "<|user|>" typed in content as a control token; everything else matches
     plain = [m if m["content"] != user2 else {**m, "content": "again"} for m in messages]
-    assert glm4_tok.apply_chat_template(plain, tokenize=True)["input_ids"] == fam.encode(
-        glm4_tok, plain, "all_assistant").input_ids
+    assert (
+        glm4_tok.apply_chat_template(plain, tokenize=True)["input_ids"]
+        == fam.encode(glm4_tok, plain, "all_assistant").input_ids
+    )
     prompt = fam.encode(glm4_tok, messages[:2], "all_assistant", add_generation_prompt=True)
-    assert prompt.input_ids == ids[:len(parts[0][1]) + len(parts[1][1])]
-    assert glm4_tok.apply_chat_template(messages[:2], add_generation_prompt=True, tokenize=True)["input_ids"] == \
-        prompt.input_ids
+    assert prompt.input_ids == ids[: len(parts[0][1]) + len(parts[1][1])]
+    assert (
+        glm4_tok.apply_chat_template(messages[:2], add_generation_prompt=True, tokenize=True)["input_ids"]
+        == prompt.input_ids
+    )
 
 
 def test_glm4_tokenizer_is_loaded_from_a_checkpoint_without_remote_code(tmp_path):
@@ -566,7 +650,8 @@ def test_glm4_tokenizer_is_loaded_from_a_checkpoint_without_remote_code(tmp_path
     make_glm4_checkpoint(src)
     tokens = [bytes([i]) for i in range(256)] + [b"He", b"llo", b"Hello"]
     (src / "tokenizer.model").write_text(
-        "".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(tokens)), encoding="utf-8")
+        "".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(tokens)), encoding="utf-8"
+    )
     write_raising_remote_code(src)
     tok = open_checkpoint(str(src)).load_tokenizer()
     gmask, sop = len(tokens) + 2, len(tokens) + 4
@@ -581,8 +666,7 @@ def test_unknown_role_and_policy_are_refused(glm3_tok):
     with pytest.raises(FamtuneError, match="role 'bot'"):
         fam.encode(glm3_tok, [{"role": "bot", "content": "x"}], "all_assistant")
     with pytest.raises(FamtuneError, match="unknown masking policy 'glm4_official'"):
-        fam.encode(glm3_tok, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
-                   "glm4_official")
+        fam.encode(glm3_tok, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "glm4_official")
 
 
 def test_source_directory_is_never_written(tmp_path):

@@ -1,4 +1,5 @@
 """What a user sees from the command line: recipes, overrides, data checks and bad input."""
+
 from __future__ import annotations
 
 import json
@@ -6,14 +7,19 @@ import json
 import pytest
 
 from conftest import famtune_cli
-
 from famtune.errors import FamtuneError
 from famtune.recipe import load_recipe, parse_overrides
 
 GOOD = [
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who are you?"},
-                  {"role": "assistant", "content": "I am FamBot."}, {"role": "user", "content": "And?"},
-                  {"role": "assistant", "content": "Nothing else."}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Who are you?"},
+            {"role": "assistant", "content": "I am FamBot."},
+            {"role": "user", "content": "And?"},
+            {"role": "assistant", "content": "Nothing else."},
+        ]
+    },
     {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
 ]
 
@@ -86,10 +92,14 @@ def test_unknown_masking_policy_names_the_plugin(tiny_qwen25, tmp_path):
 
 def test_offline_hub_id_fails_clearly_and_modelscope_prefix_is_recognised(tmp_path):
     data = _jsonl(tmp_path / "d.jsonl", GOOD)
-    res = famtune_cli("data", "check", data, "--model", "NoSuchOrg/no-such-model", check=False,
-                      env={"HF_HUB_OFFLINE": "1"})
+    res = famtune_cli(
+        "data", "check", data, "--model", "NoSuchOrg/no-such-model", check=False, env={"HF_HUB_OFFLINE": "1"}
+    )
     assert res.returncode == 2
-    assert "NoSuchOrg/no-such-model: not a local directory, not in the Hugging Face cache, and HF_HUB_OFFLINE is set" in res.stderr
+    assert (
+        "NoSuchOrg/no-such-model: not a local directory, not in the Hugging Face cache, and HF_HUB_OFFLINE is set"
+        in res.stderr
+    )
     assert len(res.stderr.strip().splitlines()) == 1
     res = famtune_cli("data", "check", data, "--model", str(tmp_path / "missing"), check=False)
     assert "no such model directory" in res.stderr

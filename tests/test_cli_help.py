@@ -1,5 +1,6 @@
 """The CLI explains itself: every option has help and shows its default, `train --help` lists the
 recipe keys, and `famtune env` reports versions, device and known-bad combinations."""
+
 from __future__ import annotations
 
 import argparse
@@ -74,8 +75,10 @@ def _env(**changes):
 def test_known_bad_combinations_are_warned_about():
     env = collect_env()
     assert known_problems(env) == [] or all("outside" not in p for p in known_problems(env))
-    gpu_cpu_bnb = _env(device={"cuda_available": True, "torch_cuda": "12.4", "bf16_supported": True},
-                       bitsandbytes={"backend": "CPU", "library": "/x/libbitsandbytes_cpu.so"})
+    gpu_cpu_bnb = _env(
+        device={"cuda_available": True, "torch_cuda": "12.4", "bf16_supported": True},
+        bitsandbytes={"backend": "CPU", "library": "/x/libbitsandbytes_cpu.so"},
+    )
     assert any("CUDA is available but bitsandbytes loaded its CPU library" in p for p in known_problems(gpu_cpu_bnb))
     old_peft = _env(libraries={"peft": "0.10.0"})
     assert any(p.startswith("peft 0.10.0 is outside what famtune requires (>=") for p in known_problems(old_peft))

@@ -1,5 +1,6 @@
 """``famtune compare``: two families side by side, a broken model that fails alone, and a re-run
 that skips what already finished. Tiny models built by the family plugins; a few steps each."""
+
 from __future__ import annotations
 
 import base64
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import famtune_cli
 
+from conftest import famtune_cli
 from famtune.demo import DEMO_DIR
 
 MODELS = ["tiny:qwen2.5", "tiny:internlm2"]
@@ -25,20 +26,37 @@ def comparison(tmp_path_factory):
     broken.mkdir()
     (broken / "config.json").write_text(json.dumps({"model_type": "nobody-claims-this"}), encoding="utf-8")
     recipe = work / "compare.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "models": [*MODELS, str(broken)], "data": str(DEMO_DIR / "identity.jsonl"), "eval_split": 0.15,
-        "quantization": "nf4", "compute_dtype": "fp32", "max_length": 128, "lora_r": 8, "lora_alpha": 16,
-        "lora_targets": "all-linear", "learning_rate": 0.01, "batch_size": 6, "max_steps": 3, "logging_steps": 1,
-        "evaluation_inputs": PROMPTS, "max_new_tokens": 6, "progress": False, "gradient_checkpointing": False,
-    }), encoding="utf-8")
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "models": [*MODELS, str(broken)],
+                "data": str(DEMO_DIR / "identity.jsonl"),
+                "eval_split": 0.15,
+                "quantization": "nf4",
+                "compute_dtype": "fp32",
+                "max_length": 128,
+                "lora_r": 8,
+                "lora_alpha": 16,
+                "lora_targets": "all-linear",
+                "learning_rate": 0.01,
+                "batch_size": 6,
+                "max_steps": 3,
+                "logging_steps": 1,
+                "evaluation_inputs": PROMPTS,
+                "max_new_tokens": 6,
+                "progress": False,
+                "gradient_checkpointing": False,
+            }
+        ),
+        encoding="utf-8",
+    )
     out = work / "out"
     env = {"FAMTUNE_CACHE": str(work / "cache")}
     first = famtune_cli("compare", recipe, "--output", out, check=False, env=env)
     summaries = {m: (out / f"tiny-{m.split(':')[1]}" / "summary.json") for m in MODELS}
     mtimes = {m: p.stat().st_mtime_ns for m, p in summaries.items() if p.exists()}
     second = famtune_cli("compare", recipe, "--output", out, check=False, env=env)
-    return {"out": out, "first": first, "second": second, "summaries": summaries, "mtimes": mtimes,
-            "broken": broken}
+    return {"out": out, "first": first, "second": second, "summaries": summaries, "mtimes": mtimes, "broken": broken}
 
 
 def results(comparison) -> dict:
@@ -131,8 +149,10 @@ def test_built_in_comparison_models_load_like_real_checkpoints(tmp_path, monkeyp
     monkeypatch.setenv("FAMTUNE_CACHE", str(tmp_path / "cache"))
     recipe = yaml.safe_load(DEMO_RECIPE.read_text(encoding="utf-8"))
     corpus = tiny_corpus({"data": str(DEMO_DIR / recipe["data"]), "evaluation_inputs": recipe["evaluation_inputs"]})
-    messages = [{"role": "user", "content": "Who are you?"},
-                {"role": "assistant", "content": "I am FamBot, an AI assistant fine-tuned with famtune."}]
+    messages = [
+        {"role": "user", "content": "Who are you?"},
+        {"role": "assistant", "content": "I am FamBot, an AI assistant fine-tuned with famtune."},
+    ]
     families = [spec.removeprefix("tiny:") for spec in recipe["models"]]
     from famtune.plugins import get_plugins
 

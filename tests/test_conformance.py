@@ -1,4 +1,5 @@
 """The conformance suite against the built-in plugins: every family with a tiny checkpoint passes."""
+
 from __future__ import annotations
 
 import pytest
@@ -28,8 +29,9 @@ def test_builtin_plugin_passes(plugin, tmp_path):
         assert list(results) == CHECKS, family
         assert all(status == "pass" for check, (status, _) in results.items() if check != "packing"), family
         declared = Family(plugins, plugin, family).supports_packing()
-        assert results["packing"] == (("pass", results["packing"][1]) if declared
-                                      else ("skipped", "packing: not declared")), family
+        assert results["packing"] == (
+            ("pass", results["packing"][1]) if declared else ("skipped", "packing: not declared")
+        ), family
     assert checked >= 1
 
 
@@ -47,9 +49,9 @@ def test_packing_check_fails_a_family_whose_packed_samples_mix(tmp_path, monkeyp
     check must fail it (the logits of every sample after the first in a row change)."""
     import types
 
-    import famtune
     from transformers import LlamaForCausalLM
 
+    import famtune
     from famtune.demo import demo_corpus
     from famtune.plugins import PluginSet
     from famtune.testing.conformance import _State

@@ -1,4 +1,5 @@
 """famtune.data: four dataset formats, JSON and JSONL, read into one normalised shape."""
+
 from __future__ import annotations
 
 import json
@@ -168,7 +169,9 @@ def test_forced_format_rejects_other_records(data_dir):
 def test_unknown_format_name_lists_the_valid_ones():
     with pytest.raises(FamtuneError) as info:
         read_conversations("does-not-matter.jsonl", fmt="csv")
-    assert str(info.value) == 'unknown data format "csv"; expected one of auto, conversation, messages, alpaca, sharegpt'
+    assert (
+        str(info.value) == 'unknown data format "csv"; expected one of auto, conversation, messages, alpaca, sharegpt'
+    )
 
 
 # --- multi-turn normalisation ---------------------------------------------------------------------
@@ -280,9 +283,7 @@ def test_chinese_and_other_unicode_round_trip(tmp_path):
 
 
 def test_chinese_values_are_quoted_unescaped_in_errors(data_dir):
-    (data_dir / "train.jsonl").write_text(
-        '{"messages": [{"role": "用户", "content": "你好"}]}\n', encoding="utf-8"
-    )
+    (data_dir / "train.jsonl").write_text('{"messages": [{"role": "用户", "content": "你好"}]}\n', encoding="utf-8")
     assert read_error("data/train.jsonl") == (
         'data/train.jsonl:1: message 1 has role "用户"; expected one of system, user, assistant'
     )

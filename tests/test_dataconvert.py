@@ -1,5 +1,6 @@
 """famtune data convert: real spreadsheets (openpyxl, pandas) into JSONL famtune reads, with every
 blank, skipped or non-text cell reported and bad rows named FILE:ROW."""
+
 from __future__ import annotations
 
 import datetime
@@ -29,19 +30,26 @@ def _jsonl(path):
 
 
 def test_xlsx_to_messages_through_the_cli(tmp_path):
-    src = _xlsx(tmp_path / "qa.xlsx", [
-        ["问题", "回答", "备注"],
-        ["你是谁？", "我是小助手。", "x"],
-        ["1+1等于几？", 2, None],  # a numeric answer cell
-        [None, None, None],  # a blank row in the middle
-        ["What day?", datetime.datetime(2026, 12, 6), None],
-    ])
+    src = _xlsx(
+        tmp_path / "qa.xlsx",
+        [
+            ["问题", "回答", "备注"],
+            ["你是谁？", "我是小助手。", "x"],
+            ["1+1等于几？", 2, None],  # a numeric answer cell
+            [None, None, None],  # a blank row in the middle
+            ["What day?", datetime.datetime(2026, 12, 6), None],
+        ],
+    )
     out = tmp_path / "out.jsonl"
     res = famtune_cli("data", "convert", src, out, "--system", "你是一个乐于助人的助手。")
     records = _jsonl(out)
-    assert records[0] == {"messages": [{"role": "system", "content": "你是一个乐于助人的助手。"},
-                                       {"role": "user", "content": "你是谁？"},
-                                       {"role": "assistant", "content": "我是小助手。"}]}
+    assert records[0] == {
+        "messages": [
+            {"role": "system", "content": "你是一个乐于助人的助手。"},
+            {"role": "user", "content": "你是谁？"},
+            {"role": "assistant", "content": "我是小助手。"},
+        ]
+    }
     assert records[1]["messages"][2]["content"] == "2"
     assert records[2]["messages"][2]["content"] == "2026-12-06T00:00:00"
     assert len(records) == 3
@@ -55,8 +63,9 @@ def test_empty_answer_is_a_file_row_error_or_skipped_and_counted(tmp_path):
     src = _xlsx(tmp_path / "qa.xlsx", [["question", "answer"], ["q1", "a1"], ["q2", "  "], ["q3", "a3"]])
     res = famtune_cli("data", "convert", src, tmp_path / "o.jsonl", check=False)
     assert res.returncode == 2
-    assert res.stderr.strip() == (f"famtune: error: {src}:3: the answer cell (column 'answer') is empty; "
-                                  "fill it in or pass --skip-bad-rows")
+    assert res.stderr.strip() == (
+        f"famtune: error: {src}:3: the answer cell (column 'answer') is empty; fill it in or pass --skip-bad-rows"
+    )
     report = convert_file(str(src), str(tmp_path / "o.jsonl"), skip_bad_rows=True)
     assert report.written == 2 and report.skipped == [(3, "the answer cell (column 'answer') is empty")]
     assert any("1 rows skipped" in line for line in report.lines())
@@ -78,17 +87,22 @@ def test_missing_column_names_the_columns(tmp_path):
 
 def test_csv_with_history_and_system_column_to_conversation(tmp_path):
     src = tmp_path / "d.csv"
-    src.write_text('instruction,output,system,history\n'
-                   'and then?,then B,be brief,"[[""first?"", ""A""]]"\n'
-                   'solo,ok,,\n', encoding="utf-8")
+    src.write_text(
+        'instruction,output,system,history\nand then?,then B,be brief,"[[""first?"", ""A""]]"\nsolo,ok,,\n',
+        encoding="utf-8",
+    )
     out = tmp_path / "d.jsonl"
     convert_file(str(src), str(out), fmt="conversation", columns=ColumnMap(history="history"))
     records = _jsonl(out)
-    assert records[0] == {"conversation": [{"system": "be brief", "input": "first?", "output": "A"},
-                                           {"input": "and then?", "output": "then B"}]}
+    assert records[0] == {
+        "conversation": [
+            {"system": "be brief", "input": "first?", "output": "A"},
+            {"input": "and then?", "output": "then B"},
+        ]
+    }
     assert records[1] == {"conversation": [{"input": "solo", "output": "ok"}]}
     assert read_conversations(str(out)).format == "conversation"
-    src.write_text('question,answer,history\nq,a,[not json\n', encoding="utf-8")
+    src.write_text("question,answer,history\nq,a,[not json\n", encoding="utf-8")
     with pytest.raises(FamtuneError, match=r"d.csv:2: the history cell \(column 'history'\) is not JSON"):
         convert_file(str(src), str(out), columns=ColumnMap(history="history"))
 
@@ -108,11 +122,14 @@ def test_tsv_and_parquet(tmp_path):
 
 def test_json_of_another_format_is_rewritten(tmp_path):
     src = tmp_path / "alpaca.json"
-    src.write_text(json.dumps([{"instruction": "say hi", "input": "", "output": "hi",
-                                "history": [["q0", "a0"]]}]), encoding="utf-8")
+    src.write_text(
+        json.dumps([{"instruction": "say hi", "input": "", "output": "hi", "history": [["q0", "a0"]]}]),
+        encoding="utf-8",
+    )
     convert_file(str(src), str(tmp_path / "m.jsonl"), fmt="conversation")
-    assert _jsonl(tmp_path / "m.jsonl") == [{"conversation": [{"input": "q0", "output": "a0"},
-                                                              {"input": "say hi", "output": "hi"}]}]
+    assert _jsonl(tmp_path / "m.jsonl") == [
+        {"conversation": [{"input": "q0", "output": "a0"}, {"input": "say hi", "output": "hi"}]}
+    ]
 
 
 def test_unknown_extension(tmp_path):
@@ -127,9 +144,12 @@ def test_without_pandas_the_error_says_what_to_install(tmp_path):
     import sys
 
     src = _xlsx(tmp_path / "qa.xlsx", [["question", "answer"], ["q", "a"]])
-    code = ("import sys; sys.modules['pandas'] = None; from famtune.cli import main; "
-            f"sys.exit(main(['data', 'convert', {str(src)!r}, {str(tmp_path / 'o.jsonl')!r}]))")
+    code = (
+        "import sys; sys.modules['pandas'] = None; from famtune.cli import main; "
+        f"sys.exit(main(['data', 'convert', {str(src)!r}, {str(tmp_path / 'o.jsonl')!r}]))"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 2
-    assert res.stderr.strip() == (f"famtune: error: {src}: reading .xlsx files needs pandas; "
-                                  "install famtune[data] (pip install 'famtune[data]')")
+    assert res.stderr.strip() == (
+        f"famtune: error: {src}: reading .xlsx files needs pandas; install famtune[data] (pip install 'famtune[data]')"
+    )

@@ -1,5 +1,6 @@
 """Data parallelism without processes: how batches are sharded over ranks, how the launcher calls
 torchrun, and the errors a wrong launch gives. The multi-process runs are in test_distributed_e2e.py."""
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,9 @@ def test_every_sample_is_trained_once_per_epoch_across_ranks(world, n, batch_siz
             shares = [g[k] for g in groups]
             assert all(len(s.units) <= batch_size for s in shares)
             # one global micro-batch is the next world x batch_size samples, in order, split by rank
-            assert [u for s in shares if s.real for u in s.units] == order[len(seen):len(seen) + sum(
-                len(s.units) for s in shares if s.real)]
+            assert [u for s in shares if s.real for u in s.units] == order[
+                len(seen) : len(seen) + sum(len(s.units) for s in shares if s.real)
+            ]
             seen += [u for s in shares if s.real for u in s.units]
             assert all(len(s.units) == 1 for s in shares if not s.real)  # a stand-in is one unlabelled unit
         steps += 1
@@ -111,7 +113,7 @@ def test_single_node_launch_uses_a_standalone_rendezvous_and_the_same_worker_com
     argv = opts.torchrun_args(worker)
     assert argv[argv.index("--nproc-per-node") + 1] == "2" and argv[argv.index("--max-restarts") + 1] == "3"
     assert "--standalone" in argv and "--master-addr" not in argv
-    assert argv[argv.index("--module"):] == ["--module", "famtune.cli", *worker]
+    assert argv[argv.index("--module") :] == ["--module", "famtune.cli", *worker]
     # torchrun itself accepts the command line famtune builds
     from torch.distributed.run import get_args_parser
 
@@ -134,13 +136,16 @@ def test_no_launch_options_means_one_process_in_this_one():
     assert launch.LaunchOptions.from_args(args) is None
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--nproc", "0"], "--nproc 0: expected at least 1"),
-    (["--nproc", "2", "--nnodes", "2"], "needs --master ADDR:PORT"),
-    (["--nproc", "2", "--nnodes", "2", "--node-rank", "2", "--master", "h:1"], "--node-rank 2: expected 0..1"),
-    (["--nproc", "2", "--master", "nohost"], "expected ADDR:PORT"),
-    (["--nproc", "2", "--max-restarts", "-1"], "--max-restarts -1"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--nproc", "0"], "--nproc 0: expected at least 1"),
+        (["--nproc", "2", "--nnodes", "2"], "needs --master ADDR:PORT"),
+        (["--nproc", "2", "--nnodes", "2", "--node-rank", "2", "--master", "h:1"], "--node-rank 2: expected 0..1"),
+        (["--nproc", "2", "--master", "nohost"], "expected ADDR:PORT"),
+        (["--nproc", "2", "--max-restarts", "-1"], "--max-restarts -1"),
+    ],
+)
 def test_wrong_launch_options_are_one_line_errors(argv, message):
     args, _ = _train_args("r.yaml", *argv)
     with pytest.raises(FamtuneError, match=message.replace("(", r"\(")):
@@ -191,7 +196,8 @@ def test_cli_rejects_a_bad_launch_in_one_line(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
         "famtune: error: --nnodes 2 needs --master ADDR:PORT, the address of node 0 that every node can reach "
-        "(the same on all nodes)"]
+        "(the same on all nodes)"
+    ]
 
 
 @pytest.fixture
@@ -208,8 +214,9 @@ def restored_environ():
 def test_deepspeed_configs_are_complete_and_accepted_by_accelerates_plugin(preset, stage, restored_environ):
     from famtune import presets
 
-    config = presets.deepspeed_config(preset, batch_size=4, grad_accum=2, world=8, max_grad_norm=1.0,
-                                      compute_dtype_name="bfloat16")
+    config = presets.deepspeed_config(
+        preset, batch_size=4, grad_accum=2, world=8, max_grad_norm=1.0, compute_dtype_name="bfloat16"
+    )
     assert config["train_batch_size"] == 64 and config["zero_optimization"]["stage"] == stage
     assert config["bf16"] == {"enabled": True} and config["fp16"] == {"enabled": False}
     assert "auto" not in repr(config)  # nothing left for DeepSpeed to guess
@@ -262,11 +269,19 @@ def test_estimate_per_device_under_each_preset(tmp_path):
     from famtune.estimate import estimate_recipe, per_device
     from famtune.recipe import Recipe
 
-    config = Qwen2Config(vocab_size=1000, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    config = Qwen2Config(
+        vocab_size=1000,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
     Qwen2ForCausalLM(config).save_pretrained(tmp_path / "m")
-    recipe = dataclasses.replace(Recipe(), model=str(tmp_path / "m"), data="unused", lora_targets="all-linear",
-                                 max_length=64, batch_size=2)
+    recipe = dataclasses.replace(
+        Recipe(), model=str(tmp_path / "m"), data="unused", lora_targets="all-linear", max_length=64, batch_size=2
+    )
     one = estimate_recipe(recipe)
     assert per_device(one, "zero3", 1) is one
     est = {p: per_device(one, p, 4) for p in ("ddp", "zero2", "zero3", "fsdp")}

@@ -6,6 +6,7 @@ Every run trains the same tiny QLoRA model on 17 samples for 12 steps with a glo
 runs a stand-in batch there. The reference is one process; the tolerances are float32 summation
 order (the two ranks pad their halves of a batch to different lengths).
 """
+
 from __future__ import annotations
 
 import json
@@ -32,11 +33,30 @@ FAIL_FAST_S = 60  # a killed worker stops the whole run within this
 
 
 def _recipe(path: Path, model: Path, data: Path, out: Path, **extra) -> Path:
-    recipe = dict(model=str(model), data=str(data), eval_data=str(DEMO_DIR / "identity.jsonl"), quantization="nf4",
-                  compute_dtype="fp32", max_length=128, masking="all_assistant", lora_r=8, lora_alpha=16,
-                  lora_dropout=0.0, lora_targets="all-linear", learning_rate=0.01, warmup_ratio=0.0, batch_size=8,
-                  max_steps=STEPS, logging_steps=1, save_steps=2, eval_steps=0, evaluation_inputs=[],
-                  packing=False, progress=False, output_dir=str(out))
+    recipe = dict(
+        model=str(model),
+        data=str(data),
+        eval_data=str(DEMO_DIR / "identity.jsonl"),
+        quantization="nf4",
+        compute_dtype="fp32",
+        max_length=128,
+        masking="all_assistant",
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        lora_targets="all-linear",
+        learning_rate=0.01,
+        warmup_ratio=0.0,
+        batch_size=8,
+        max_steps=STEPS,
+        logging_steps=1,
+        save_steps=2,
+        eval_steps=0,
+        evaluation_inputs=[],
+        packing=False,
+        progress=False,
+        output_dir=str(out),
+    )
     recipe.update(extra)
     path.write_text(yaml.safe_dump(recipe, allow_unicode=True))
     return path
@@ -80,8 +100,16 @@ def one_process(setup):
 @pytest.fixture(scope="module")
 def two_processes(setup):
     work, model, data = setup
-    recipe = _recipe(work / "two.yaml", model, data, work / "two", batch_size=4, eval_steps=6,
-                     evaluation_inputs=["Who are you?"], max_new_tokens=4)
+    recipe = _recipe(
+        work / "two.yaml",
+        model,
+        data,
+        work / "two",
+        batch_size=4,
+        eval_steps=6,
+        evaluation_inputs=["Who are you?"],
+        max_new_tokens=4,
+    )
     res = famtune_cli("train", recipe, "--nproc", "2")
     return work / "two", res
 
@@ -109,15 +137,33 @@ def test_checkpoints_resume_across_process_counts(setup, one_process, two_proces
     work, model, data = setup
     two, _ = two_processes
     # Saved by 2 processes at step 4 (mid-epoch), resumed by 1 process with twice the batch.
-    res = famtune_cli("train", _recipe(work / "c.yaml", model, data, work / "two-to-one"),
-                      "--resume", two / "checkpoints" / "step-4")
+    res = famtune_cli(
+        "train", _recipe(work / "c.yaml", model, data, work / "two-to-one"), "--resume", two / "checkpoints" / "step-4"
+    )
     assert "at step 4 (epoch 1, sample 8)" in res.stdout
     _assert_same_training(work / "two-to-one", one_process, steps=range(5, STEPS + 1))
     # Saved by 1 process, resumed by 2 started with plain torchrun and `-m famtune`.
     recipe = _recipe(work / "d.yaml", model, data, work / "one-to-two", batch_size=4)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "famtune", "train", str(recipe), "--resume", str(one_process / "checkpoints" / "step-4")],
-                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "famtune",
+            "train",
+            str(recipe),
+            "--resume",
+            str(one_process / "checkpoints" / "step-4"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert res.returncode == 0, res.stderr
     assert "at step 4 (epoch 1, sample 8)" in res.stdout
     _assert_same_training(work / "one-to-two", one_process, steps=range(5, STEPS + 1))
@@ -128,8 +174,9 @@ def test_packed_two_processes_train_like_one(setup):
     runs = {}
     for nproc, batch in ((1, 2), (2, 1)):
         out = work / f"packed-{nproc}"
-        recipe = _recipe(work / f"packed-{nproc}.yaml", model, data, out, packing=True, batch_size=batch,
-                         max_steps=4, save_steps=0)
+        recipe = _recipe(
+            work / f"packed-{nproc}.yaml", model, data, out, packing=True, batch_size=batch, max_steps=4, save_steps=0
+        )
         runs[nproc] = famtune_cli("train", recipe, *(["--nproc", "2"] if nproc == 2 else []))
         assert "packing: 17 samples into" in runs[nproc].stdout
     _assert_same_training(work / "packed-2", work / "packed-1", steps=range(1, 5))
@@ -163,8 +210,12 @@ def _kill_rank_after_checkpoint(launcher: subprocess.Popen, out: Path, rank: int
 
 
 def _launch(recipe: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "famtune.cli", "train", str(recipe), "--nproc", "2", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "famtune.cli", "train", str(recipe), "--nproc", "2", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_a_killed_worker_fails_the_run_fast_and_resume_continues(setup, one_process):
@@ -178,10 +229,13 @@ def test_a_killed_worker_fails_the_run_fast_and_resume_continues(setup, one_proc
     assert time.time() - killed_at < FAIL_FAST_S
     assert launcher.returncode == 2
     last = err.strip().splitlines()[-1]  # one line, naming the killed rank first
-    assert last.startswith("famtune: error: worker rank 1 failed (signal SIGKILL)") and "all workers were stopped" in last
+    assert (
+        last.startswith("famtune: error: worker rank 1 failed (signal SIGKILL)") and "all workers were stopped" in last
+    )
     assert "continue with: famtune train RECIPE --nproc 2 --resume" in err
-    saved = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*")
-                   if (p / "trainer_state.json").exists())
+    saved = sorted(
+        int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*") if (p / "trainer_state.json").exists()
+    )
     assert saved and saved[-1] < STEPS
     res = famtune_cli("train", recipe, "--nproc", "2", "--resume")
     assert f"resumed from {out / 'checkpoints' / f'step-{saved[-1]}'} at step {saved[-1]} " in res.stdout
@@ -209,9 +263,29 @@ def test_two_nodes_on_localhost_train_like_one_process(setup, one_process):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    nodes = [subprocess.Popen([sys.executable, "-m", "famtune.cli", "train", str(recipe), "--nproc", "1",
-                               "--nnodes", "2", "--node-rank", str(rank), "--master", f"127.0.0.1:{port}"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "famtune.cli",
+                "train",
+                str(recipe),
+                "--nproc",
+                "1",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--master",
+                f"127.0.0.1:{port}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     results = [node.communicate(timeout=600) for node in nodes]
     assert [n.returncode for n in nodes] == [0, 0], results
     assert "done: 12 steps" in results[0][0] and "done:" not in results[1][0]
@@ -222,18 +296,36 @@ def test_fsdp_preset_trains_lora_on_a_full_precision_base_like_one_process(setup
     work, model, data = setup
     settings = dict(quantization="none", max_steps=4, save_steps=0)
     famtune_cli("train", _recipe(work / "fsdp-ref.yaml", model, data, work / "fsdp-ref", **settings))
-    res = famtune_cli("train", _recipe(work / "fsdp.yaml", model, data, work / "fsdp", batch_size=4,
-                                       distributed="fsdp", **settings), "--nproc", "2")
+    res = famtune_cli(
+        "train",
+        _recipe(work / "fsdp.yaml", model, data, work / "fsdp", batch_size=4, distributed="fsdp", **settings),
+        "--nproc",
+        "2",
+    )
     assert "distributed: 2 processes x batch 4 (FSDP, fsdp, cpu)" in res.stdout
     _assert_same_training(work / "fsdp", work / "fsdp-ref", steps=range(1, 5))
 
 
 def test_compare_trains_each_model_in_several_processes(tmp_path):
     recipe = tmp_path / "compare.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "models": ["tiny:qwen2.5"], "data": str(DEMO_DIR / "identity.jsonl"), "quantization": "nf4",
-        "compute_dtype": "fp32", "max_length": 128, "lora_r": 8, "lora_alpha": 16, "batch_size": 2,
-        "max_steps": 2, "evaluation_inputs": [], "progress": False}), encoding="utf-8")
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "models": ["tiny:qwen2.5"],
+                "data": str(DEMO_DIR / "identity.jsonl"),
+                "quantization": "nf4",
+                "compute_dtype": "fp32",
+                "max_length": 128,
+                "lora_r": 8,
+                "lora_alpha": 16,
+                "batch_size": 2,
+                "max_steps": 2,
+                "evaluation_inputs": [],
+                "progress": False,
+            }
+        ),
+        encoding="utf-8",
+    )
     out = tmp_path / "out"
     famtune_cli("compare", recipe, "--output", out, "--nproc", "2", env={"FAMTUNE_CACHE": str(tmp_path / "cache")})
     summary = json.loads((out / "tiny-qwen2.5" / "summary.json").read_text())

@@ -1,4 +1,5 @@
 """docs/: the hook reference matches the hookspecs exactly; the user and author docs stay apart."""
+
 from __future__ import annotations
 
 import ast
@@ -42,8 +43,10 @@ def _documented_signature(name: str, section: str) -> tuple[list[tuple[str, str 
 
 def _code_signature(fn) -> tuple[list[tuple[str, str | None]], str | None]:
     sig = inspect.signature(fn)
-    params = [(p.name, _norm(p.annotation) if p.annotation is not inspect.Parameter.empty else None)
-              for p in sig.parameters.values()]
+    params = [
+        (p.name, _norm(p.annotation) if p.annotation is not inspect.Parameter.empty else None)
+        for p in sig.parameters.values()
+    ]
     ret = sig.return_annotation
     return params, _norm(ret) if ret is not inspect.Signature.empty else None
 
@@ -81,8 +84,12 @@ def test_user_and_author_docs_are_apart_and_linked():
         assert topic in users, topic
     assert "@famtune.hookimpl" not in users  # writing plugins is the author docs' job
     tutorial = (DOCS / "authors" / "tutorial.md").read_text(encoding="utf-8")
-    for step in ("famtune plugin new", "famtune plugins check", 'pytest_plugins = ["famtune.testing"]',
-                 "examples/famtune-llama3"):
+    for step in (
+        "famtune plugin new",
+        "famtune plugins check",
+        'pytest_plugins = ["famtune.testing"]',
+        "examples/famtune-llama3",
+    ):
         assert step in tutorial, step
     readme = (DOCS.parent / "README.md").read_text(encoding="utf-8")
     assert "docs/" in readme

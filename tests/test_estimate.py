@@ -1,4 +1,5 @@
 """famtune estimate: the predicted peak matches measured peak tensor memory of real QLoRA steps."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,23 +25,41 @@ def qwen2_dir(path, hidden, inter, layers, vocab):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256),
-                         tie_word_embeddings=False)
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=max(1, hidden // 256),
+        tie_word_embeddings=False,
+    )
     Qwen2ForCausalLM(config).save_pretrained(path)
     return path
 
 
 # Three sizes: the loss peak dominates the first, one recomputed layer the second, the third is mixed.
-@pytest.mark.parametrize("hidden, inter, layers, vocab, batch, seq", [
-    (128, 344, 2, 3000, 2, 64),
-    (512, 1536, 2, 256, 2, 64),
-    (256, 704, 3, 1000, 1, 128),
-])
+@pytest.mark.parametrize(
+    "hidden, inter, layers, vocab, batch, seq",
+    [
+        (128, 344, 2, 3000, 2, 64),
+        (512, 1536, 2, 256, 2, 64),
+        (256, 704, 3, 1000, 1, 128),
+    ],
+)
 def test_estimate_is_within_bound_of_measured_peak(tmp_path, hidden, inter, layers, vocab, batch, seq):
     model = qwen2_dir(tmp_path / "m", hidden, inter, layers, vocab)
-    recipe = dataclasses.replace(Recipe(), model=str(model), data="unused", compute_dtype="fp32", lora_r=16,
-                                 lora_alpha=32, lora_targets="all-linear", max_length=seq, batch_size=batch)
+    recipe = dataclasses.replace(
+        Recipe(),
+        model=str(model),
+        data="unused",
+        compute_dtype="fp32",
+        lora_r=16,
+        lora_alpha=32,
+        lora_targets="all-linear",
+        max_length=seq,
+        batch_size=batch,
+    )
     est = estimate_recipe(recipe)
     measured = measure_cpu_peak(str(model), seq_len=seq, batch=batch)
     assert abs(est.weights + est.lora + est.optimizer - measured["static"]) <= 0.05 * measured["static"]
@@ -62,4 +81,4 @@ def test_cli_prints_the_breakdown_and_judges_the_budget(tmp_path):
 def test_bad_budget_is_a_one_line_error():
     with pytest.raises(FamtuneError, match="'lots'"):
         parse_size("lots")
-    assert parse_size("8GB") == parse_size("8GiB") == 8 * 1024 ** 3 and parse_size("500MB") == 500 * 1024 ** 2
+    assert parse_size("8GB") == parse_size("8GiB") == 8 * 1024**3 and parse_size("500MB") == 500 * 1024**2

@@ -6,6 +6,7 @@ the training run (base at step 0, adapter at the end), the ``famtune compare`` r
 The model is trained for real (``famtune compare`` → ``famtune train``) on the bundled training
 split with every answer replaced by the forced letter, in the chat format eval asks in; a wrong
 template, prompt or score would not land on that exact figure."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,12 +37,30 @@ def forced(tmp_path_factory):
     data = work / "always_d.jsonl"
     data.write_text("".join(json.dumps(c) + "\n" for c in mcq_conversations(train)), encoding="utf-8")
     recipe = work / "forced.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "models": ["tiny:qwen2.5"], "data": str(data), "eval": {"data": str(TEST), "task": "mcq", "batch_size": 16},
-        "quantization": "nf4", "compute_dtype": "fp32", "max_length": 192, "lora_r": 8, "lora_alpha": 16,
-        "lora_dropout": 0.0, "lora_targets": "all-linear", "learning_rate": 0.01, "batch_size": 8, "max_steps": 20,
-        "warmup_ratio": 0.0, "gradient_checkpointing": False, "progress": False, "logging_steps": 5,
-    }), encoding="utf-8")
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "models": ["tiny:qwen2.5"],
+                "data": str(data),
+                "eval": {"data": str(TEST), "task": "mcq", "batch_size": 16},
+                "quantization": "nf4",
+                "compute_dtype": "fp32",
+                "max_length": 192,
+                "lora_r": 8,
+                "lora_alpha": 16,
+                "lora_dropout": 0.0,
+                "lora_targets": "all-linear",
+                "learning_rate": 0.01,
+                "batch_size": 8,
+                "max_steps": 20,
+                "warmup_ratio": 0.0,
+                "gradient_checkpointing": False,
+                "progress": False,
+                "logging_steps": 5,
+            }
+        ),
+        encoding="utf-8",
+    )
     out = work / "out"
     res = famtune_cli("compare", recipe, "--output", out, env={"FAMTUNE_CACHE": str(work / "cache"), **ONE_THREAD})
     return {"out": out, "run": out / "tiny-qwen2.5", "base": out / "tiny-bases" / "qwen2.5", "log": res.stdout}
@@ -87,8 +106,22 @@ def test_compare_report_shows_base_to_tuned_with_delta_and_the_changed_answers(f
 def test_famtune_eval_on_the_adapter_reproduces_the_training_figures(forced, tmp_path, capsys, one_torch_thread):
     from famtune.cli import main
 
-    assert main(["eval", str(forced["base"]), "--adapter", str(forced["run"]), "--data", str(TEST),
-                 "--output", str(tmp_path), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(forced["base"]),
+                "--adapter",
+                str(forced["run"]),
+                "--data",
+                str(TEST),
+                "--output",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     res = capsys.readouterr()
     result = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
     assert _share(result["loglikelihood"]) == SHARE and _share(result["generation"]) == SHARE
@@ -116,21 +149,37 @@ metric_list:
 """
 
 
-def test_lm_eval_harness_scores_the_adapter_in_the_family_chat_format(forced, tmp_path, monkeypatch,
-                                                                      one_torch_thread):
+def test_lm_eval_harness_scores_the_adapter_in_the_family_chat_format(forced, tmp_path, monkeypatch, one_torch_thread):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "famtune_tiny_mcq.yaml").write_text(TASK_YAML.format(data=TEST), encoding="utf-8")
     out = tmp_path / "lm-eval-out"
-    for name, value in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-                        "HF_DATASETS_CACHE": str(tmp_path / "ds")}.items():
+    for name, value in {
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(tmp_path / "ds"),
+    }.items():
         monkeypatch.setenv(name, value)
     from famtune.evaluate.harness import main
 
     # lm-eval's own command line, in this process, with the famtune model registered
-    main(["run", "--model", "famtune", "--model_args", f"pretrained={forced['base']},adapter={forced['run']}",
-          "--tasks", "famtune_tiny_mcq", "--include_path", str(tasks), "--output_path", str(out),
-          "--batch_size", "16"])
+    main(
+        [
+            "run",
+            "--model",
+            "famtune",
+            "--model_args",
+            f"pretrained={forced['base']},adapter={forced['run']}",
+            "--tasks",
+            "famtune_tiny_mcq",
+            "--include_path",
+            str(tasks),
+            "--output_path",
+            str(out),
+            "--batch_size",
+            "16",
+        ]
+    )
     found = list(out.rglob("results_*.json"))
     assert found, list(out.rglob("*"))
     acc = json.loads(found[0].read_text(encoding="utf-8"))["results"]["famtune_tiny_mcq"]["acc,none"]

@@ -1,5 +1,6 @@
 """The out-of-tree example plugin (examples/famtune-llama3): pip-installed offline from a wheel into a
 fresh target directory, discovered, conformant, and used for a QLoRA run, all through the CLI."""
+
 from __future__ import annotations
 
 import ast
@@ -16,15 +17,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "famtune-llama3"
 # The modules docs/authors/hooks.md lists as famtune's public plugin API.
-PUBLIC_API = {"famtune", "famtune.family", "famtune.chatformat", "famtune.convert", "famtune.encoding",
-              "famtune.types", "famtune.tiny"}
+PUBLIC_API = {
+    "famtune",
+    "famtune.family",
+    "famtune.chatformat",
+    "famtune.convert",
+    "famtune.encoding",
+    "famtune.types",
+    "famtune.tiny",
+}
 
 
 def _famtune(target: Path, *args: str):
     env = {k: v for k, v in os.environ.items() if k != "FAMTUNE_LOAD_PLUGINS"}
     env["PYTHONPATH"] = str(target)  # entry points are discovered from sys.path
-    return subprocess.run([sys.executable, "-m", "famtune.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "famtune.cli", *map(str, args)], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +42,39 @@ def site(tmp_path_factory) -> Path:
     src = root / "src"
     # Built from a copy so the build leaves nothing in the source tree.
     shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(root / "wheels"), str(src)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(root / "wheels"),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+    )
     [wheel] = (root / "wheels").glob("famtune_llama3-0.1.0-*.whl")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target",
-                    str(root / "site"), str(wheel)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            "--target",
+            str(root / "site"),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return root / "site"
 
 
@@ -65,21 +102,32 @@ def test_passes_famtune_plugins_check(checked):
     report = json.loads(res.stdout)
     assert (report["plugin"], report["distribution"], report["ok"]) == ("llama3", "famtune-llama3", True)
     assert [(r["check"], r["status"]) for r in report["results"]] == [
-        ("claim", "pass"), ("template", "pass"), ("supervision", "pass"), ("stop ids", "pass"), ("targets", "pass"),
-        ("qlora step", "pass"), ("merge", "pass"), ("packing", "pass")]
+        ("claim", "pass"),
+        ("template", "pass"),
+        ("supervision", "pass"),
+        ("stop ids", "pass"),
+        ("targets", "pass"),
+        ("qlora step", "pass"),
+        ("merge", "pass"),
+        ("packing", "pass"),
+    ]
 
 
 def test_qlora_run_with_the_example(site, checked, tmp_path):
     _, work = checked
     tiny = work / "llama3" / "tiny"
     data = tmp_path / "data.jsonl"
-    rows = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-            for q, a in [("Who are you?", "A tiny Llama."), ("What is 2 + 3?", "5."), ("Name a colour.", "Blue.")]]
+    rows = [
+        [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        for q, a in [("Who are you?", "A tiny Llama."), ("What is 2 + 3?", "5."), ("Name a colour.", "Blue.")]
+    ]
     data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"model: {tiny}\ndata: {data}\noutput_dir: {tmp_path / 'out'}\nquantization: nf4\n"
-                      "compute_dtype: fp32\nmax_steps: 3\nbatch_size: 3\nlearning_rate: 0.01\nlora_r: 4\n"
-                      "gradient_checkpointing: false\nprogress: false\n")
+    recipe.write_text(
+        f"model: {tiny}\ndata: {data}\noutput_dir: {tmp_path / 'out'}\nquantization: nf4\n"
+        "compute_dtype: fp32\nmax_steps: 3\nbatch_size: 3\nlearning_rate: 0.01\nlora_r: 4\n"
+        "gradient_checkpointing: false\nprogress: false\n"
+    )
     res = _famtune(site, "train", recipe)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

@@ -1,5 +1,6 @@
 """Cross-cutting hooks: a third-party plugin adds a masking policy, a data format, a model source and
 a training callback to families it does not touch, through pluggy with famtune's defaults trylast."""
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ from famtune.plugins import PluginSet
 from famtune.types import PluginInfo
 
 # An installed plugin: a module plus the dist-info that puts it in the famtune entry-point group.
-EXTENSION = '''
+EXTENSION = """
 import os
 
 import famtune
@@ -71,7 +72,7 @@ def famtune_resolve_model_source(spec):
     if spec.startswith("shelf:"):
         return os.path.join(os.environ["SHELF"], spec.removeprefix("shelf:"))
     return None
-'''
+"""
 
 
 def install_extension(site: Path) -> Path:
@@ -87,26 +88,47 @@ def install_extension(site: Path) -> Path:
 def _famtune(site: Path, *args: str, **env: str):
     environ = {k: v for k, v in os.environ.items() if k != "FAMTUNE_LOAD_PLUGINS"}
     environ.update(PYTHONPATH=str(site), **env)
-    return subprocess.run([sys.executable, "-m", "famtune.cli", *map(str, args)], capture_output=True, text=True,
-                          env=environ, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "famtune.cli", *map(str, args)], capture_output=True, text=True, env=environ, timeout=300
+    )
 
 
 def test_extension_adds_a_masking_policy_and_a_data_format_to_an_existing_family(tmp_path, tiny_qwen25):
     site = install_extension(tmp_path / "site")
     data = tmp_path / "qa.jsonl"
-    data.write_text(json.dumps({"q": "Who are you?", "a": "A tiny model."}) + "\n"
-                    + json.dumps({"q": "Name a colour.", "a": "Blue."}) + "\n")
-    res = _famtune(site, "data", "check", data, "--model", f"shelf:{tiny_qwen25.name}", "--masking", "first_turn",
-                   SHELF=str(tiny_qwen25.parent))
+    data.write_text(
+        json.dumps({"q": "Who are you?", "a": "A tiny model."})
+        + "\n"
+        + json.dumps({"q": "Name a colour.", "a": "Blue."})
+        + "\n"
+    )
+    res = _famtune(
+        site,
+        "data",
+        "check",
+        data,
+        "--model",
+        f"shelf:{tiny_qwen25.name}",
+        "--masking",
+        "first_turn",
+        SHELF=str(tiny_qwen25.parent),
+    )
     assert res.returncode == 0, res.stderr
     # The qwen plugin was not touched, yet qwen2.5 now offers the policy and reads the format.
-    assert "family qwen2.5, masking first_turn (offered: all_assistant, last_turn, train_on_prompt, first_turn)" in res.stdout
+    assert (
+        "family qwen2.5, masking first_turn (offered: all_assistant, last_turn, train_on_prompt, first_turn)"
+        in res.stdout
+    )
     assert "[[A tiny model.<|im_end|>]]" in res.stdout
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"q": "Who are you?", "a": 3}) + "\n")
     res = _famtune(site, "data", "check", bad, "--model", str(tiny_qwen25))
     assert res.returncode != 0
-    assert res.stderr.strip().splitlines()[-1].startswith(f"famtune: error: {bad}:1: qa record: \"a\" must be the answer text")
+    assert (
+        res.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f'famtune: error: {bad}:1: qa record: "a" must be the answer text')
+    )
 
 
 def test_policy_from_another_plugin_labels_through_the_family_facade(tmp_path, tiny_qwen25):
@@ -122,8 +144,12 @@ def test_policy_from_another_plugin_labels_through_the_family_facade(tmp_path, t
         sys.modules.pop("famtune_ext", None)
     tokenizer = open_checkpoint(str(tiny_qwen25)).load_tokenizer()
     family = plugins.claim({}, "", family="qwen2.5")
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "One."},
-                {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Two."}]
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "One."},
+        {"role": "user", "content": "Again"},
+        {"role": "assistant", "content": "Two."},
+    ]
     first = family.encode(tokenizer, messages, "first_turn")
     every = family.encode(tokenizer, messages, "all_assistant")
     assert first.input_ids == every.input_ids
@@ -151,7 +177,8 @@ def test_two_plugins_registering_one_policy_are_both_disabled():
     def plugin():
         ns = types.SimpleNamespace()
         ns.famtune_register_masking_policies = famtune.hookimpl(
-            lambda register: register(MaskingPolicy("mine", lambda enc: list(enc.input_ids))))
+            lambda register: register(MaskingPolicy("mine", lambda enc: list(enc.input_ids)))
+        )
         return ns
 
     plugins = PluginSet()
@@ -181,9 +208,11 @@ def test_extension_tracks_a_training_run(tmp_path, tiny_qwen25):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"q": q, "a": a}) + "\n" for q, a in [("Hi?", "Hello."), ("Name?", "Tiny.")]))
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"model: {tiny_qwen25}\ndata: {data}\noutput_dir: {tmp_path / 'out'}\nquantization: none\n"
-                      "compute_dtype: fp32\nmax_steps: 2\nbatch_size: 2\nlora_r: 4\nlogging_steps: 1\n"
-                      "gradient_checkpointing: false\nprogress: false\nmasking: first_turn\n")
+    recipe.write_text(
+        f"model: {tiny_qwen25}\ndata: {data}\noutput_dir: {tmp_path / 'out'}\nquantization: none\n"
+        "compute_dtype: fp32\nmax_steps: 2\nbatch_size: 2\nlora_r: 4\nlogging_steps: 1\n"
+        "gradient_checkpointing: false\nprogress: false\nmasking: first_turn\n"
+    )
     tracked = tmp_path / "tracked.txt"
     res = _famtune(site, "train", recipe, TRACKED=str(tracked))
     assert res.returncode == 0, res.stderr[-3000:]

@@ -5,6 +5,7 @@ config.json with auto_map and its original weight names) but with the vocabulary
 tokenizer, whose files come from the reference fixture too. So the run exercises the plugin's
 no-remote-code loading and conversion, its real tokenizer, template, labels and stop ids.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,6 @@ import pytest
 import yaml
 
 from conftest import SHARED, famtune_cli
-
 from famtune.demo import DEMO_DIR, expected_answers
 
 REFERENCE = SHARED / "fixtures" / "reference"
@@ -66,9 +66,17 @@ def test_identity_train_merge_chat(layout, tmp_path, monkeypatch):
     base = original_layout_checkpoint(layout, tmp_path / "base")
     recipe = yaml.safe_load((DEMO_DIR / "demo.yaml").read_text())
     recipe.pop("family")
-    recipe.update(model=str(base), data=str(DEMO_DIR / "identity.jsonl"), output_dir=str(tmp_path / "out"),
-                  progress=False, evaluation_inputs=[], eval_steps=0, save_steps=0, max_steps=100,
-                  batch_size=6)
+    recipe.update(
+        model=str(base),
+        data=str(DEMO_DIR / "identity.jsonl"),
+        output_dir=str(tmp_path / "out"),
+        progress=False,
+        evaluation_inputs=[],
+        eval_steps=0,
+        save_steps=0,
+        max_steps=100,
+        batch_size=6,
+    )
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe, allow_unicode=True))
     famtune_cli("train", tmp_path / "r.yaml", env=env)
     meta = json.loads((tmp_path / "out" / "famtune.json").read_text())
@@ -81,7 +89,8 @@ def test_identity_train_merge_chat(layout, tmp_path, monkeypatch):
     assert list(session.stop_ids) == meta["stop_ids"]
     answers = expected_answers()
     for question in (ZH_Q, EN_Q):
-        res = famtune_cli("chat", tmp_path / "merged", "--prompt", question, "--greedy", "--max-new-tokens", "80",
-                          env=env)
+        res = famtune_cli(
+            "chat", tmp_path / "merged", "--prompt", question, "--greedy", "--max-new-tokens", "80", env=env
+        )
         # exactly the trained answer: generation stopped on one of the family's stop ids
         assert res.stdout.strip() == answers[question], (layout, res.stdout)

@@ -1,6 +1,7 @@
 """Fault injection on real `famtune train` processes: SIGKILL inside checkpoint writes and the final
 save, corrupted checkpoints, SIGTERM, concurrent runs, NaN losses, a full disk, a changed recipe on
 --resume. Every case ends bit-exact with an uninterrupted run, or with one line and rc != 0."""
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
-
-from faultkit import (flip_bit, has_traceback, kill_randomly_until_done, run_train, start_train, steps_logged,
-                      wait_for, write_recipe)
+from faultkit import (
+    flip_bit,
+    has_traceback,
+    kill_randomly_until_done,
+    run_train,
+    start_train,
+    steps_logged,
+    wait_for,
+    write_recipe,
+)
 
 from famtune import durable, run_state
 from famtune.demo import DEMO_DIR
@@ -39,9 +47,14 @@ def reference(tiny_qwen25, tmp_path_factory):
     second = run_train(recipe, "--overwrite")  # even --overwrite must not take a directory in use
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
-    return {"work": work, "model": tiny_qwen25, "out": work / "ref", "second": second,
-            "adapter": (work / "ref" / "adapter_model.safetensors").read_bytes(),
-            "losses": losses(work / "ref")}
+    return {
+        "work": work,
+        "model": tiny_qwen25,
+        "out": work / "ref",
+        "second": second,
+        "adapter": (work / "ref" / "adapter_model.safetensors").read_bytes(),
+        "losses": losses(work / "ref"),
+    }
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -87,8 +100,17 @@ def test_kills_inside_checkpoint_writes_and_final_save_then_corruption_resume_bi
     assert_same_as_reference(out, reference)
 
 
-@pytest.mark.parametrize("damage", ["bitflip_adapter", "truncate_optimizer", "delete_rng", "delete_manifest",
-                                    "garbage_manifest", "empty_trainer_state"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "bitflip_adapter",
+        "truncate_optimizer",
+        "delete_rng",
+        "delete_manifest",
+        "garbage_manifest",
+        "empty_trainer_state",
+    ],
+)
 def test_every_corruption_of_the_newest_checkpoint_falls_back_to_the_previous(reference, tmp_path, damage):
     out = tmp_path / "out"
     shutil.copytree(reference["out"], out)
@@ -125,7 +147,9 @@ def test_new_run_into_a_finished_run_and_changed_recipe_on_resume_are_refused(re
     data = tmp_path / "other.jsonl"
     shutil.copy(DEMO_DIR / "identity.jsonl", data)
     with data.open("a") as f:
-        f.write(json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}) + "\n")
+        f.write(
+            json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}) + "\n"
+        )
     line = one_line_error(run_train(recipe, "--resume", "--data", str(data)))
     assert "changed since step-4: data" in line
     # checkpoints of another run (another run.json) are never resumed (issue 12 item 1)
@@ -174,8 +198,7 @@ def test_a_second_signal_ends_at_once():
 
 
 def test_nan_loss_stops_with_the_step_and_samples_or_skips_the_update(reference, tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", reference["model"], tmp_path / "out", learning_rate=1e20,
-                          max_steps=3)
+    recipe = write_recipe(tmp_path / "r.yaml", reference["model"], tmp_path / "out", learning_rate=1e20, max_steps=3)
     line = one_line_error(run_train(recipe))
     assert "non-finite" in line and "identity.jsonl:" in line and "lower learning_rate" in line
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
@@ -225,7 +248,12 @@ def test_disk_full_at_a_periodic_checkpoint_is_one_line(reference, tmp_path, sma
 def test_seeded_random_kills_resume_bit_exact(reference, tmp_path):
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "r.yaml", reference["model"], out)
-    figures = kill_randomly_until_done(recipe, out, seed=int(os.environ.get("FAMTUNE_FAULT_SEED", "12")),
-                                       max_kills=int(os.environ.get("FAMTUNE_FAULT_KILLS", "2")), log=lambda _: None)
+    figures = kill_randomly_until_done(
+        recipe,
+        out,
+        seed=int(os.environ.get("FAMTUNE_FAULT_SEED", "12")),
+        max_kills=int(os.environ.get("FAMTUNE_FAULT_KILLS", "2")),
+        log=lambda _: None,
+    )
     assert figures["rc"] == 0 and figures["tracebacks"] == 0, figures
     assert_same_as_reference(out, reference)

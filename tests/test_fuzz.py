@@ -3,6 +3,7 @@ reads it or raises its own one-line error naming the file (and line) or the key;
 
 The budget is fixed and derandomized so CI runs the same examples every time; FAMTUNE_FUZZ_EXAMPLES
 raises it for a longer local run."""
+
 from __future__ import annotations
 
 import json
@@ -19,12 +20,21 @@ from famtune.recipe import Recipe, load_recipe, parse_overrides
 from famtune.validate import RULES, check_ranges
 
 EXAMPLES = int(os.environ.get("FAMTUNE_FUZZ_EXAMPLES", "150"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
-json_scalars = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False) | st.text(max_size=20)
-json_values = st.recursive(json_scalars, lambda kids: st.lists(kids, max_size=4)
-                           | st.dictionaries(st.text(max_size=10), kids, max_size=4), max_leaves=12)
+json_scalars = (
+    st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.floats(allow_nan=False) | st.text(max_size=20)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
+    max_leaves=12,
+)
 ROLES = st.sampled_from(["system", "user", "assistant", "bot", "human", "gpt", "", "USER"])
 TEXT = st.text(max_size=12) | st.integers() | st.none() | st.lists(st.text(max_size=3), max_size=2)
 message = st.fixed_dictionaries({}, optional={"role": ROLES, "content": TEXT, "from": ROLES, "value": TEXT})
@@ -32,11 +42,17 @@ turn = st.fixed_dictionaries({}, optional={"system": TEXT, "input": TEXT, "outpu
 # Records close to the four formats, so the fuzzer reaches past format detection into each normaliser.
 records = st.one_of(
     st.fixed_dictionaries({"messages": st.lists(message, max_size=4) | json_values}),
-    st.fixed_dictionaries({"conversations": st.lists(message, max_size=4) | json_values},
-                          optional={"system": TEXT}),
+    st.fixed_dictionaries({"conversations": st.lists(message, max_size=4) | json_values}, optional={"system": TEXT}),
     st.fixed_dictionaries({"conversation": st.lists(turn, max_size=3) | json_values}),
-    st.fixed_dictionaries({"instruction": TEXT}, optional={"input": TEXT, "output": TEXT, "system": TEXT,
-                                                            "history": json_values | st.lists(st.lists(TEXT, max_size=3), max_size=2)}),
+    st.fixed_dictionaries(
+        {"instruction": TEXT},
+        optional={
+            "input": TEXT,
+            "output": TEXT,
+            "system": TEXT,
+            "history": json_values | st.lists(st.lists(TEXT, max_size=3), max_size=2),
+        },
+    ),
     json_values,
 )
 
@@ -58,8 +74,9 @@ def _read(payload: bytes, suffix: str, skip: bool) -> None:
             raise AssertionError(f"data error without the file name: {exc}") from None
         for conv in report.conversations:
             assert conv.source == path and conv.line >= 1
-            assert all(isinstance(m["content"], str) and m["role"] in ("system", "user", "assistant")
-                       for m in conv.messages)
+            assert all(
+                isinstance(m["content"], str) and m["role"] in ("system", "user", "assistant") for m in conv.messages
+            )
 
 
 @FUZZ
@@ -88,8 +105,14 @@ def test_damaged_jsonl_is_read_or_refused_with_file_and_line(rows, cut, junk):
     _read(payload[:cut] + junk + payload[cut:], ".jsonl", False)
 
 
-recipe_values = (st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats() | st.text(max_size=8)
-                 | st.lists(st.text(max_size=5) | st.integers(), max_size=3))
+recipe_values = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**40), 2**40)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.lists(st.text(max_size=5) | st.integers(), max_size=3)
+)
 recipe_keys = st.sampled_from(sorted(Recipe.keys())) | st.text(max_size=12)
 
 

@@ -3,6 +3,7 @@
 Model parity uses the tiny original-layout checkpoint; chat and tokenizer parity use the real
 tokenizer files and the ids the original tokenizer and chat code produced.
 """
+
 from __future__ import annotations
 
 import json
@@ -80,6 +81,7 @@ def supervised_runs(enc) -> list[list[int]]:
 
 # -- claim ----------------------------------------------------------------------------------------
 
+
 def test_original_checkpoint_is_claimed_by_this_plugin(family):
     assert family.name == "internlm2"
     assert family.describe()["distribution"] == "famtune-internlm2"
@@ -105,6 +107,7 @@ def test_claim_only_internlm2_and_its_marked_native_layout(config, expected):
 
 
 # -- model parity ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("seq", SEQUENCES, ids=lambda s: f"seq{s['index']}")
 def test_logits_match_original_code(model, seq, record_property):
@@ -140,8 +143,12 @@ def test_no_remote_code_runs_and_source_stays_untouched(tmp_path, monkeypatch):
     shutil.copytree(TINY, src)
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(TOKENIZER_DIR / name, src / name)
-    for module in ("modeling_internlm2", "configuration_internlm2", "tokenization_internlm2",
-                   "tokenization_internlm2_fast"):
+    for module in (
+        "modeling_internlm2",
+        "configuration_internlm2",
+        "tokenization_internlm2",
+        "tokenization_internlm2_fast",
+    ):
         (src / f"{module}.py").write_text(f"raise RuntimeError('remote code {module} was imported')\n")
     before = sorted(p.name for p in src.iterdir())
     monkeypatch.setenv("FAMTUNE_CACHE", str(tmp_path / "cache"))
@@ -185,6 +192,7 @@ def test_lora_targets_are_native_names_and_never_the_head(family, model):
 
 # -- conversion -----------------------------------------------------------------------------------
 
+
 def test_round_trip_original_native_original_is_bit_exact(family, model, tmp_path):
     native_dir = tmp_path / "native"
     model.save_pretrained(native_dir)
@@ -211,7 +219,7 @@ def test_sharded_checkpoints_convert_both_ways(family, model, tmp_path, monkeypa
     src.mkdir()
     keys = sorted(original)
     weight_map = {}
-    for n, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:]), 1):
+    for n, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :]), 1):
         name = f"model-0000{n}-of-00002.safetensors"
         save_file({k: original[k] for k in part}, str(src / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in part})
@@ -255,9 +263,10 @@ def test_wqkv_is_split_per_kv_group(with_bias):
     tensor = wqkv[:, 0] if with_bias else wqkv
     q, k, v = convert.split_wqkv(tensor, config)
     for j in range(heads):
-        block = q[j * head_dim:(j + 1) * head_dim]
+        block = q[j * head_dim : (j + 1) * head_dim]
         assert block.reshape(head_dim, -1)[:, 0].floor().tolist() == [
-            (j // groups) * 1000 + (j % groups) * 100 + r for r in range(head_dim)]
+            (j // groups) * 1000 + (j % groups) * 100 + r for r in range(head_dim)
+        ]
     for h in range(kv_heads):
         assert k[h * head_dim].reshape(-1)[0].floor().item() == h * 1000 + groups * 100
         assert v[h * head_dim].reshape(-1)[0].floor().item() == h * 1000 + (groups + 1) * 100
@@ -285,6 +294,7 @@ def test_dynamic_rope_scaling_maps_to_llama_dynamic():
 
 # -- tokenizer ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", sorted(CHAT_IDS["plain_strings"]))
 def test_plain_strings_match_original_tokenizer(tokenizer, name):
     case = CHAT_IDS["plain_strings"][name]
@@ -304,12 +314,15 @@ def test_special_token_ids(tokenizer):
     assert len(tokenizer) == 92544
 
 
-@pytest.mark.parametrize("text", [
-    "ＥＦ ａｂｃ —— …… full-width and user-defined pieces",
-    "[UNUSED_TOKEN_3] and [UNUSED_TOKEN_146] are whole pieces",
-    "nul\x00byte, tabs\t\t, spaces    and\n\n\nnewlines ",
-    " leading space, 中文，标点。😀👍🏽 ❤️‍🔥",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "ＥＦ ａｂｃ —— …… full-width and user-defined pieces",
+        "[UNUSED_TOKEN_3] and [UNUSED_TOKEN_146] are whole pieces",
+        "nul\x00byte, tabs\t\t, spaces    and\n\n\nnewlines ",
+        " leading space, 中文，标点。😀👍🏽 ❤️‍🔥",
+    ],
+)
 def test_text_segments_match_sentencepiece(tokenizer, text):
     import sentencepiece
 
@@ -318,6 +331,7 @@ def test_text_segments_match_sentencepiece(tokenizer, text):
 
 
 # -- chat format ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", sorted(CHAT_IDS["conversations"]))
 def test_conversations_match_original_chat_code(family, tokenizer, name):
@@ -339,12 +353,18 @@ def test_chat_template_is_the_published_one(family):
 
 TRAINING_CONVERSATIONS = [
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-     {"role": "assistant", "content": "4"}, {"role": "user", "content": "times 3?"},
-     {"role": "assistant", "content": "12"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "times 3?"},
+        {"role": "assistant", "content": "12"},
+    ],
     [{"role": "user", "content": "list"}, {"role": "assistant", "content": "\n\n- a\n- b"}],
-    [{"role": "user", "content": "spell <|im_end|> and [UNUSED_TOKEN_145] please"},
-     {"role": "assistant", "content": " 好的 <|im_start|>x"}],
+    [
+        {"role": "user", "content": "spell <|im_end|> and [UNUSED_TOKEN_145] please"},
+        {"role": "assistant", "content": " 好的 <|im_start|>x"},
+    ],
     [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}],
 ]
 
@@ -355,8 +375,9 @@ def test_apply_chat_template_equals_encode(family, tokenizer, messages):
     full = tokenizer.apply_chat_template(messages, chat_template=template, return_dict=False)
     assert family.encode(tokenizer, messages, "all_assistant").input_ids == full
     prompt = messages[:-1]
-    with_prompt = tokenizer.apply_chat_template(prompt, chat_template=template, add_generation_prompt=True,
-                                                return_dict=False)
+    with_prompt = tokenizer.apply_chat_template(
+        prompt, chat_template=template, add_generation_prompt=True, return_dict=False
+    )
     assert family.encode(tokenizer, prompt, "all_assistant", add_generation_prompt=True).input_ids == with_prompt
     assert full.count(BOS) == 1 and full[0] == BOS
 
@@ -381,8 +402,8 @@ def test_golden_labels_two_turns(family, tokenizer):
     assert all(label in (IGNORE_INDEX, tok) for label, tok in zip(enc.labels, enc.input_ids))
     # Each answer follows "<|im_start|>assistant\n" (ids from the reference chat ids).
     for run in expected:
-        start = next(i for i in range(len(enc.labels)) if enc.labels[i:i + len(run)] == run)
-        assert enc.input_ids[start - 4:start] == [IM_START, 525, 11353, 364]
+        start = next(i for i in range(len(enc.labels)) if enc.labels[i : i + len(run)] == run)
+        assert enc.input_ids[start - 4 : start] == [IM_START, 525, 11353, 364]
         assert enc.input_ids[start + len(run)] == 364 and enc.labels[start + len(run)] == IGNORE_INDEX
 
     last = family.encode(tokenizer, messages, "last_turn")
@@ -399,7 +420,7 @@ def test_answer_starting_with_newline_keeps_the_original_ids(family, tokenizer):
     (run,) = supervised_runs(enc)
     start = enc.labels.index(run[0])
     # "assistant\n" + "\n\n- a..." merge across the cut; the shared token goes with the answer.
-    assert tokenizer.decode(enc.input_ids[start - 2:start]) == "assistant"
+    assert tokenizer.decode(enc.input_ids[start - 2 : start]) == "assistant"
     assert tokenizer.decode(run) == "\n" + messages[1]["content"] + "<|im_end|>"
 
 

@@ -1,5 +1,6 @@
 """famtune's kernels: LoRA dropout from 16-bit draws, half-precision 4-bit matmuls through fp32 kernels,
 and the loss over supervised positions only. Each is checked against the computation it replaces."""
+
 from __future__ import annotations
 
 import pytest
@@ -56,8 +57,9 @@ def _nf4_linear(bias: bool):
 
     torch.manual_seed(0)
     dense = torch.nn.Linear(96, 160, bias=bias)
-    layer = bnb.nn.Linear4bit(96, 160, bias=bias, compute_dtype=torch.bfloat16, quant_type="nf4",
-                              compress_statistics=True)
+    layer = bnb.nn.Linear4bit(
+        96, 160, bias=bias, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True
+    )
     layer.load_state_dict(dense.state_dict())
     layer = layer.to("cpu")  # quantizes
     layer.support_avx512bf16_for_cpu = False
@@ -82,7 +84,7 @@ def test_widened_4bit_matmul_is_the_bf16_matmul(bias):
     # rounding step on a few elements
     for a, b in ((outs[0], outs[1]), (grads[0], grads[1])):
         assert float((a == b).float().mean()) > 0.99
-        torch.testing.assert_close(a, b, rtol=2 ** -7, atol=1e-3)
+        torch.testing.assert_close(a, b, rtol=2**-7, atol=1e-3)
 
 
 def test_half_matmul_setting():
@@ -98,9 +100,17 @@ def test_half_matmul_setting():
 def _tiny_lm(seed=0):
     import transformers
 
-    config = transformers.Qwen2Config(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, use_cache=False,
-                                      attn_implementation="sdpa", tie_word_embeddings=False)
+    config = transformers.Qwen2Config(
+        vocab_size=101,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_cache=False,
+        attn_implementation="sdpa",
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
@@ -194,6 +204,7 @@ def test_fused_chunked_head_loss_is_used_and_equals_the_models_loss(monkeypatch)
 
 def test_a_head_whose_logits_the_model_rescales_is_not_fused():
     import transformers
+
     from famtune import loss as loss_mod
 
     class HalvedLogits(transformers.Qwen2ForCausalLM):
@@ -212,18 +223,32 @@ def test_a_head_whose_logits_the_model_rescales_is_not_fused():
     ours = causal_lm_loss(model, batch, n)
     assert loss_mod._FUSABLE[model] is False
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 101), batch["labels"][:, 1:].reshape(-1),
-                                                 reduction="sum") / n
+    expected = (
+        torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, 101), batch["labels"][:, 1:].reshape(-1), reduction="sum"
+        )
+        / n
+    )
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_fusion_check_leaves_the_random_stream_alone_and_sees_through_dropout():
     import transformers
+
     from famtune import loss as loss_mod
 
-    config = transformers.Qwen2Config(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, use_cache=False,
-                                      attn_implementation="eager", attention_dropout=0.3, tie_word_embeddings=False)
+    config = transformers.Qwen2Config(
+        vocab_size=101,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_cache=False,
+        attn_implementation="eager",
+        attention_dropout=0.3,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).train()
     model.lm_head.weight.requires_grad_(False)

@@ -1,4 +1,5 @@
 """Loading errors a new user meets: hubs out of reach, a file for a directory, a tokenizer from another model."""
+
 from __future__ import annotations
 
 import socket
@@ -15,12 +16,15 @@ def _closed_port() -> int:
         return s.getsockname()[1]  # closed again when the socket is: connecting is refused
 
 
-@pytest.mark.parametrize("spec,env", [
-    ("Org/Name", {"HF_ENDPOINT": "https://famtune-no-such-host.invalid"}),
-    ("Org/Name", {"HF_ENDPOINT": "http://127.0.0.1:{port}"}),
-    ("modelscope:Org/Name", {"MODELSCOPE_DOMAIN": "famtune-no-such-host.invalid"}),
-    ("modelscope:Org/Name", {"MODELSCOPE_DOMAIN": "http://127.0.0.1:{port}"}),
-])
+@pytest.mark.parametrize(
+    "spec,env",
+    [
+        ("Org/Name", {"HF_ENDPOINT": "https://famtune-no-such-host.invalid"}),
+        ("Org/Name", {"HF_ENDPOINT": "http://127.0.0.1:{port}"}),
+        ("modelscope:Org/Name", {"MODELSCOPE_DOMAIN": "famtune-no-such-host.invalid"}),
+        ("modelscope:Org/Name", {"MODELSCOPE_DOMAIN": "http://127.0.0.1:{port}"}),
+    ],
+)
 def test_unreachable_hub_is_one_line_within_seconds(spec, env, tmp_path):
     port = _closed_port()
     env = {k: v.format(port=port) for k, v in env.items()}
@@ -37,12 +41,14 @@ def test_unreachable_hub_is_one_line_within_seconds(spec, env, tmp_path):
 
 
 def test_offline_mode_is_named(tmp_path):
-    res = famtune_cli("chat", "Org/Name", "--prompt", "hi", check=False,
-                      env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    res = famtune_cli(
+        "chat", "Org/Name", "--prompt", "hi", check=False, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    )
     assert res.returncode != 0
     assert res.stderr.strip().splitlines()[-1] == (
         "famtune: error: Org/Name: not a local directory, not in the Hugging Face cache, and HF_HUB_OFFLINE is set; "
-        "download it on a connected machine and pass its directory")
+        "download it on a connected machine and pass its directory"
+    )
 
 
 def test_a_file_is_not_a_model_directory(tmp_path):
@@ -50,7 +56,8 @@ def test_a_file_is_not_a_model_directory(tmp_path):
     f.write_bytes(b"")
     res = famtune_cli("chat", str(f), "--prompt", "hi", check=False)
     assert res.stderr.strip().splitlines()[-1] == (
-        f"famtune: error: {f}: is a file, not a model directory; pass the directory holding config.json")
+        f"famtune: error: {f}: is a file, not a model directory; pass the directory holding config.json"
+    )
 
 
 def test_tokenizer_ids_beyond_the_embedding_are_one_line(tmp_path):
@@ -70,4 +77,5 @@ def test_tokenizer_ids_beyond_the_embedding_are_one_line(tmp_path):
     assert res.stderr.strip().splitlines()[-1] == (
         f"famtune: error: {model_dir}: the tokenizer has ids up to {rows + 4} but the model's embedding has only "
         f"{rows} rows; the tokenizer files do not belong to these weights (copy the tokenizer the model was trained "
-        "with, or resize the embeddings before training)")
+        "with, or resize the embeddings before training)"
+    )

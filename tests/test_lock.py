@@ -1,4 +1,5 @@
 """The lock and pyproject.toml agree: each lower bound is the version the lock (and CI) tested."""
+
 from __future__ import annotations
 
 import re
@@ -39,7 +40,8 @@ def test_every_lower_bound_is_the_locked_version():
             assert name in pins, f"{f.name}: {req} is not in requirements/lock.txt"
             locked = pins[name]
             assert locked == bound or locked.startswith(bound + "."), (
-                f"{f.relative_to(ROOT)}: {req} claims versions older than the locked {locked}, which no test ran")
+                f"{f.relative_to(ROOT)}: {req} claims versions older than the locked {locked}, which no test ran"
+            )
             checked += 1
     assert checked >= 13
 

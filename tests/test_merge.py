@@ -4,6 +4,7 @@ base+adapter, with famtune's chat template, stop ids and sampling defaults.
 The base is a tiny random-weight Qwen2.5 checkpoint written by the installed Qwen plugin; the
 adapter is real LoRA (non-zero from the start, then briefly trained) on the NF4-quantized base.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,6 @@ import pytest
 import torch
 
 from conftest import ADAPTER_ANSWERS, ADAPTER_FAMILY, build_base_and_adapter
-
 from famtune.checkpoint import open_checkpoint
 from famtune.errors import FamtuneError
 from famtune.merge import merge
@@ -79,7 +79,10 @@ def test_merged_model_matches_base_plus_adapter_in_plain_transformers(built):
             scale = max(scale, want.abs().max().item())
             base_gap = max(base_gap, (plain_base(input_ids=ids).logits - want).abs().max().item())
             kwargs = dict(max_new_tokens=12, do_sample=False, eos_token_id=stops, pad_token_id=stops[0])
-            assert merged.generate(input_ids=ids, **kwargs).tolist() == reference.generate(input_ids=ids, **kwargs).tolist()
+            assert (
+                merged.generate(input_ids=ids, **kwargs).tolist()
+                == reference.generate(input_ids=ids, **kwargs).tolist()
+            )
     # Measured: up to 1.2e-6 of the largest logit (3.7e-5 on logits of ~30): fp32 rounding of W + BA
     # versus W and BA applied separately. bitsandbytes' default bf16 CPU inference would differ by
     # ~1e-4 of the largest logit, hence the fp32 reference.
@@ -95,7 +98,7 @@ def test_trained_answer_survives_the_merge(built):
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = torch.tensor([prompt_ids(family, tokenizer, TRAIN[0][:1])])
     # generation_config.json alone must make generate stop at the end of the turn.
-    new = merged.generate(input_ids=ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:].tolist()
+    new = merged.generate(input_ids=ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1] :].tolist()
     assert tokenizer.decode(new) == TRAIN[0][1]["content"] + "<|im_end|>"
 
 
@@ -107,8 +110,11 @@ def test_generation_config_chat_template_and_metadata(built):
     base_tokenizer = open_checkpoint(str(built["base"]), family=FAMILY).load_tokenizer()
     defaults = family.generation_defaults(base_tokenizer)
     gen = GenerationConfig.from_pretrained(out)
-    assert gen.eos_token_id == list(defaults.stop_ids) == [tokenizer.convert_tokens_to_ids(t)
-                                                          for t in ("<|im_end|>", "<|endoftext|>")]
+    assert (
+        gen.eos_token_id
+        == list(defaults.stop_ids)
+        == [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    )
     for key, value in defaults.sampling.items():
         assert getattr(gen, key) == value
     conversations = PROMPTS + [TRAIN[0] + [{"role": "user", "content": "and you?"}]]
@@ -172,11 +178,14 @@ def test_layout_original_needs_plugin_support(built, tmp_path):
     assert "\n" not in str(err.value) and "'qwen2.5'" in str(err.value)
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"max_shard_size": "lots"}, "'lots'"),
-    ({"base_precision": "fp64"}, "'fp64'"),
-    ({"layout": "gguf"}, "'gguf'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"max_shard_size": "lots"}, "'lots'"),
+        ({"base_precision": "fp64"}, "'fp64'"),
+        ({"layout": "gguf"}, "'gguf'"),
+    ],
+)
 def test_bad_options_are_one_line_errors(built, tmp_path, kwargs, words):
     with pytest.raises(FamtuneError) as err:
         merge(str(built["adapter"]), str(tmp_path / "x"), log=lambda _: None, **kwargs)
@@ -211,10 +220,21 @@ def test_layout_original_round_trips_through_the_plugin(tmp_path, monkeypatch):
     model = ckpt.load_model(quantization="nf4", compute_dtype="fp32")
     config = LoraConfig(r=4, init_lora_weights=False, target_modules=family.lora_target_modules(model, "default"))
     get_peft_model(model, config).save_pretrained(str(adapter))
-    write_metadata(adapter, build_metadata(
-        family=family, template_name=family.conversation_template().name,
-        generation=family.generation_defaults(tokenizer), base_model=str(base), base_path=str(base),
-        quantization="nf4", compute_dtype="fp32", masking="all_assistant", max_length=256, system=None))
+    write_metadata(
+        adapter,
+        build_metadata(
+            family=family,
+            template_name=family.conversation_template().name,
+            generation=family.generation_defaults(tokenizer),
+            base_model=str(base),
+            base_path=str(base),
+            quantization="nf4",
+            compute_dtype="fp32",
+            masking="all_assistant",
+            max_length=256,
+            system=None,
+        ),
+    )
 
     merge(str(adapter), str(out), layout="original", log=lambda _: None)
     written = json.loads((out / "config.json").read_text())

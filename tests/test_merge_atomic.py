@@ -1,5 +1,6 @@
 """`famtune merge` publishes a merged model atomically: a killed merge never leaves OUT mixed or
 partial, its staging directory never loads, and a full disk is one line with OUT unchanged."""
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from conftest import build_base_and_adapter
-
 from famtune import durable
 from famtune.errors import FamtuneError
 from famtune.merge import merge
@@ -41,8 +41,13 @@ def merge_cmd(adapter: Path, out: Path) -> list[str]:
 def test_merge_killed_before_publishing_leaves_the_earlier_merge_and_an_unloadable_staging_dir(merged):
     before = snapshot(merged["out"])
     assert durable.verify_manifest(merged["out"]) is None
-    res = subprocess.run(merge_cmd(merged["adapter"], merged["out"]), capture_output=True, text=True,
-                         env={**os.environ, "FAMTUNE_CRASH_AT": "merge_publish"}, timeout=600)
+    res = subprocess.run(
+        merge_cmd(merged["adapter"], merged["out"]),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FAMTUNE_CRASH_AT": "merge_publish"},
+        timeout=600,
+    )
     assert res.returncode == -signal.SIGKILL, res.stderr
     assert snapshot(merged["out"]) == before  # the earlier merge, whole and untouched
     staging = [p for p in merged["root"].iterdir() if p.name.startswith("merged.tmp-")]
@@ -62,8 +67,9 @@ def test_merge_killed_at_a_random_moment_leaves_out_complete(merged):
     rng, kills = random.Random(3), 0
     for _ in range(2):
         before = snapshot(merged["out"])
-        proc = subprocess.Popen(merge_cmd(merged["adapter"], merged["out"]), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            merge_cmd(merged["adapter"], merged["out"]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         deadline = time.time() + 300
         while proc.poll() is None and not (merged["root"] / f"merged.tmp-{proc.pid}").exists():
             assert time.time() < deadline

@@ -1,5 +1,6 @@
 """Model cards: the adapter's and the merged model's README.md say what was trained on what, quote the
 measured losses, and carry a loading snippet that really runs in plain transformers/PEFT."""
+
 from __future__ import annotations
 
 import hashlib
@@ -23,9 +24,19 @@ def trained_and_merged(tiny_qwen25, tmp_path_factory, one_torch_thread):
     work = tmp_path_factory.mktemp("card")
     recipe = yaml.safe_load((DEMO_DIR / "demo.yaml").read_text())
     recipe.pop("family")
-    recipe.update(model=str(tiny_qwen25), data=str(IDENTITY), eval_data=str(IDENTITY), output_dir=str(work / "out"),
-                  max_steps=6, logging_steps=3, eval_steps=0, save_steps=0, evaluation_inputs=["Who are you?"],
-                  max_new_tokens=8, progress=False)
+    recipe.update(
+        model=str(tiny_qwen25),
+        data=str(IDENTITY),
+        eval_data=str(IDENTITY),
+        output_dir=str(work / "out"),
+        max_steps=6,
+        logging_steps=3,
+        eval_steps=0,
+        save_steps=0,
+        evaluation_inputs=["Who are you?"],
+        max_new_tokens=8,
+        progress=False,
+    )
     (work / "r.yaml").write_text(yaml.safe_dump(recipe, allow_unicode=True))
     # in-process, as `famtune train` and `famtune merge` run them (the CLI is tested elsewhere)
     train(load_recipe(str(work / "r.yaml")), log=lambda line: None)

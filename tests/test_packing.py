@@ -1,4 +1,5 @@
 """Packing: the best-fit packer, the packed batch, and that packed samples never see each other."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,14 @@ DEMO_DIR = Path(__file__).resolve().parents[1] / "core" / "famtune" / "demo_data
 
 # The native transformers architecture each family loads as (see the plugins' convert modules).
 NATIVE_ARCH = {
-    "qwen1": "qwen2", "qwen2": "qwen2", "qwen2.5": "qwen2", "qwen3": "qwen3",
-    "internlm2": "llama", "baichuan2-7b": "llama", "chatglm3": "glm", "glm4": "glm",
+    "qwen1": "qwen2",
+    "qwen2": "qwen2",
+    "qwen2.5": "qwen2",
+    "qwen3": "qwen3",
+    "internlm2": "llama",
+    "baichuan2-7b": "llama",
+    "chatglm3": "glm",
+    "glm4": "glm",
 }
 
 
@@ -36,11 +43,20 @@ def all_families():
 def tiny_native_model(arch: str):
     import transformers
 
-    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, use_cache=False,
-                  attn_implementation="sdpa",
-                  # large weights make attention sharp, so a leak or a wrong position shows in the logits
-                  initializer_range=0.3)
+    common = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        use_cache=False,
+        attn_implementation="sdpa",
+        # large weights make attention sharp, so a leak or a wrong position shows in the logits
+        initializer_range=0.3,
+    )
     if arch == "qwen2":
         config = transformers.Qwen2Config(**common)
     elif arch == "qwen3":
@@ -101,11 +117,11 @@ def test_packing_loses_no_sample_and_no_token():
         at = 0
         for i in row:
             n = lengths[i]
-            assert batch["input_ids"][r, at:at + n].tolist() == samples[i].input_ids
-            assert batch["position_ids"][r, at:at + n].tolist() == list(range(n))
+            assert batch["input_ids"][r, at : at + n].tolist() == samples[i].input_ids
+            assert batch["position_ids"][r, at : at + n].tolist() == list(range(n))
             # the first token is never predicted from the previous sample; the rest keep their labels
             assert batch["labels"][r, at].item() == IGNORE_INDEX
-            assert batch["labels"][r, at + 1:at + n].tolist() == samples[i].labels[1:]
+            assert batch["labels"][r, at + 1 : at + n].tolist() == samples[i].labels[1:]
             at += n
         assert (batch["labels"][r, at:] == IGNORE_INDEX).all()
     assert epoch_rows(lengths, 64, 42, 1) == rows and epoch_rows(lengths, 64, 42, 2) != rows
@@ -137,13 +153,23 @@ def test_packed_samples_match_their_logits_alone(family):
             for s in row:
                 alone = model(input_ids=torch.tensor([s.input_ids])).logits[0]
                 n = len(s.input_ids)
-                torch.testing.assert_close(packed[r, at:at + n], alone, rtol=0, atol=1e-5)
+                torch.testing.assert_close(packed[r, at : at + n], alone, rtol=0, atol=1e-5)
                 at += n
         # The summed loss over a packed batch is the sum of each sample's own loss.
-        loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
-                     num_items_in_batch=torch.tensor(1)).loss
-        alone_sum = sum(model(input_ids=torch.tensor([s.input_ids]), labels=torch.tensor([s.labels]),
-                              num_items_in_batch=torch.tensor(1)).loss for s in samples)
+        loss = model(
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            labels=batch["labels"],
+            num_items_in_batch=torch.tensor(1),
+        ).loss
+        alone_sum = sum(
+            model(
+                input_ids=torch.tensor([s.input_ids]),
+                labels=torch.tensor([s.labels]),
+                num_items_in_batch=torch.tensor(1),
+            ).loss
+            for s in samples
+        )
         # ... and so is the loss famtune trains with (the output head on supervised rows only)
         ours = causal_lm_loss(model, batch, 1)
     torch.testing.assert_close(loss, alone_sum, rtol=1e-5, atol=1e-4)
@@ -166,16 +192,28 @@ def test_packing_is_on_by_default_and_a_packed_run_learns(tiny_qwen25, tmp_path)
     assert Recipe().packing == "auto"
     recipe = yaml.safe_load((DEMO_DIR / "demo.yaml").read_text())
     recipe.pop("family")
-    recipe.update(model=str(tiny_qwen25), data=str(DEMO_DIR / "identity.jsonl"), output_dir=str(tmp_path / "out"),
-                  progress=False, evaluation_inputs=[], max_steps=12, batch_size=2, max_length=256,
-                  learning_rate=2e-3, logging_steps=1, eval_steps=0, save_steps=0)
+    recipe.update(
+        model=str(tiny_qwen25),
+        data=str(DEMO_DIR / "identity.jsonl"),
+        output_dir=str(tmp_path / "out"),
+        progress=False,
+        evaluation_inputs=[],
+        max_steps=12,
+        batch_size=2,
+        max_length=256,
+        learning_rate=2e-3,
+        logging_steps=1,
+        eval_steps=0,
+        save_steps=0,
+    )
     recipe.pop("packing", None)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe, allow_unicode=True))
     res = famtune_cli("train", path)
     assert "packing: " in res.stdout + res.stderr and "packing: off" not in res.stdout + res.stderr
-    losses = [r["loss"] for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines())
-              if "loss" in r]
+    losses = [
+        r["loss"] for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    ]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

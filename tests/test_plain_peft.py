@@ -1,4 +1,5 @@
 """The README's plain transformers + PEFT snippet rebuilds exactly the model famtune chats with."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,12 @@ def test_famtune_json_records_the_full_4bit_settings(trained):
     _, _, adapter = trained
     meta = json.loads((adapter / "famtune.json").read_text())
     assert meta["quantization_config"] == {
-        "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-        "bnb_4bit_quant_storage": "uint8", "bnb_4bit_compute_dtype": "float32"}
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_compute_dtype": "float32",
+    }
     assert meta["nf4_kernel"] == "dequantize" and meta["compute_dtype"] == "float32"
 
 

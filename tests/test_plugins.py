@@ -1,4 +1,5 @@
 """The plugin contract: discovery through entry points, the allow-list, claims and validation."""
+
 from __future__ import annotations
 
 import inspect
@@ -21,8 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _site_packages(python: Path) -> str:
-    out = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip()
 
 
@@ -40,11 +45,27 @@ def fresh_env(tmp_path_factory):
     Path(_site_packages(py), "borrowed_pluggy.pth").write_text(f"{borrowed}\n")
     wheels = root / "wheels"
     # Wheels are built here (setuptools lives in this environment) and installed into the new one.
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(wheels), str(ROOT), str(ROOT / "plugins" / "qwen")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheels),
+            str(ROOT),
+            str(ROOT / "plugins" / "qwen"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     pip = [sys.executable, "-m", "pip", "--python", str(py), "-q"]
-    subprocess.run([*pip, "install", "--no-deps", *map(str, wheels.glob("famtune-*.whl"))], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [*pip, "install", "--no-deps", *map(str, wheels.glob("famtune-*.whl"))], check=True, capture_output=True
+    )
     return py, pip, wheels
 
 
@@ -62,8 +83,9 @@ def test_plugin_installed_by_pip_is_discovered_and_uninstall_removes_it(fresh_en
     data = tmp_path / "d.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
 
-    subprocess.run([*pip, "install", "--no-deps", *map(str, wheels.glob("famtune_qwen-*.whl"))],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [*pip, "install", "--no-deps", *map(str, wheels.glob("famtune_qwen-*.whl"))], check=True, capture_output=True
+    )
     listed = json.loads(_famtune(py, "plugins", "--json").stdout)
     [qwen] = [p for p in listed["plugins"] if p["name"] == "qwen"]
     assert qwen["distribution"] == "famtune-qwen"
@@ -79,19 +101,29 @@ def test_plugin_installed_by_pip_is_discovered_and_uninstall_removes_it(fresh_en
 
 
 def test_empty_allow_list_loads_no_plugin():
-    res = subprocess.run([sys.executable, "-m", "famtune.cli", "plugins", "--json"], capture_output=True, text=True,
-                         env={**os.environ, "FAMTUNE_LOAD_PLUGINS": ""})
+    res = subprocess.run(
+        [sys.executable, "-m", "famtune.cli", "plugins", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FAMTUNE_LOAD_PLUGINS": ""},
+    )
     assert res.returncode == 0
     assert json.loads(res.stdout)["plugins"] == []
-    listed = subprocess.run([sys.executable, "-m", "famtune.cli", "plugins", "--json"], capture_output=True,
-                            text=True, env={**os.environ, "FAMTUNE_LOAD_PLUGINS": "qwen"})
+    listed = subprocess.run(
+        [sys.executable, "-m", "famtune.cli", "plugins", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FAMTUNE_LOAD_PLUGINS": "qwen"},
+    )
     assert [p["name"] for p in json.loads(listed.stdout)["plugins"]] == ["qwen"]
 
 
 def test_help_does_not_import_torch():
-    code = "import sys; from famtune.cli import main; main(['--help']) if False else None; " \
-           "import famtune.cli, famtune.plugins, famtune.checkpoint, famtune.samples; " \
-           "print('torch' in sys.modules or 'transformers' in sys.modules)"
+    code = (
+        "import sys; from famtune.cli import main; main(['--help']) if False else None; "
+        "import famtune.cli, famtune.plugins, famtune.checkpoint, famtune.samples; "
+        "print('torch' in sys.modules or 'transformers' in sys.modules)"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "False"
     helped = subprocess.run([sys.executable, "-m", "famtune.cli", "--help"], capture_output=True, text=True)
@@ -99,6 +131,7 @@ def test_help_does_not_import_torch():
 
 
 # -- claims and validation, with small real pluggy plugins -------------------------------------------
+
 
 def _plugin(name: str, family: str, claims: bool, **hooks) -> types.SimpleNamespace:
     @famtune.hookimpl
@@ -165,8 +198,11 @@ def test_wrong_answers_name_plugin_distribution_and_version():
             return 10
 
     fam = _set(("short", _plugin("short", "f", True, famtune_encode_conversation=enc))).claim({}, "/m")
-    with pytest.raises(PluginError, match=r"plugin 'short' \(famtune-short 9\.9\): famtune_encode_conversation "
-                                          r"gave 3 ids but 2 labels"):
+    with pytest.raises(
+        PluginError,
+        match=r"plugin 'short' \(famtune-short 9\.9\): famtune_encode_conversation "
+        r"gave 3 ids but 2 labels",
+    ):
         fam.encode(Tok(), [], "all_assistant")
     fam = _set(("none", _plugin("none", "f", True, famtune_encode_conversation=unsupervised))).claim({}, "/m")
     with pytest.raises(PluginError, match="famtune-none 9.9.*supervised no token"):
@@ -174,8 +210,14 @@ def test_wrong_answers_name_plugin_distribution_and_version():
 
     from famtune.types import GenerationDefaults
 
-    fam = _set(("gen", _plugin("gen", "f", True, famtune_generation_defaults=lambda family, tokenizer:
-                               GenerationDefaults([3, 42])))).claim({}, "/m")
+    fam = _set(
+        (
+            "gen",
+            _plugin(
+                "gen", "f", True, famtune_generation_defaults=lambda family, tokenizer: GenerationDefaults([3, 42])
+            ),
+        )
+    ).claim({}, "/m")
     with pytest.raises(PluginError, match=r"famtune-gen 9\.9.*stop id 42 is not in the tokenizer"):
         fam.generation_defaults(Tok())
 
@@ -193,19 +235,24 @@ def test_targets_must_exist_and_never_be_the_head():
             return self.lm_head
 
     for targets, why in ((["q_proj", "nope"], "'nope' does not exist"), (["lm_head"], "is the output head")):
-        fam = _set(("t", _plugin("t", "f", True, famtune_lora_target_modules=lambda family, model, mode, t=targets: t))
-                   ).claim({}, "/m")
+        fam = _set(
+            ("t", _plugin("t", "f", True, famtune_lora_target_modules=lambda family, model, mode, t=targets: t))
+        ).claim({}, "/m")
         with pytest.raises(PluginError, match=f"famtune-t 9.9.*{why}"):
             fam.lora_target_modules(Tiny(), "default")
 
 
 def test_every_hookspec_is_documented_with_its_firstresult_behaviour():
-    specs = [f for module in (hookspecs, hookspecs_v1)
-             for n, f in inspect.getmembers(module, inspect.isfunction) if n.startswith("famtune_")]
+    specs = [
+        f
+        for module in (hookspecs, hookspecs_v1)
+        for n, f in inspect.getmembers(module, inspect.isfunction)
+        if n.startswith("famtune_")
+    ]
     assert len(specs) >= 18
     for fn in specs:
         doc = inspect.getdoc(fn) or ""
-        firstresult = getattr(fn, "famtune_spec")["firstresult"]
+        firstresult = fn.famtune_spec["firstresult"]
         assert "Called" in doc, fn.__name__
         assert ("Stops at first non-None result" in doc) == firstresult, fn.__name__
         assert firstresult or "Not firstresult" in doc, fn.__name__

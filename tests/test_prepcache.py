@@ -1,4 +1,5 @@
 """Parallel encoding and the encoded-data cache: same samples and counts however they are produced."""
+
 from __future__ import annotations
 
 import json
@@ -21,22 +22,34 @@ def tiny(tiny_qwen25):
 def _write_data(path, n=150):
     rows = []
     for i in range(n):
-        msgs = [{"role": "user", "content": f"question {i} " + "word " * (i % 7)},
-                {"role": "assistant", "content": f"answer {i} " + "reply " * (i % 11)}]
+        msgs = [
+            {"role": "user", "content": f"question {i} " + "word " * (i % 7)},
+            {"role": "assistant", "content": f"answer {i} " + "reply " * (i % 11)},
+        ]
         rows.append(json.dumps({"messages": msgs}))
     # one sample longer than max_length, one whose answer lies wholly beyond it, one bad record
-    rows.append(json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                         {"role": "assistant", "content": "long " * 200}]}))
-    rows.append(json.dumps({"messages": [{"role": "user", "content": "x " * 300},
-                                         {"role": "assistant", "content": "late"}]}))
+    rows.append(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "long " * 200}]})
+    )
+    rows.append(
+        json.dumps({"messages": [{"role": "user", "content": "x " * 300}, {"role": "assistant", "content": "late"}]})
+    )
     rows.append(json.dumps({"messages": [{"role": "bot", "content": "bad"}]}))
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")
     return path
 
 
 def _recipe(data, **kw):
-    base = dict(data=str(data), data_format="auto", skip_bad_records=True, system=None, max_length=256,
-                eval_data=None, eval_split=0.0, seed=0)
+    base = dict(
+        data=str(data),
+        data_format="auto",
+        skip_bad_records=True,
+        system=None,
+        max_length=256,
+        eval_data=None,
+        eval_split=0.0,
+        seed=0,
+    )
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -63,15 +76,17 @@ def test_second_run_reuses_cache_with_identical_samples_and_counts(tiny, tmp_pat
     assert len(list((tmp_path / "cache" / "samples").glob("*.npz"))) == 1
     train2, _, rep2 = prepare_samples(_recipe(data), family, tok, "all_assistant")
     assert any("reused the cached encoding" in line for line in rep2.lines())
-    assert [(s.input_ids, s.labels, s.source, s.line) for s in train1] == \
-           [(s.input_ids, s.labels, s.source, s.line) for s in train2]
+    assert [(s.input_ids, s.labels, s.source, s.line) for s in train1] == [
+        (s.input_ids, s.labels, s.source, s.line) for s in train2
+    ]
     assert rep1.to_dict() == rep2.to_dict()
     assert rep2.truncated >= 1 and len(rep2.dropped_no_supervision) == 1 and len(rep2.skipped_bad) == 1
     assert rep1.skipped_bad == rep2.skipped_bad and rep1.dropped_no_supervision == rep2.dropped_no_supervision
 
 
-@pytest.mark.parametrize("change", [{"max_length": 300}, {"system": "Be brief."}, {"masking": "train_on_prompt"},
-                                    {"data": "edited"}])
+@pytest.mark.parametrize(
+    "change", [{"max_length": 300}, {"system": "Be brief."}, {"masking": "train_on_prompt"}, {"data": "edited"}]
+)
 def test_any_input_change_misses_the_cache(tiny, tmp_path, monkeypatch, change):
     family, tok = tiny
     monkeypatch.setenv("FAMTUNE_CACHE", str(tmp_path / "cache"))
@@ -127,19 +142,22 @@ def test_memoised_tokenization_gives_exactly_the_piecewise_ids(family_name, tmp_
     for i in range(40):
         msgs = [{"role": "system", "content": f"Be brief {i % 3}."}] if i % 4 == 0 else []
         for t in range(1 + i % 3):
-            msgs += [{"role": "user", "content": f"q{i}.{t} 你好 " + tricky[(i + t) % len(tricky)] + " \n x" * (i % 5)},
-                     {"role": "assistant", "content": f"a{i}.{t} " + "yes " * (i % 7) + tricky[i % len(tricky)]}]
+            msgs += [
+                {"role": "user", "content": f"q{i}.{t} 你好 " + tricky[(i + t) % len(tricky)] + " \n x" * (i % 5)},
+                {"role": "assistant", "content": f"a{i}.{t} " + "yes " * (i % 7) + tricky[i % len(tricky)]},
+            ]
         convs.append(Conversation(messages=msgs, source="mem", line=i + 1))
     convs += convs[:10]  # repeated conversations are answered from the memo
     for masking in ("all_assistant", "last_turn"):
-        ids, labels, lengths, lines, _, dropped = encode_conversations(convs, family, tok, masking, None, 4096,
-                                                                       processes=1)
+        ids, labels, lengths, lines, _, dropped = encode_conversations(
+            convs, family, tok, masking, None, 4096, processes=1
+        )
         assert not dropped and lines.tolist() == [c.line for c in convs]
         at = 0
         for conv, n in zip(convs, lengths.tolist()):
             alone = family.encode(tok, conv.messages, masking)
-            assert ids[at:at + n].tolist() == alone.input_ids, (family_name, conv.line)
-            assert labels[at:at + n].tolist() == alone.labels, (family_name, conv.line)
+            assert ids[at : at + n].tolist() == alone.input_ids, (family_name, conv.line)
+            assert labels[at : at + n].tolist() == alone.labels, (family_name, conv.line)
             at += n
 
 

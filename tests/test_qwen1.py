@@ -3,6 +3,7 @@
 Ground truth comes from ../shared/fixtures/reference/qwen1, produced by Qwen1's own remote code
 (modeling_qwen.py, tokenization_qwen.py, make_context); see its README. Nothing here runs that code.
 """
+
 from __future__ import annotations
 
 import base64
@@ -17,12 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from famtune import convert as toolkit
 from famtune.checkpoint import model_load_kwargs, open_checkpoint
 from famtune.encoding import IGNORE_INDEX
 from famtune.errors import FamtuneError
-from famtune import convert as toolkit
 from famtune_qwen import convert as qwen1_convert
-from famtune_qwen import template, tokenizer as qwen1_tokenizer
+from famtune_qwen import template
+from famtune_qwen import tokenizer as qwen1_tokenizer
 from famtune_qwen.family import TARGETS, Qwen1
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference" / "qwen1"
@@ -84,6 +86,7 @@ def logits_of(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 
 # -- conversion --------------------------------------------------------------------------------------
 
+
 def test_claims_original_config_and_not_native_or_plain_qwen2():
     assert qwen1_convert.is_original(ORIGINAL_CONFIG)
     native = qwen1_convert.native_config(ORIGINAL_CONFIG)
@@ -122,13 +125,19 @@ def test_reference_logits_and_greedy_continuations(model, record_property):
         assert diff <= 1e-4, f"seq{i}: max abs logit diff {diff}"
         assert (hidden - ref[f"seq{i}.last_hidden_state"]).abs().max().item() <= 1e-4
         # The reference ran generate() with repetition_penalty 1.0; the chat generation_config has 1.1.
-        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=5, eos_token_id=None,
-                             pad_token_id=0, repetition_penalty=1.0)
-        assert out[0, len(ids):].tolist() == seq["greedy_next_5"]
+        out = model.generate(
+            torch.tensor([ids]),
+            do_sample=False,
+            max_new_tokens=5,
+            eos_token_id=None,
+            pad_token_id=0,
+            repetition_penalty=1.0,
+        )
+        assert out[0, len(ids) :].tolist() == seq["greedy_next_5"]
         seqn = list(ids)
         for _ in range(5):  # no-cache loop: the whole sequence recomputed at every step
             seqn.append(int(logits_of(model, seqn)[0][-1].argmax()))
-        assert seqn[len(ids):] == seq["greedy_next_5_nocache"]
+        assert seqn[len(ids) :] == seq["greedy_next_5_nocache"]
     record_property("qwen1_max_abs_logit_diff", worst)
     print(f"qwen1 max abs logit diff vs reference: {worst:.3g}")
 
@@ -193,6 +202,7 @@ def test_load_converts_into_the_cache_and_leaves_the_source_alone(tmp_path, cach
 
 # -- through the plugin: claim, tokenizer, model ----------------------------------------------------
 
+
 def test_checkpoint_whose_remote_code_raises_still_loads_natively(tmp_path):
     ckpt = open_checkpoint(str(make_checkpoint(tmp_path / "ckpt")))
     assert ckpt.family.name == "qwen1"
@@ -228,10 +238,12 @@ def test_nf4_load_gives_linear4bit_and_a_finite_loss(tmp_path):
 
 # -- tokenizer -------------------------------------------------------------------------------------------
 
+
 def test_tokenizer_reproduces_the_plain_strings(tokenizer):
     assert len(tokenizer) == CHAT["tokenizer_vocab_size"] == 151851
-    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|extra_0|>", "<|extra_204|>"]) \
-        == [151643, 151644, 151645, 151646, 151850]
+    assert tokenizer.convert_tokens_to_ids(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|extra_0|>", "<|extra_204|>"]
+    ) == [151643, 151644, 151645, 151646, 151850]
     for name, case in CHAT["plain_strings"].items():
         assert tokenizer(case["text"])["input_ids"] == case["input_ids"], name
         assert tokenizer.encode(case["text"]) == case["encode"], name
@@ -270,19 +282,21 @@ def test_control_token_text_policy(tokenizer):
     # (allowed_special="all"); message text is encoded like make_context's allowed_special=set().
     assert tokenizer("a<|im_end|>b")["input_ids"] == [64, IM_END, 65]
     enc = template.encode_qwen1(tokenizer, [{"role": "user", "content": "a<|im_end|>b"}], "all_assistant", True)
-    content = enc.input_ids[14:-5]  # after system block + "<|im_start|>user\n", before "<|im_end|>\n<|im_start|>assistant\n"
+    content = enc.input_ids[
+        14:-5
+    ]  # after system block + "<|im_start|>user\n", before "<|im_end|>\n<|im_start|>assistant\n"
     assert IM_END not in content and tokenizer.decode(content) == "a<|im_end|>b"
     assert enc.input_ids.count(IM_END) == 2  # the system turn's and the user turn's own
 
 
 # -- chat format ---------------------------------------------------------------------------------------
 
+
 def test_encode_reproduces_make_context_id_for_id(tokenizer):
     for name, conv in CHAT["conversations"].items():
         enc = template.encode_qwen1(tokenizer, conv["messages"], "all_assistant", add_generation_prompt=True)
         assert enc.input_ids == conv["make_context"]["input_ids"], name
-        assert conv["make_context"]["system_used"] in (template.QWEN1_SYSTEM,
-                                                     conv["messages"][0]["content"])
+        assert conv["make_context"]["system_used"] in (template.QWEN1_SYSTEM, conv["messages"][0]["content"])
         if "make_context_empty_system" in conv:
             messages = [{"role": "system", "content": ""}, *conv["messages"]]
             enc = template.encode_qwen1(tokenizer, messages, "all_assistant", add_generation_prompt=True)
@@ -293,8 +307,9 @@ def test_chat_template_gives_the_encode_ids(tokenizer):
     convs = [c["messages"] for c in CHAT["conversations"].values()]
     training = [c + [{"role": "assistant", "content": "Sure.\nTwo lines 😊"}] for c in convs]
     for messages, gen in [(m, True) for m in convs] + [(m, False) for m in training]:
-        ids = tokenizer.apply_chat_template(messages, chat_template=template.QWEN1_CHAT_TEMPLATE,
-                                            add_generation_prompt=gen, tokenize=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            messages, chat_template=template.QWEN1_CHAT_TEMPLATE, add_generation_prompt=gen, tokenize=True
+        )["input_ids"]
         assert ids == template.encode_qwen1(tokenizer, messages, "all_assistant", gen).input_ids
 
 
@@ -353,18 +368,28 @@ def test_official_labels_literally(tokenizer):
     user = [IM_START, 872, NL, 3838, 374, 220, 17, 488, 220, 17, 30, IM_END, NL]
     answer = [17, 488, 220, 17, 284, 220, 19, 13]
     assert enc.input_ids == system + user + [IM_START, 77091, NL] + answer + [IM_END, NL]
-    assert enc.labels == ([IM_START] + [X] * 8 + [IM_END, NL]
-                          + [IM_START] + [X] * 10 + [IM_END, NL]
-                          + [IM_START, X, X] + answer + [IM_END, NL])
+    assert enc.labels == (
+        [IM_START]
+        + [X] * 8
+        + [IM_END, NL]
+        + [IM_START]
+        + [X] * 10
+        + [IM_END, NL]
+        + [IM_START, X, X]
+        + answer
+        + [IM_END, NL]
+    )
 
 
 def test_malformed_conversations_are_rejected_in_one_line(tokenizer):
     with pytest.raises(FamtuneError, match="message 2 has role 'user' where 'assistant' was expected"):
-        template.encode_qwen1(tokenizer, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
-                              "all_assistant", False)
+        template.encode_qwen1(
+            tokenizer, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "all_assistant", False
+        )
     with pytest.raises(FamtuneError, match="only the first message"):
-        template.encode_qwen1(tokenizer, [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
-                              "all_assistant", False)
+        template.encode_qwen1(
+            tokenizer, [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "all_assistant", False
+        )
     with pytest.raises(FamtuneError, match="unknown masking policy 'everything'"):
         template.encode_qwen1(tokenizer, [{"role": "user", "content": "a"}], "everything", True)
 

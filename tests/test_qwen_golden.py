@@ -5,16 +5,16 @@ reference ``qwen.tiktoken`` in ../shared) and put their control tokens at 151643
 id below is the id the released tokenizers produce. The official templates are the released
 ``tokenizer_config.json`` chat templates with their tool-calling branches left out.
 """
+
 from __future__ import annotations
 
 import json
 
 import pytest
 
+from conftest import SHARED
 from famtune.encoding import IGNORE_INDEX
 from famtune.plugins import get_plugins
-
-from conftest import SHARED
 
 QWEN2_OFFICIAL = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -29,8 +29,8 @@ QWEN25_OFFICIAL = (
     "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
     "{%- endif %}"
     "{%- for message in messages %}"
-    "{%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or "
-    "(message.role == \"assistant\" and not message.tool_calls) %}"
+    '{%- if (message.role == "user") or (message.role == "system" and not loop.first) or '
+    '(message.role == "assistant" and not message.tool_calls) %}'
     "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
     "{%- endif %}"
     "{%- endfor %}"
@@ -43,16 +43,16 @@ QWEN3_OFFICIAL = (
     "{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}"
     "{%- for message in messages[::-1] %}"
     "{%- set index = (messages|length - 1) - loop.index0 %}"
-    "{%- if ns.multi_step_tool and message.role == \"user\" and message.content is string and "
+    '{%- if ns.multi_step_tool and message.role == "user" and message.content is string and '
     "not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}"
     "{%- set ns.multi_step_tool = false %}{%- set ns.last_query_index = index %}"
     "{%- endif %}"
     "{%- endfor %}"
     "{%- for message in messages %}"
     "{%- if message.content is string %}{%- set content = message.content %}{%- else %}{%- set content = '' %}{%- endif %}"
-    "{%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) %}"
+    '{%- if (message.role == "user") or (message.role == "system" and not loop.first) %}'
     "{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}"
-    "{%- elif message.role == \"assistant\" %}"
+    '{%- elif message.role == "assistant" %}'
     "{%- set reasoning_content = '' %}"
     "{%- if message.reasoning_content is string %}{%- set reasoning_content = message.reasoning_content %}"
     "{%- else %}{%- if '</think>' in content %}"
@@ -76,20 +76,48 @@ OFFICIAL = {"qwen2": QWEN2_OFFICIAL, "qwen2.5": QWEN25_OFFICIAL, "qwen3": QWEN3_
 
 # Qwen2.5 and Qwen3 control tokens from 151646 on (Qwen3 adds the last four).
 CONTROL_TOKENS = [
-    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>",
-    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
-    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>",
-    "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
 ]
 
 CONVERSATIONS = [
     [{"role": "user", "content": "你好，请介绍一下你自己"}, {"role": "assistant", "content": "我是通义千问。"}],
-    [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Who are you?"},
-     {"role": "assistant", "content": "Arr, a pirate!"}, {"role": "user", "content": "Where's the gold?\n  Tell me"},
-     {"role": "assistant", "content": "Buried, 3 paces east.\nShh."}],
-    [{"role": "user", "content": "1+1=?"}, {"role": "assistant", "content": "2"},
-     {"role": "user", "content": "and 2+2?"}, {"role": "assistant", "content": "4"},
-     {"role": "user", "content": "thanks"}, {"role": "assistant", "content": "You're welcome!"}],
+    [
+        {"role": "system", "content": "You are a pirate."},
+        {"role": "user", "content": "Who are you?"},
+        {"role": "assistant", "content": "Arr, a pirate!"},
+        {"role": "user", "content": "Where's the gold?\n  Tell me"},
+        {"role": "assistant", "content": "Buried, 3 paces east.\nShh."},
+    ],
+    [
+        {"role": "user", "content": "1+1=?"},
+        {"role": "assistant", "content": "2"},
+        {"role": "user", "content": "and 2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "thanks"},
+        {"role": "assistant", "content": "You're welcome!"},
+    ],
 ]
 
 
@@ -108,16 +136,23 @@ def qwen_tokenizer(tmp_path_factory):
     for offset, token in enumerate(CONTROL_TOKENS):
         by_id[151646 + offset]["content"] = token
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] <= 151646 + len(CONTROL_TOKENS) - 1]
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
-                                  eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]) == \
-        [151643, 151644, 151645, 151667, 151668]
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]) == [
+        151643,
+        151644,
+        151645,
+        151667,
+        151668,
+    ]
     return tok
 
 
 def _official_ids(tok, family, messages, add_generation_prompt, **kw):
-    out = tok.apply_chat_template(messages, chat_template=OFFICIAL[family], tokenize=True,
-                                  add_generation_prompt=add_generation_prompt, **kw)
+    out = tok.apply_chat_template(
+        messages, chat_template=OFFICIAL[family], tokenize=True, add_generation_prompt=add_generation_prompt, **kw
+    )
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
@@ -146,11 +181,16 @@ def test_generation_prompt_equals_the_official_template(qwen_tokenizer, family):
 
 def test_default_system_prompts(qwen_tokenizer):
     messages = CONVERSATIONS[0]
-    text = {f: qwen_tokenizer.decode(get_plugins().claim({}, "", family=f).encode(
-        qwen_tokenizer, messages, "all_assistant").input_ids) for f in ("qwen2", "qwen2.5", "qwen3")}
+    text = {
+        f: qwen_tokenizer.decode(
+            get_plugins().claim({}, "", family=f).encode(qwen_tokenizer, messages, "all_assistant").input_ids
+        )
+        for f in ("qwen2", "qwen2.5", "qwen3")
+    }
     assert text["qwen2"].startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
     assert text["qwen2.5"].startswith(
-        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n")
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+    )
     assert text["qwen3"].startswith("<|im_start|>user\n")
 
 

@@ -1,5 +1,6 @@
 """Every recipe misuse is one line, `famtune: error: KEY: ...`, before any model loads; the README's
 recipe example is the real defaults; `famtune train --help` lists the keys."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +13,6 @@ import pytest
 import yaml
 
 from conftest import ROOT, famtune_cli
-
 from famtune.cli import main
 from famtune.errors import FamtuneError
 from famtune.recipe import Recipe, load_recipe, parse_overrides
@@ -45,8 +45,15 @@ def test_train_help_lists_every_key_with_its_default_and_aliases():
     res = famtune_cli("train", "--help")
     for key in RULES:
         default = getattr(Recipe(), key)
-        shown = "null" if default is None else "''" if default == "" else str(default).lower() \
-            if isinstance(default, bool) else str(default)
+        shown = (
+            "null"
+            if default is None
+            else "''"
+            if default == ""
+            else str(default).lower()
+            if isinstance(default, bool)
+            else str(default)
+        )
         assert re.search(rf"^  {key} +{re.escape(shown)} +\S", res.stdout, re.M), key  # name, default, meaning
     assert "gradient_accumulation_steps=grad_accum" in res.stdout and "model_name_or_path=model" in res.stdout
     assert "--overwrite" in res.stdout
@@ -110,7 +117,9 @@ MISUSE = [
 ]
 
 
-@pytest.mark.parametrize("overrides,expected", MISUSE, ids=[next(iter(o)) + "-" + str(i) for i, (o, _) in enumerate(MISUSE)])
+@pytest.mark.parametrize(
+    "overrides,expected", MISUSE, ids=[next(iter(o)) + "-" + str(i) for i, (o, _) in enumerate(MISUSE)]
+)
 def test_recipe_misuse_is_one_line_before_any_model_loads(env, capsys, overrides, expected):
     tmp, base = env
     recipe = tmp / "r.yaml"
@@ -135,9 +144,23 @@ def _read_only_dir(tmp: Path) -> Path:
     return ro
 
 
-PATH_MISUSE = ["data_missing", "data_is_folder", "eval_data_missing", "model_missing", "model_is_file",
-               "output_is_file", "output_under_file", "output_read_only", "output_is_model", "recipe_missing",
-               "recipe_not_utf8", "recipe_is_list", "recipe_bad_yaml", "override_bad_yaml", "resume_and_overwrite"]
+PATH_MISUSE = [
+    "data_missing",
+    "data_is_folder",
+    "eval_data_missing",
+    "model_missing",
+    "model_is_file",
+    "output_is_file",
+    "output_under_file",
+    "output_read_only",
+    "output_is_model",
+    "recipe_missing",
+    "recipe_not_utf8",
+    "recipe_is_list",
+    "recipe_bad_yaml",
+    "override_bad_yaml",
+    "resume_and_overwrite",
+]
 
 
 @pytest.mark.parametrize("case", PATH_MISUSE)
@@ -202,12 +225,30 @@ def test_path_misuse_is_one_line_naming_the_key(env, capsys, case):
 def test_other_trainers_key_names_are_aliases(env):
     tmp, base = env
     recipe = tmp / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"model_name_or_path": base["model"], "train_file": base["data"],
-                                      "gradient_accumulation_steps": 4, "num_train_epochs": 2,
-                                      "per_device_train_batch_size": 3, "lora_rank": 16, "cutoff_len": 512}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": base["model"],
+                "train_file": base["data"],
+                "gradient_accumulation_steps": 4,
+                "num_train_epochs": 2,
+                "per_device_train_batch_size": 3,
+                "lora_rank": 16,
+                "cutoff_len": 512,
+            }
+        )
+    )
     r = load_recipe(str(recipe), parse_overrides(["--lr", "1e-3", "--max-seq-length", "256"]))
     assert (r.model, r.data, r.grad_accum, r.epochs, r.batch_size, r.lora_r, r.learning_rate, r.max_length) == (
-        base["model"], base["data"], 4, 2.0, 3, 16, 1e-3, 256)
+        base["model"],
+        base["data"],
+        4,
+        2.0,
+        3,
+        16,
+        1e-3,
+        256,
+    )
     assert all(v in Recipe.keys() for v in ALIASES.values())
 
 

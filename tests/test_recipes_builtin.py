@@ -1,5 +1,6 @@
 """Built-in recipes: every shipped recipe is a valid recipe with a well-formed model id and readable
 bundled data, each family ships identity and multi-turn recipes, and list/copy work from the CLI."""
+
 from __future__ import annotations
 
 import types
@@ -73,7 +74,9 @@ def test_list_filters_and_copy_brings_the_data(tmp_path):
     names = [r.name for r in list_recipes("medqa")]
     assert names == ["internlm2-chat-7b-qlora-medqa"]
     assert {r.name for r in list_recipes("internlm2*identity*")} == {
-        "internlm2-chat-7b-qlora-identity", "internlm2-chat-1.8b-qlora-identity-packed"}
+        "internlm2-chat-7b-qlora-identity",
+        "internlm2-chat-1.8b-qlora-identity-packed",
+    }
     out = copy_recipe("internlm2-chat-7b-qlora-medqa", str(tmp_path / "cfg"))
     assert out == tmp_path / "cfg" / "internlm2-chat-7b-qlora-medqa.yaml"
     loaded = load_recipe(str(out))
@@ -103,7 +106,9 @@ def test_a_recipe_name_shipped_by_two_plugins_is_an_error(tmp_path):
     for sub in ("a", "b"):
         module = types.SimpleNamespace(famtune_recipe_dirs=famtune.hookimpl(lambda d=str(tmp_path / sub): [d]))
         plugins.register(module, PluginInfo(f"plug{sub}", f"famtune-plug{sub}", "1.0"))
-    with pytest.raises(FamtuneError, match=r"'same' is shipped by both plugin 'pluga' \(famtune-pluga 1.0\) and plugin 'plugb'"):
+    with pytest.raises(
+        FamtuneError, match=r"'same' is shipped by both plugin 'pluga' \(famtune-pluga 1.0\) and plugin 'plugb'"
+    ):
         builtin_recipes(plugins)
 
 

@@ -1,6 +1,7 @@
 """The comparison report's presentation: overall ranking with ties, eval sample counts, the demo-model
 banner, per-run loss plots and a legend that stays off the data. Built from run directories as
 ``famtune train`` leaves them (summary.json, metrics.jsonl, famtune.json)."""
+
 from __future__ import annotations
 
 import json
@@ -12,25 +13,48 @@ from famtune.compare import ModelRun
 from famtune.report import RUN_CURVES_PNG, plot_curves, ranking, write_report
 
 
-def _run(root: Path, spec: str, name: str, final: float, eval_loss: float | None, eval_samples: int,
-         status: str = "ok") -> ModelRun:
+def _run(
+    root: Path, spec: str, name: str, final: float, eval_loss: float | None, eval_samples: int, status: str = "ok"
+) -> ModelRun:
     out = root / name
     out.mkdir(parents=True)
     if status == "ok":
         family = spec.split(":")[-1]
-        (out / "summary.json").write_text(json.dumps({
-            "steps": 4, "final_loss": final, "eval_loss": eval_loss, "tokens_per_s": 100.0, "peak_rss_mib": 900.0,
-            "peak_accelerator_mib": None, "parameters": {"trainable": 10, "total": 100},
-            "data": {"train_samples": 15, "eval_samples": eval_samples},
-            "family": {"plugin": family, "distribution": f"famtune-{family}", "version": "0.1.0", "family": family}}))
+        (out / "summary.json").write_text(
+            json.dumps(
+                {
+                    "steps": 4,
+                    "final_loss": final,
+                    "eval_loss": eval_loss,
+                    "tokens_per_s": 100.0,
+                    "peak_rss_mib": 900.0,
+                    "peak_accelerator_mib": None,
+                    "parameters": {"trainable": 10, "total": 100},
+                    "data": {"train_samples": 15, "eval_samples": eval_samples},
+                    "family": {
+                        "plugin": family,
+                        "distribution": f"famtune-{family}",
+                        "version": "0.1.0",
+                        "family": family,
+                    },
+                }
+            )
+        )
         records = [{"step": s, "loss": final * (5 - s + 1)} for s in range(1, 5)]
         if eval_loss is not None:
             records.append({"step": 4, "eval_loss": eval_loss})
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         (out / "famtune.json").write_text(json.dumps({"family": family, "masking": "all_assistant"}))
     family = spec.split(":")[-1] if status == "ok" else None
-    return ModelRun(spec=spec, name=name, out=out, family=family, status=status,
-                    error="" if status == "ok" else "no plugin claims it", wall_s=12.0)
+    return ModelRun(
+        spec=spec,
+        name=name,
+        out=out,
+        family=family,
+        status=status,
+        error="" if status == "ok" else "no plugin claims it",
+        wall_s=12.0,
+    )
 
 
 SHARED = {"data": "identity.jsonl", "max_steps": 4, "evaluation_inputs": []}
@@ -38,10 +62,12 @@ SHARED = {"data": "identity.jsonl", "max_steps": 4, "evaluation_inputs": []}
 
 @pytest.fixture()
 def report(tmp_path):
-    runs = [_run(tmp_path, "tiny:qwen2.5", "tiny-qwen2.5", 0.9, 0.51234, 3),
-            _run(tmp_path, "tiny:internlm2", "tiny-internlm2", 0.8, 0.51231, 3),  # ties qwen2.5 at 4 decimals
-            _run(tmp_path, "tiny:chatglm3", "tiny-chatglm3", 0.7, 0.70000, 3),
-            _run(tmp_path, "/models/broken", "broken", 0, None, 0, status="failed")]
+    runs = [
+        _run(tmp_path, "tiny:qwen2.5", "tiny-qwen2.5", 0.9, 0.51234, 3),
+        _run(tmp_path, "tiny:internlm2", "tiny-internlm2", 0.8, 0.51231, 3),  # ties qwen2.5 at 4 decimals
+        _run(tmp_path, "tiny:chatglm3", "tiny-chatglm3", 0.7, 0.70000, 3),
+        _run(tmp_path, "/models/broken", "broken", 0, None, 0, status="failed"),
+    ]
     out = write_report(tmp_path, SHARED, [r.spec for r in runs], runs)
     return out, json.loads((out / "results.json").read_text(encoding="utf-8"))
 
@@ -51,8 +77,11 @@ def test_ranking_flags_ties_and_puts_failures_last(report):
     rank = results["ranking"]
     assert rank["criterion"] == "eval loss"
     assert [(r["model"], r["rank"], r["tie"]) for r in rank["rows"]] == [
-        ("tiny:internlm2", 1, True), ("tiny:qwen2.5", 1, True), ("tiny:chatglm3", 3, False),
-        ("/models/broken", None, False)]
+        ("tiny:internlm2", 1, True),
+        ("tiny:qwen2.5", 1, True),
+        ("tiny:chatglm3", 3, False),
+        ("/models/broken", None, False),
+    ]
     assert rank["winners"] == ["tiny:internlm2", "tiny:qwen2.5"]
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "Tied for best by eval loss: tiny:internlm2, tiny:qwen2.5." in md

@@ -1,5 +1,6 @@
 """`famtune plugin new`: the generated package installs, is discovered, passes its own tests; broken
 variants of it (real packages, pip-installed) are named and set aside while the rest keeps working."""
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,17 @@ BROKEN = {
     "noimport": ("0.2.0", [("plugin.py", "import famtune\n", "import famtune\nimport acme_runtime_not_installed\n")]),
     "typo": ("0.3.0", [("plugin.py", "def famtune_register_families(", "def famtune_register_familes(")]),
     "badfams": ("0.4.0", [("plugin.py", "    register(", "    register(object())\n    register(")]),
-    "badclaim": ("0.5.0", [("family.py", "    def claims(self, config: dict[str, Any], path: str) -> bool:\n",
-                            "    def claims(self, config: dict[str, Any], path: str) -> bool:\n"
-                            "        raise RuntimeError('the claim exploded')\n")]),
+    "badclaim": (
+        "0.5.0",
+        [
+            (
+                "family.py",
+                "    def claims(self, config: dict[str, Any], path: str) -> bool:\n",
+                "    def claims(self, config: dict[str, Any], path: str) -> bool:\n"
+                "        raise RuntimeError('the claim exploded')\n",
+            )
+        ],
+    ),
     "twina": ("0.6.0", []),
     "twinb": ("0.7.0", [("family.py", '    name = "twinb"', '    name = "twina"')]),
 }
@@ -36,8 +45,9 @@ def _env(target: Path | None = None, **extra: str) -> dict[str, str]:
 
 
 def _famtune(*args: str, target: Path | None = None, python: str = sys.executable, **extra: str):
-    return subprocess.run([python, "-m", "famtune.cli", *args], capture_output=True, text=True,
-                          env=_env(target, **extra))
+    return subprocess.run(
+        [python, "-m", "famtune.cli", *args], capture_output=True, text=True, env=_env(target, **extra)
+    )
 
 
 def _edit(pkg: Path, name: str, version: str, edits) -> None:
@@ -57,20 +67,41 @@ def built(tmp_path_factory):
     for name in ["acme", "faulty", *BROKEN]:
         famtune_cli("plugin", "new", name, "--dir", str(root))
     # The end-of-turn token left unsupervised: a model trained so never learns to stop.
-    _edit(root / "famtune-faulty", "faulty", "0.1.0",
-          [("template.py", "assistant_suffix=EOT,", 'assistant_suffix="", assistant_trailer=EOT,')])
+    _edit(
+        root / "famtune-faulty",
+        "faulty",
+        "0.1.0",
+        [("template.py", "assistant_suffix=EOT,", 'assistant_suffix="", assistant_trailer=EOT,')],
+    )
     for name, (version, edits) in BROKEN.items():
         _edit(root / f"famtune-{name}", name, version, edits)
     wheels = root / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
-                    *(str(p) for p in sorted(root.glob("famtune-*")))], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheels),
+            *(str(p) for p in sorted(root.glob("famtune-*"))),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return root, wheels
 
 
 def _install(wheels: Path, target: Path, *names: str) -> Path:
     files = [str(next(wheels.glob(f"famtune_{n}-*.whl"))) for n in names]
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(target),
-                    *files], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(target), *files],
+        check=True,
+        capture_output=True,
+    )
     return target
 
 
@@ -79,8 +110,15 @@ def test_generated_package_layout(built, tmp_path):
     pkg = Path(famtune_cli("plugin", "new", "acme", "--dir", str(tmp_path)).stdout.split(" to ")[1].split(";")[0])
     assert pkg == tmp_path.resolve() / "famtune-acme"
     assert sorted(str(p.relative_to(pkg)) for p in pkg.rglob("*") if p.is_file()) == [
-        "README.md", "famtune_acme/__init__.py", "famtune_acme/family.py", "famtune_acme/plugin.py",
-        "famtune_acme/template.py", "famtune_acme/tiny.py", "pyproject.toml", "tests/test_plugin.py"]
+        "README.md",
+        "famtune_acme/__init__.py",
+        "famtune_acme/family.py",
+        "famtune_acme/plugin.py",
+        "famtune_acme/template.py",
+        "famtune_acme/tiny.py",
+        "pyproject.toml",
+        "tests/test_plugin.py",
+    ]
     assert '[project.entry-points.famtune]\nacme = "famtune_acme.plugin"' in (pkg / "pyproject.toml").read_text()
     # Generated from the example plugin's files, renamed: no second copy of the plugin to drift.
     example = ROOT / "examples" / "famtune-llama3" / "famtune_llama3"
@@ -88,7 +126,8 @@ def test_generated_package_layout(built, tmp_path):
         ours = (pkg / "famtune_acme" / file).read_text()
         theirs = (example / file).read_text()
         assert ours == theirs.replace("famtune_llama3", "famtune_acme").replace("Llama3", "Acme").replace(
-            "LLAMA3", "ACME").replace("llama3", "acme"), file
+            "LLAMA3", "ACME"
+        ).replace("llama3", "acme"), file
     assert "def famtune_register_families(" in (pkg / "famtune_acme" / "plugin.py").read_text()
     res = _famtune("plugin", "new", "acme", "--dir", str(root))
     assert res.returncode == 2 and "already exists and is not empty" in res.stderr
@@ -101,22 +140,44 @@ def test_generated_plugin_is_discovered_in_a_fresh_venv(built, tmp_path):
     _, wheels = built
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "env")], check=True)
     py = tmp_path / "env" / "bin" / "python"
-    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     import pluggy
 
     (tmp_path / "borrowed").mkdir()
     (tmp_path / "borrowed" / "pluggy").symlink_to(Path(pluggy.__file__).parent)
     Path(purelib, "borrowed_pluggy.pth").write_text(f"{tmp_path / 'borrowed'}\n")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
     pip = [sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index"]
-    subprocess.run([*pip, *map(str, tmp_path.glob("famtune-*.whl")), str(next(wheels.glob("famtune_acme-*.whl")))],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [*pip, *map(str, tmp_path.glob("famtune-*.whl")), str(next(wheels.glob("famtune_acme-*.whl")))],
+        check=True,
+        capture_output=True,
+    )
     res = _famtune("plugins", "--json", python=str(py))
     listed = json.loads(res.stdout)
     assert [(p["name"], p["distribution"], p["version"], p["families"]) for p in listed["plugins"]] == [
-        ("acme", "famtune-acme", "0.1.0", ["acme"])]
+        ("acme", "famtune-acme", "0.1.0", ["acme"])
+    ]
     assert listed["plugins"][0]["hooks"] == ["famtune_register_families"] and listed["broken"] == []
 
 
@@ -124,8 +185,14 @@ def test_generated_plugin_passes_its_own_tests(built, tmp_path):
     """Its tests prove discovery and run famtune's conformance suite (pytest_plugins = ["famtune.testing"])."""
     root, wheels = built
     target = _install(wheels, tmp_path / "site", "acme")
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "famtune-acme" /
-                          "tests")], capture_output=True, text=True, env=_env(target), cwd=tmp_path, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "famtune-acme" / "tests")],
+        capture_output=True,
+        text=True,
+        env=_env(target),
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout[-3000:]
     assert "3 passed" in res.stdout
 
@@ -141,8 +208,14 @@ def test_conformance_catches_an_unsupervised_end_of_turn(built, tmp_path):
     [sup] = [r for r in report["results"] if r["check"] == "supervision"]
     assert "does not end with a stop id" in sup["detail"]
     # Everything that does not depend on the labels still passes, so the report points at the one fault.
-    assert {k for k, v in status.items() if v == "pass"} == {"claim", "template", "targets", "qlora step", "merge",
-                                                              "packing"}
+    assert {k for k, v in status.items() if v == "pass"} == {
+        "claim",
+        "template",
+        "targets",
+        "qlora step",
+        "merge",
+        "packing",
+    }
 
 
 def test_broken_plugins_are_named_and_the_rest_keep_working(built, tmp_path, tiny_qwen25):
@@ -172,9 +245,11 @@ def test_broken_plugins_are_named_and_the_rest_keep_working(built, tmp_path, tin
     warnings = [line for line in res.stderr.splitlines() if line.startswith("famtune: warning:")]
     for name in ("noimport", "typo", "badfams", "twina", "twinb"):
         assert any(f"plugin '{name}' (famtune-{name} {BROKEN[name][0]}) is disabled" in w for w in warnings), name
-    assert any("plugin 'badclaim' (famtune-badclaim 0.5.0): family 'badclaim' claims() raised RuntimeError: "
-               "the claim exploded" in w
-               for w in warnings)
+    assert any(
+        "plugin 'badclaim' (famtune-badclaim 0.5.0): family 'badclaim' claims() raised RuntimeError: "
+        "the claim exploded" in w
+        for w in warnings
+    )
 
     bypass = _famtune("plugins", "--json", target=target, FAMTUNE_LOAD_PLUGINS="")
     assert bypass.returncode == 0 and bypass.stderr == ""

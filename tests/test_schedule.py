@@ -1,5 +1,6 @@
 """The learning-rate schedule: transformers' warmup+cosine exactly, and no jump when --resume
 changes the step budget."""
+
 from __future__ import annotations
 
 import math
@@ -29,7 +30,7 @@ def test_a_changed_budget_continues_from_the_current_rate_down_to_zero(new_total
     before = [lr_factor(s, warmup, old_total, []) for s in range(at + 1)]
     after = [lr_factor(s, warmup, old_total, segments) for s in range(new_total + 1)]
     assert after[: at + 1] == before  # the past is unchanged, and no jump at the resume step
-    assert all(a >= b for a, b in zip(after[at:], after[at + 1:]))  # decays monotonically
+    assert all(a >= b for a, b in zip(after[at:], after[at + 1 :]))  # decays monotonically
     assert after[new_total] == pytest.approx(0.0, abs=1e-12)
     # a second change chains from the first
     again = extend(segments, at + 1, warmup, old_total, new_total + 5)

@@ -1,6 +1,7 @@
 """famtune serve: the OpenAI-compatible API on a tiny Qwen2.5 base with a QLoRA adapter trained to
 give known answers, served on 127.0.0.1 (a free port) with the official ``openai`` client and raw HTTP.
 """
+
 from __future__ import annotations
 
 import json
@@ -91,8 +92,11 @@ def test_base_answers_without_the_adapter(built, client):
 
 
 def test_streaming_with_the_openai_client(client):
-    chunks = list(client.chat.completions.create(model="tuned", messages=user(QUESTION), temperature=0, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="tuned", messages=user(QUESTION), temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(pieces) > 2 and "".join(pieces) == ADAPTER_ANSWERS[QUESTION]
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -103,8 +107,12 @@ def test_streaming_with_the_openai_client(client):
 
 
 def test_raw_sse_ends_with_done(server):
-    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=TIMEOUT,
-                      json={"model": "tuned", "messages": user("hi"), "stream": True, "temperature": 0}) as resp:
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/chat/completions",
+        timeout=TIMEOUT,
+        json={"model": "tuned", "messages": user("hi"), "stream": True, "temperature": 0},
+    ) as resp:
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
         events = [line for line in resp.iter_lines() if line]
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
@@ -116,8 +124,9 @@ def test_stop_strings_cut_the_reply_streamed_or_not(client):
     kw = dict(model="tuned", messages=user(QUESTION), temperature=0, stop=[" capital", "zzz"])
     whole = client.chat.completions.create(**kw)
     assert whole.choices[0].message.content == "Paris is the" and whole.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw)
-                       if c.choices)
+    streamed = "".join(
+        c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw) if c.choices
+    )
     assert streamed == "Paris is the"
 
 
@@ -143,15 +152,18 @@ def test_completions_echo_logprobs_score_the_prompt(built, client):
     with torch.no_grad():
         logp = torch.log_softmax(ref.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
     expected = [float(logp[i - 1, ids[i]]) for i in range(1, len(ids))]
-    assert choice.logprobs.token_logprobs[0] is None and len(choice.logprobs.tokens) == len(ids) == got.usage.prompt_tokens
+    assert (
+        choice.logprobs.token_logprobs[0] is None and len(choice.logprobs.tokens) == len(ids) == got.usage.prompt_tokens
+    )
     assert choice.logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
     assert "".join(choice.logprobs.tokens) == text and choice.logprobs.text_offset[1] == len(choice.logprobs.tokens[0])
     assert all(len(t) == 2 for t in choice.logprobs.top_logprobs[1:])
 
 
 def test_completions_greedy_tokens_are_the_top_logprob(client):
-    got = client.completions.create(model="base", prompt=[[1, 2, 3], [40, 50, 60, 70]], max_tokens=5, temperature=0,
-                                    logprobs=1)
+    got = client.completions.create(
+        model="base", prompt=[[1, 2, 3], [40, 50, 60, 70]], max_tokens=5, temperature=0, logprobs=1
+    )
     assert len(got.choices) == 2 and got.usage.completion_tokens == 10 and got.usage.prompt_tokens == 7
     for choice in got.choices:
         lp = choice.logprobs
@@ -168,12 +180,20 @@ BAD = [
     ("/v1/chat/completions", {"messages": user("hi")}, 400, None),
     ("/v1/chat/completions", {"model": "tuned", "messages": [{"role": "tool", "content": "x"}]}, 400, None),
     ("/v1/chat/completions", {"model": "tuned", "messages": [{"role": "robot", "content": "x"}]}, 400, None),
-    ("/v1/chat/completions", {"model": "tuned", "messages": [{"role": "user", "content": "x"},
-                                                             {"role": "assistant", "content": "y"}]}, 400, None),
+    (
+        "/v1/chat/completions",
+        {"model": "tuned", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
+        400,
+        None,
+    ),
     ("/v1/chat/completions", {"model": "tuned", "messages": [{"role": "user", "content": 5}]}, 400, None),
     ("/v1/chat/completions", {"model": "tuned", "messages": user("word " * 2000)}, 400, "context_length_exceeded"),
-    ("/v1/chat/completions", {"model": "tuned", "messages": user("hi"), "max_tokens": 10**6}, 400,
-     "context_length_exceeded"),
+    (
+        "/v1/chat/completions",
+        {"model": "tuned", "messages": user("hi"), "max_tokens": 10**6},
+        400,
+        "context_length_exceeded",
+    ),
     ("/v1/chat/completions", {"model": "tuned", "messages": user("hi"), "temperature": 3}, 400, None),
     ("/v1/chat/completions", {"model": "tuned", "messages": user("hi"), "n": 1000}, 400, None),
     ("/v1/chat/completions", {"model": "tuned", "messages": user("hi"), "stop": list("abcde")}, 400, None),
@@ -187,7 +207,9 @@ BAD = [
 @pytest.mark.parametrize("path,body,status,code", BAD)
 def test_bad_requests_get_openai_errors(server, path, body, status, code):
     if isinstance(body, bytes):
-        resp = httpx.post(server.url + path, content=body, headers={"Content-Type": "application/json"}, timeout=TIMEOUT)
+        resp = httpx.post(
+            server.url + path, content=body, headers={"Content-Type": "application/json"}, timeout=TIMEOUT
+        )
     else:
         resp = post(server, path, body)
     assert resp.status_code == status, resp.text
@@ -209,15 +231,19 @@ def test_concurrent_greedy_requests_equal_their_sequential_answers(server):
     for i in range(10):
         model = ["base", "tuned", "tuned2"][i % 3]
         question = ["hi", QUESTION, f"story number {i}", "hello there"][i % 4]
-        requests.append({"model": model, "messages": user(question), "temperature": 0, "max_tokens": 16 + i,
-                         "stream": i % 2 == 1})
+        requests.append(
+            {"model": model, "messages": user(question), "temperature": 0, "max_tokens": 16 + i, "stream": i % 2 == 1}
+        )
 
     def ask(body):
         if not body["stream"]:
             return post(server, "/v1/chat/completions", body).json()["choices"][0]["message"]["content"]
         with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=TIMEOUT) as resp:
-            return "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
-                           for line in resp.iter_lines() if line.startswith("data: {"))
+            return "".join(
+                json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                for line in resp.iter_lines()
+                if line.startswith("data: {")
+            )
 
     sequential = [ask(b) for b in requests]
     with ThreadPoolExecutor(len(requests)) as pool:
@@ -236,8 +262,9 @@ def test_a_client_that_disconnects_stops_its_generation(server, built):
         raise AssertionError("no prompt makes the base write 400 tokens")
     finished = server.app.state.finished
     seen = len(finished)
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True},
-                      timeout=TIMEOUT) as resp:
+    with httpx.stream(
+        "POST", server.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=TIMEOUT
+    ) as resp:
         lines = resp.iter_lines()
         got = [next(lines) for _ in range(5)]  # a few tokens in, the client goes away
     assert any("content" in g for g in got)
@@ -267,7 +294,9 @@ def test_cli_reports_an_adapter_that_is_not_one(built, tmp_path):
     from conftest import famtune_cli
 
     res = famtune_cli("serve", built["base"], "--adapter", f"x={tmp_path}", check=False, timeout=120)
-    assert res.returncode == 2 and res.stderr.startswith("famtune: error: --adapter x=") and "Traceback" not in res.stderr
+    assert (
+        res.returncode == 2 and res.stderr.startswith("famtune: error: --adapter x=") and "Traceback" not in res.stderr
+    )
 
 
 def test_a_comparison_output_serves_each_run_beside_its_base(built, tmp_path):

@@ -5,6 +5,7 @@ questions into the page and read the streamed answers.
 Needs Debian's chromium and chromium-driver (.ci/run installs them). The screenshot is written to
 $FAMTUNE_SCREENSHOT_DIR when set (else the test's temporary directory) for a person to look at.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,9 +25,18 @@ from conftest import ADAPTER_ANSWERS, build_base_and_adapter
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--window-size=1280,860"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,860",
+]
 WAIT = 90
 QUESTION = "What is the capital of France?"
 pytestmark = pytest.mark.slow  # trains an adapter and starts a server process and a browser
@@ -67,9 +77,12 @@ def ask(driver, text, panes=("pane-a",)):
     box = driver.find_element(By.ID, "prompt")
     box.send_keys(text)
     box.send_keys(Keys.ENTER)
-    WebDriverWait(driver, WAIT).until(lambda d: all(
-        len(replies(d, p)) > before[p] and replies(d, p)[-1].get_attribute("data-state") != "streaming"
-        for p in panes))
+    WebDriverWait(driver, WAIT).until(
+        lambda d: all(
+            len(replies(d, p)) > before[p] and replies(d, p)[-1].get_attribute("data-state") != "streaming"
+            for p in panes
+        )
+    )
     return [replies(driver, p)[-1] for p in panes]
 
 
@@ -117,9 +130,12 @@ def test_chat_page_streams_the_demo_models_answers(server, browser, tmp_path):
 
 
 def test_the_served_api_streams_and_listens_on_loopback_only(server):
-    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=WAIT,
-                      json={"model": "fambot", "messages": [{"role": "user", "content": "hi"}],
-                            "stream": True, "temperature": 0}) as resp:
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/chat/completions",
+        timeout=WAIT,
+        json={"model": "fambot", "messages": [{"role": "user", "content": "hi"}], "stream": True, "temperature": 0},
+    ) as resp:
         lines = [line for line in resp.iter_lines() if line]
     assert lines[-1] == "data: [DONE]" and len(lines) > 3
     assert _listening_addresses(server.port) == {"127.0.0.1"}
@@ -135,5 +151,5 @@ def _listening_addresses(port: int) -> set[str]:
             fields = row.split()
             addr, hexport = fields[1].split(":")
             if int(hexport, 16) == port and fields[3] == "0A":  # 0A: LISTEN
-                found.add(".".join(str(int(addr[i:i + 2], 16)) for i in (6, 4, 2, 0)) if len(addr) == 8 else addr)
+                found.add(".".join(str(int(addr[i : i + 2], 16)) for i in (6, 4, 2, 0)) if len(addr) == 8 else addr)
     return found

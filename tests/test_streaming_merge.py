@@ -1,4 +1,5 @@
 """Streaming merge: tensor by tensor, bit-identical to loading the whole model and merging with PEFT."""
+
 from __future__ import annotations
 
 import json
@@ -31,14 +32,31 @@ def make_adapter(base: Path, adapter: Path, family_name: str | None = None, **lo
     ckpt = open_checkpoint(str(base), family=family_name)
     torch.manual_seed(0)
     model = ckpt.load_model(quantization="nf4", compute_dtype="fp32")
-    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM",
-                        target_modules=ckpt.family.lora_target_modules(model, "all-linear"), **lora)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+        target_modules=ckpt.family.lora_target_modules(model, "all-linear"),
+        **lora,
+    )
     get_peft_model(model, config).save_pretrained(str(adapter))
     tokenizer = ckpt.load_tokenizer()
-    write_metadata(adapter, build_metadata(
-        family=ckpt.family, template_name=ckpt.family.conversation_template().name,
-        generation=ckpt.family.generation_defaults(tokenizer), base_model=str(base), base_path=str(base),
-        quantization="nf4", compute_dtype="fp32", masking="all_assistant", max_length=256, system=None))
+    write_metadata(
+        adapter,
+        build_metadata(
+            family=ckpt.family,
+            template_name=ckpt.family.conversation_template().name,
+            generation=ckpt.family.generation_defaults(tokenizer),
+            base_model=str(base),
+            base_path=str(base),
+            quantization="nf4",
+            compute_dtype="fp32",
+            masking="all_assistant",
+            max_length=256,
+            system=None,
+        ),
+    )
     return ckpt
 
 
@@ -86,7 +104,9 @@ def test_small_shards_stream_into_an_index(qwen, tmp_path):
 
     report = merge(str(qwen["adapter"]), str(tmp_path / "s"), max_shard_size="100KB", log=lambda _: None)
     index = json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())
-    assert report["shards"] >= 2 and set(index["weight_map"].values()) == {p.name for p in (tmp_path / "s").glob("*.safetensors")}
+    assert report["shards"] >= 2 and set(index["weight_map"].values()) == {
+        p.name for p in (tmp_path / "s").glob("*.safetensors")
+    }
     merge(str(qwen["adapter"]), str(tmp_path / "one"), log=lambda _: None)
     assert_same_weights(tmp_path / "s", tmp_path / "one")
     AutoModelForCausalLM.from_pretrained(tmp_path / "s")
@@ -108,10 +128,17 @@ def test_quantized_set_from_the_meta_model_is_what_transformers_quantizes(qwen):
     # quantize_4bit/dequantize_4bit on one tensor reproduces what loading with BitsAndBytesConfig gives
     raw = load_file(Path(ckpt.path) / "model.safetensors")
     for name, module in real.items():
-        packed, state = quantize_4bit(raw[f"{name}.weight"].float(), blocksize=64, compress_statistics=True,
-                                      quant_type="nf4", quant_storage=torch.uint8)
+        packed, state = quantize_4bit(
+            raw[f"{name}.weight"].float(),
+            blocksize=64,
+            compress_statistics=True,
+            quant_type="nf4",
+            quant_storage=torch.uint8,
+        )
         assert torch.equal(packed, module.weight.data)
-        assert torch.equal(dequantize_4bit(packed, state), dequantize_4bit(module.weight.data, module.weight.quant_state))
+        assert torch.equal(
+            dequantize_4bit(packed, state), dequantize_4bit(module.weight.data, module.weight.quant_state)
+        )
 
 
 def test_unusual_adapters_fall_back_and_say_so(qwen, tmp_path):

@@ -1,5 +1,6 @@
 """Experiment tracking through accelerate (TensorBoard read back for real) and plain progress lines
 when the output is not a terminal."""
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,19 @@ def test_tensorboard_scalars_and_plain_log_lines(tiny_qwen25, tmp_path):
     recipe = yaml.safe_load((DEMO_DIR / "demo.yaml").read_text())
     recipe.pop("family")
     out = tmp_path / "out"
-    recipe.update(model=str(tiny_qwen25), data=str(DEMO_DIR / "identity.jsonl"), eval_data=str(DEMO_DIR / "identity.jsonl"),
-                  output_dir=str(out), max_steps=6, logging_steps=2, eval_steps=0, save_steps=0,
-                  evaluation_inputs=[], report_to=["tensorboard"], progress=True)
+    recipe.update(
+        model=str(tiny_qwen25),
+        data=str(DEMO_DIR / "identity.jsonl"),
+        eval_data=str(DEMO_DIR / "identity.jsonl"),
+        output_dir=str(out),
+        max_steps=6,
+        logging_steps=2,
+        eval_steps=0,
+        save_steps=0,
+        evaluation_inputs=[],
+        report_to=["tensorboard"],
+        progress=True,
+    )
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe, allow_unicode=True))
     res = famtune_cli("train", tmp_path / "r.yaml")  # stdout/stderr are pipes, not a terminal
 
@@ -64,7 +75,8 @@ def test_progress_false_still_prints_loss_lines():
     assert progress_bar_wanted(False, Tty()) is False  # then train prints plain lines
     assert progress_bar_wanted(True, open(__file__)) is False
     assert progress_line(5, 20, 1.23456, 2e-4, 1234.5, 65) == (
-        "step 5/20 loss 1.2346 lr 2.00e-04 tokens/s 1,234 elapsed 1:05 eta 3:15")
+        "step 5/20 loss 1.2346 lr 2.00e-04 tokens/s 1,234 elapsed 1:05 eta 3:15"
+    )
 
 
 def test_tracker_names_are_checked():

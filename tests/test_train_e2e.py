@@ -1,4 +1,5 @@
 """End to end, as a user runs it: famtune train -> merge -> chat on a tiny QLoRA-quantized model."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,6 @@ import pytest
 import yaml
 
 from conftest import famtune_cli
-
 from famtune.demo import DEMO_DIR, expected_answers
 
 IDENTITY = DEMO_DIR / "identity.jsonl"
@@ -30,8 +30,15 @@ def write_recipe(path: Path, model: Path, out: Path, **extra) -> Path:
 @pytest.fixture(scope="module")
 def trained(tiny_qwen25, tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e")
-    recipe = write_recipe(work / "recipe.yaml", tiny_qwen25, work / "out", eval_data=str(IDENTITY),
-                          max_steps=200, eval_steps=40, save_steps=40)
+    recipe = write_recipe(
+        work / "recipe.yaml",
+        tiny_qwen25,
+        work / "out",
+        eval_data=str(IDENTITY),
+        max_steps=200,
+        eval_steps=40,
+        save_steps=40,
+    )
     # the command-line flag overrides the recipe's step budget
     res = famtune_cli("train", recipe, "--max_steps", "70")
     return work, res
@@ -40,8 +47,15 @@ def trained(tiny_qwen25, tmp_path_factory):
 def test_train_writes_adapter_metrics_plot_and_resolved_recipe(trained):
     work, res = trained
     out = work / "out"
-    for name in ("adapter_config.json", "adapter_model.safetensors", "famtune.json", "metrics.jsonl",
-                 "loss.png", "recipe.yaml", "summary.json"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "famtune.json",
+        "metrics.jsonl",
+        "loss.png",
+        "recipe.yaml",
+        "summary.json",
+    ):
         assert (out / name).exists(), name
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert yaml.safe_load((out / "recipe.yaml").read_text())["max_steps"] == 70
@@ -76,7 +90,9 @@ def test_adapter_loads_in_plain_peft(trained, tiny_qwen25):
     lora_b = [n for n in saved if "lora_B" in n]
     assert any(saved[n].abs().sum() > 0 for n in lora_b)  # trained, not the zero init
     for name, tensor in saved.items():
-        match = [p for n, p in loaded.items() if n.replace(".default", "") .endswith(name.split("base_model.model.")[-1])]
+        match = [
+            p for n, p in loaded.items() if n.replace(".default", "").endswith(name.split("base_model.model.")[-1])
+        ]
         assert match and torch.equal(match[0].detach(), tensor), name
 
 
@@ -106,21 +122,25 @@ def test_merged_model_loads_in_plain_transformers_with_family_stop_ids(trained):
 
 
 def _metric_losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-            if "loss" in r}
+    return {
+        r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    }
 
 
 def test_resume_after_interruption_continues_at_the_right_step(tiny_qwen25, tmp_path):
-    settings = dict(max_steps=24, save_steps=3, logging_steps=1, batch_size=4, evaluation_inputs=[],
-                    lora_dropout=0.1)
+    settings = dict(max_steps=24, save_steps=3, logging_steps=1, batch_size=4, evaluation_inputs=[], lora_dropout=0.1)
     straight = write_recipe(tmp_path / "a.yaml", tiny_qwen25, tmp_path / "a", **settings)
     famtune_cli("train", straight)
     reference = _metric_losses(tmp_path / "a")
     assert sorted(reference) == list(range(1, 25))
 
     interrupted = write_recipe(tmp_path / "b.yaml", tiny_qwen25, tmp_path / "b", **settings)
-    proc = subprocess.Popen([sys.executable, "-m", "famtune.cli", "train", str(interrupted)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "famtune.cli", "train", str(interrupted)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 600
     while not (tmp_path / "b" / "checkpoints" / "step-3").exists():
         assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
@@ -144,8 +164,16 @@ def test_plain_lora_without_quantization_trains_full_precision_base(tiny_qwen25,
     import torch
     from safetensors.torch import load_file
 
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_qwen25, tmp_path / "out", quantization="none",
-                          max_steps=30, evaluation_inputs=[], eval_steps=0, save_steps=0)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_qwen25,
+        tmp_path / "out",
+        quantization="none",
+        max_steps=30,
+        evaluation_inputs=[],
+        eval_steps=0,
+        save_steps=0,
+    )
     res = famtune_cli("train", recipe)
     assert "(none base)" in res.stdout
     meta = json.loads((tmp_path / "out" / "famtune.json").read_text())
@@ -160,8 +188,19 @@ def test_bf16_training_gives_the_same_losses_with_native_and_widened_matmuls(tin
     losses, kernel_counts = {}, {}
     for choice in ("native", "fp32"):
         out = tmp_path / choice
-        recipe = write_recipe(tmp_path / f"{choice}.yaml", tiny_qwen25, out, compute_dtype="bf16",
-                              half_matmul=choice, lora_dropout=0.05, logging_steps=1, max_steps=6, evaluation_inputs=[], eval_steps=0, save_steps=0)
+        recipe = write_recipe(
+            tmp_path / f"{choice}.yaml",
+            tiny_qwen25,
+            out,
+            compute_dtype="bf16",
+            half_matmul=choice,
+            lora_dropout=0.05,
+            logging_steps=1,
+            max_steps=6,
+            evaluation_inputs=[],
+            eval_steps=0,
+            save_steps=0,
+        )
         res = famtune_cli("train", recipe)
         assert f"half_matmul: {'native' if choice == 'native' else 'fp32 kernels'}" in res.stdout
         losses[choice] = _metric_losses(out)

@@ -1,4 +1,5 @@
 """famtune: QLoRA fine-tuning of chat LLMs, with every family-specific decision in a plugin."""
+
 from __future__ import annotations
 
 import pluggy
@@ -7,7 +8,6 @@ __version__ = "0.1.0"
 
 #: Decorator for plugin hook implementations: ``@famtune.hookimpl``.
 hookimpl = pluggy.HookimplMarker("famtune")
-
 
 
 def load_chat(model: str, adapter: str | None = None, **options):

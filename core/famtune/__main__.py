@@ -1,4 +1,5 @@
 """``python -m famtune`` (and ``torchrun -m famtune``) run the famtune command."""
+
 import sys
 
 from famtune.cli import main

@@ -23,6 +23,7 @@ run and does what a method needs around the training loop:
 - **LoRA+**: PEFT's ``create_loraplus_optimizer`` puts the B matrices in groups with
   ``ratio x learning_rate``; the group split is saved with every checkpoint and checked on resume.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,29 +52,43 @@ def validate_adapter_recipe(recipe: Any, where: str = "recipe") -> None:
     if r.lora_init not in LORA_INITS:
         raise FamtuneError(f"{where}: lora_init is {r.lora_init!r}; expected one of {', '.join(LORA_INITS)}")
     if r.loraplus_lr_ratio < 0 or 0 < r.loraplus_lr_ratio < 1:
-        raise FamtuneError(f"{where}: loraplus_lr_ratio is {r.loraplus_lr_ratio}; expected 0 (off) or a ratio >= 1 "
-                           "(the LoRA+ paper uses 16)")
+        raise FamtuneError(
+            f"{where}: loraplus_lr_ratio is {r.loraplus_lr_ratio}; expected 0 (off) or a ratio >= 1 "
+            "(the LoRA+ paper uses 16)"
+        )
     if r.lora_r < 1:
         raise FamtuneError(f"{where}: lora_r is {r.lora_r}; expected a rank >= 1")
     if r.adapter == "adalora":
         if r.rslora:
-            raise FamtuneError(f"{where}: rslora: true does not apply to adapter: adalora (AdaLoRA scales by its "
-                               "own rank count); set rslora: false")
+            raise FamtuneError(
+                f"{where}: rslora: true does not apply to adapter: adalora (AdaLoRA scales by its "
+                "own rank count); set rslora: false"
+            )
         if r.lora_init != "default":
-            raise FamtuneError(f"{where}: lora_init: {r.lora_init} does not apply to adapter: adalora (AdaLoRA "
-                               "initialises its own SVD triplets); set lora_init: default")
+            raise FamtuneError(
+                f"{where}: lora_init: {r.lora_init} does not apply to adapter: adalora (AdaLoRA "
+                "initialises its own SVD triplets); set lora_init: default"
+            )
         if not 0 < adalora_target_r(r) <= r.lora_r:
-            raise FamtuneError(f"{where}: adalora_target_r is {r.adalora_target_r}; expected 1..lora_r "
-                               f"({r.lora_r}), the average rank AdaLoRA prunes down to (0: half of lora_r)")
+            raise FamtuneError(
+                f"{where}: adalora_target_r is {r.adalora_target_r}; expected 1..lora_r "
+                f"({r.lora_r}), the average rank AdaLoRA prunes down to (0: half of lora_r)"
+            )
     elif r.adalora_target_r:
-        raise FamtuneError(f"{where}: adalora_target_r is set but adapter is {r.adapter}; "
-                           "set adapter: adalora or remove adalora_target_r")
+        raise FamtuneError(
+            f"{where}: adalora_target_r is set but adapter is {r.adapter}; "
+            "set adapter: adalora or remove adalora_target_r"
+        )
     if r.adapter == "dora" and r.lora_init in ("pissa", "olora", "loftq"):
-        raise FamtuneError(f"{where}: lora_init: {r.lora_init} cannot be combined with adapter: dora (PEFT "
-                           "converts and LoftQ-initialises plain LoRA only); use adapter: lora or lora_init: default")
+        raise FamtuneError(
+            f"{where}: lora_init: {r.lora_init} cannot be combined with adapter: dora (PEFT "
+            "converts and LoftQ-initialises plain LoRA only); use adapter: lora or lora_init: default"
+        )
     if r.lora_init == "loftq" and r.quantization != "nf4":
-        raise FamtuneError(f"{where}: lora_init: loftq initialises LoRA to cancel the NF4 quantization error and "
-                           "needs quantization: nf4; use lora_init: pissa or default on a full-precision base")
+        raise FamtuneError(
+            f"{where}: lora_init: loftq initialises LoRA to cancel the NF4 quantization error and "
+            "needs quantization: nf4; use lora_init: pissa or default on a full-precision base"
+        )
 
 
 def adalora_target_r(recipe: Any) -> int:
@@ -85,8 +100,10 @@ def adalora_schedule(total_steps: int) -> dict[str, int]:
     shrinking (cubically, as in the paper) over the next 70% in about ten reallocations, and the
     last 20% (at least one step, where the final pattern is fixed) at the final ranks."""
     if total_steps < 2:
-        raise FamtuneError(f"adapter: adalora needs at least 2 optimizer steps to allocate ranks; this run has "
-                           f"{total_steps}; raise max_steps or epochs, or use adapter: lora")
+        raise FamtuneError(
+            f"adapter: adalora needs at least 2 optimizer steps to allocate ranks; this run has "
+            f"{total_steps}; raise max_steps or epochs, or use adapter: lora"
+        )
     tinit = total_steps // 10
     tfinal = max(1, total_steps // 5)
     deltaT = max(1, (total_steps - tinit - tfinal) // 10)
@@ -99,16 +116,25 @@ def describe(recipe: Any) -> str:
         head = f"adalora r={r.lora_r}->{adalora_target_r(r)} alpha={r.lora_alpha}"
     else:
         head = f"{r.adapter} r={r.lora_r} alpha={r.lora_alpha}"
-    extras = (["rsLoRA"] if r.rslora else []) + ([f"init {r.lora_init}"] if r.lora_init != "default" else []) + \
-        ([f"LoRA+ x{r.loraplus_lr_ratio:g}"] if r.loraplus_lr_ratio else [])
+    extras = (
+        (["rsLoRA"] if r.rslora else [])
+        + ([f"init {r.lora_init}"] if r.lora_init != "default" else [])
+        + ([f"LoRA+ x{r.loraplus_lr_ratio:g}"] if r.loraplus_lr_ratio else [])
+    )
     return head + (f" ({', '.join(extras)})" if extras else "")
 
 
 def adapter_settings(recipe: Any) -> dict[str, Any]:
     """What ``famtune.json`` records about the adapter method (merge, chat and compare read it)."""
     r = recipe
-    out = {"method": r.adapter, "r": r.lora_r, "alpha": r.lora_alpha, "rslora": r.rslora, "init": r.lora_init,
-           "loraplus_lr_ratio": r.loraplus_lr_ratio}
+    out = {
+        "method": r.adapter,
+        "r": r.lora_r,
+        "alpha": r.lora_alpha,
+        "rslora": r.rslora,
+        "init": r.lora_init,
+        "loraplus_lr_ratio": r.loraplus_lr_ratio,
+    }
     if r.adapter == "adalora":
         out["target_r"] = adalora_target_r(r)
     if r.lora_init in BASE_REWRITING_INITS:
@@ -120,13 +146,20 @@ def peft_config(recipe: Any, targets: list[str], total_steps: int, quantized: bo
     from peft import AdaLoraConfig, LoraConfig
 
     r = recipe
-    common: dict[str, Any] = dict(lora_alpha=r.lora_alpha, lora_dropout=r.lora_dropout, target_modules=targets, bias="none",
-                  task_type="CAUSAL_LM")
+    common: dict[str, Any] = dict(
+        lora_alpha=r.lora_alpha, lora_dropout=r.lora_dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM"
+    )
     if r.adapter == "adalora":
         phases = adalora_schedule(total_steps)
-        return AdaLoraConfig(init_r=r.lora_r, target_r=adalora_target_r(r), tinit=phases["tinit"],
-                             tfinal=phases["tfinal"], deltaT=phases["deltaT"], total_step=phases["total_step"],
-                             **common)
+        return AdaLoraConfig(
+            init_r=r.lora_r,
+            target_r=adalora_target_r(r),
+            tinit=phases["tinit"],
+            tfinal=phases["tfinal"],
+            deltaT=phases["deltaT"],
+            total_step=phases["total_step"],
+            **common,
+        )
     init: Any = True
     if r.lora_init == "gaussian" or r.lora_init == "olora":
         init = r.lora_init
@@ -147,9 +180,15 @@ def _pissa_on_4bit(layer: Any) -> None:
     base.weight = torch.nn.Parameter(dense, requires_grad=False)
     layer.pissa_init(ADAPTER_NAME, "pissa")
     residual = base.weight.data.to(getattr(base, "compute_dtype", None) or torch.float32)
-    base.weight = packed.__class__(residual, requires_grad=False, blocksize=packed.blocksize,
-                                   compress_statistics=packed.compress_statistics, quant_type=packed.quant_type,
-                                   quant_storage=packed.quant_storage, module=base).to(packed.device)
+    base.weight = packed.__class__(
+        residual,
+        requires_grad=False,
+        blocksize=packed.blocksize,
+        compress_statistics=packed.compress_statistics,
+        quant_type=packed.quant_type,
+        quant_storage=packed.quant_storage,
+        module=base,
+    ).to(packed.device)
 
 
 class AdapterRun:
@@ -177,8 +216,9 @@ class AdapterRun:
         try:
             model = get_peft_model(model, config)
         except (TypeError, ValueError) as exc:
-            raise FamtuneError(f"recipe adapter: PEFT cannot build {describe(r)} on this model "
-                               f"({str(exc).splitlines()[0][:200]})") from None
+            raise FamtuneError(
+                f"recipe adapter: PEFT cannot build {describe(r)} on this model ({str(exc).splitlines()[0][:200]})"
+            ) from None
         if r.lora_init == "pissa" and quantized:
             from peft.tuners.lora import LoraLayer
 
@@ -192,11 +232,15 @@ class AdapterRun:
 
             if not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())):
                 # peft 0.21's _loftq_init_new computes on "cuda" (or "xpu") whatever the model's device
-                raise FamtuneError("lora_init: loftq runs PEFT's LoftQ, which computes on a CUDA or XPU device and "
-                                   "none is present; use lora_init: default or pissa on this machine")
+                raise FamtuneError(
+                    "lora_init: loftq runs PEFT's LoftQ, which computes on a CUDA or XPU device and "
+                    "none is present; use lora_init: default or pissa on this machine"
+                )
             if not list(Path(native_dir).glob("*.safetensors")):
-                raise FamtuneError(f"lora_init: loftq reads the original weights from safetensors, and {native_dir} "
-                                   "has none; convert the base to safetensors or use lora_init: default")
+                raise FamtuneError(
+                    f"lora_init: loftq reads the original weights from safetensors, and {native_dir} "
+                    "has none; convert the base to safetensors or use lora_init: default"
+                )
             replace_lora_weights_loftq(model, model_path=native_dir)
         if r.lora_init in BASE_REWRITING_INITS and is_main:
             self._save_initial(model)
@@ -246,14 +290,26 @@ class AdapterRun:
         if r.loraplus_lr_ratio:
             from peft.optimizers import create_loraplus_optimizer
 
-            opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=r.learning_rate,
-                                            loraplus_lr_ratio=r.loraplus_lr_ratio, loraplus_weight_decay=r.weight_decay)
+            opt = create_loraplus_optimizer(
+                model,
+                torch.optim.AdamW,
+                lr=r.learning_rate,
+                loraplus_lr_ratio=r.loraplus_lr_ratio,
+                loraplus_weight_decay=r.weight_decay,
+            )
             names = {id(p): n for n, p in model.named_parameters()}
             labels = ("A", "embedding", "B", "B_no_decay")
-            self.groups = [{"group": labels[i] if len(opt.param_groups) == len(labels) else str(i),
-                            "lr": g["lr"], "params": [names[id(p)] for p in g["params"]]}
-                           for i, g in enumerate(opt.param_groups)]
-            sizes = ", ".join(f"{g['group']}: {len(g['params'])} at lr {g['lr']:.3g}" for g in self.groups if g["params"])
+            self.groups = [
+                {
+                    "group": labels[i] if len(opt.param_groups) == len(labels) else str(i),
+                    "lr": g["lr"],
+                    "params": [names[id(p)] for p in g["params"]],
+                }
+                for i, g in enumerate(opt.param_groups)
+            ]
+            sizes = ", ".join(
+                f"{g['group']}: {len(g['params'])} at lr {g['lr']:.3g}" for g in self.groups if g["params"]
+            )
             self.log(f"LoRA+: optimizer groups {sizes}")
             return opt
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -294,11 +350,15 @@ class AdapterRun:
 
             cfg = model.peft_config[ADAPTER_NAME]
             allocator = model.base_model.rankallocator
-            state["adalora"] = {"schedule": {k: getattr(cfg, k) for k in ("tinit", "tfinal", "deltaT", "total_step")},
-                                "rank_pattern": _plain_pattern(cfg.rank_pattern)}
-            tensors = {f"{kind}/{name}": t.detach().contiguous().cpu()
-                       for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc")
-                       for name, t in getattr(allocator, kind).items()}
+            state["adalora"] = {
+                "schedule": {k: getattr(cfg, k) for k in ("tinit", "tfinal", "deltaT", "total_step")},
+                "rank_pattern": _plain_pattern(cfg.rank_pattern),
+            }
+            tensors = {
+                f"{kind}/{name}": t.detach().contiguous().cpu()
+                for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc")
+                for name, t in getattr(allocator, kind).items()
+            }
             save_file(tensors, str(Path(ckpt_dir, ALLOCATOR_FILE)))
         Path(ckpt_dir, STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
 
@@ -307,30 +367,44 @@ class AdapterRun:
         path = Path(ckpt_dir, STATE_FILE)
         needs_state = self.recipe.adapter == "adalora" or bool(self.recipe.loraplus_lr_ratio)
         if needs_state and not path.exists():
-            raise FamtuneError(f"{ckpt_dir}: no {STATE_FILE}, which {describe(self.recipe)} needs to resume (a checkpoint "
-                               "of a plain LoRA run, or one whose save was cut short); resume from another checkpoint "
-                               "with --resume PATH or start a new output_dir")
-        saved: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.exists() else \
-            {"adapter": {"method": "lora", "init": "default", "rslora": False, "loraplus_lr_ratio": 0.0}}
+            raise FamtuneError(
+                f"{ckpt_dir}: no {STATE_FILE}, which {describe(self.recipe)} needs to resume (a checkpoint "
+                "of a plain LoRA run, or one whose save was cut short); resume from another checkpoint "
+                "with --resume PATH or start a new output_dir"
+            )
+        saved: dict[str, Any] = (
+            json.loads(path.read_text(encoding="utf-8"))
+            if path.exists()
+            else {"adapter": {"method": "lora", "init": "default", "rslora": False, "loraplus_lr_ratio": 0.0}}
+        )
         now = adapter_settings(self.recipe)
-        changed = [k for k in ("method", "r", "rslora", "init", "loraplus_lr_ratio", "target_r")
-                   if k in saved["adapter"] and saved["adapter"].get(k) != now.get(k)]
+        changed = [
+            k
+            for k in ("method", "r", "rslora", "init", "loraplus_lr_ratio", "target_r")
+            if k in saved["adapter"] and saved["adapter"].get(k) != now.get(k)
+        ]
         if changed:
             was = ", ".join(f"{k} {saved['adapter'].get(k)!r}" for k in changed)
-            raise FamtuneError(f"{ckpt_dir}: this checkpoint was trained with {was}; the recipe now says "
-                               + ", ".join(f"{k} {now.get(k)!r}" for k in changed)
-                               + "; resume with the recipe it was trained with, or start a new output_dir")
+            raise FamtuneError(
+                f"{ckpt_dir}: this checkpoint was trained with {was}; the recipe now says "
+                + ", ".join(f"{k} {now.get(k)!r}" for k in changed)
+                + "; resume with the recipe it was trained with, or start a new output_dir"
+            )
         if "optimizer_groups" in saved:
             split = [(g["group"], g["params"]) for g in saved["optimizer_groups"]]
             if split != [(g["group"], g["params"]) for g in self.groups]:
-                raise FamtuneError(f"{ckpt_dir}: the optimizer's parameter groups differ from the checkpoint's "
-                                   "(different targets or LoRA+ setting); resume with the recipe it was trained with")
+                raise FamtuneError(
+                    f"{ckpt_dir}: the optimizer's parameter groups differ from the checkpoint's "
+                    "(different targets or LoRA+ setting); resume with the recipe it was trained with"
+                )
         if self.recipe.adapter == "adalora":
             want = adalora_schedule(self.total_steps)
             if saved.get("adalora", {}).get("schedule") != want:
-                raise FamtuneError(f"{ckpt_dir}: AdaLoRA's schedule was {saved.get('adalora', {}).get('schedule')} "
-                                   f"but this run's step count gives {want}; resume with the same max_steps, epochs, "
-                                   "batch_size and data")
+                raise FamtuneError(
+                    f"{ckpt_dir}: AdaLoRA's schedule was {saved.get('adalora', {}).get('schedule')} "
+                    f"but this run's step count gives {want}; resume with the same max_steps, epochs, "
+                    "batch_size and data"
+                )
 
     def restore(self, ckpt_dir: Path, model: Any) -> None:
         """After the adapter weights are loaded: AdaLoRA's allocator state and current rank pattern."""
@@ -357,8 +431,11 @@ class AdapterRun:
 
 # Names ``famtune compare --adapters`` accepts, joined with "+" (e.g. dora+rslora), as recipe keys.
 METHOD_KEYS: dict[str, dict[str, Any]] = {
-    "lora": {"adapter": "lora"}, "dora": {"adapter": "dora"}, "adalora": {"adapter": "adalora"},
-    "rslora": {"rslora": True}, "loraplus": {"loraplus_lr_ratio": 16.0},
+    "lora": {"adapter": "lora"},
+    "dora": {"adapter": "dora"},
+    "adalora": {"adapter": "adalora"},
+    "rslora": {"rslora": True},
+    "loraplus": {"loraplus_lr_ratio": 16.0},
     **{init: {"lora_init": init} for init in LORA_INITS if init != "default"},
 }
 
@@ -368,8 +445,10 @@ def method_overrides(name: str) -> dict[str, Any]:
     keys: dict[str, Any] = {}
     for part in name.strip().lower().split("+"):
         if part not in METHOD_KEYS:
-            raise FamtuneError(f"adapter method {name!r}: {part!r} is not one of {', '.join(METHOD_KEYS)} "
-                               "(join several with +, e.g. dora+rslora)")
+            raise FamtuneError(
+                f"adapter method {name!r}: {part!r} is not one of {', '.join(METHOD_KEYS)} "
+                "(join several with +, e.g. dora+rslora)"
+            )
         keys.update(METHOD_KEYS[part])
     return keys
 
@@ -389,8 +468,11 @@ def method_of(meta: dict[str, Any] | None, adapter_config: dict[str, Any] | None
     """A short name of an adapter's method for reports: from famtune.json, else from adapter_config.json."""
     if meta and isinstance(meta.get("adapter"), dict):
         a: dict[str, Any] = meta["adapter"]
-        extras = (["rslora"] if a.get("rslora") else []) + ([a["init"]] if a.get("init") not in (None, "default") else []) \
+        extras = (
+            (["rslora"] if a.get("rslora") else [])
+            + ([a["init"]] if a.get("init") not in (None, "default") else [])
             + (["lora+"] if a.get("loraplus_lr_ratio") else [])
+        )
         return "+".join([a.get("method", "lora"), *extras])
     if adapter_config:
         if adapter_config.get("peft_type") == "ADALORA":

@@ -3,9 +3,11 @@
 Registered by the plugin manager before any entry point, so an installed plugin's answer to the
 same hook comes first (a resolver for another hub, a masking policy of the same name).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import famtune
 from famtune.encoding import GENERIC_POLICIES, EncodedConversation, generic_labels
@@ -35,10 +37,12 @@ def famtune_register_masking_policies(register: Callable[[Any], None]) -> None:
 def famtune_register_data_formats(register: Callable[[Any], None]) -> None:
     from famtune import data
 
-    for name, desc in (("conversation", "XTuner: [{input, output, system?}, ...]"),
-                       ("messages", "OpenAI: [{role, content}, ...]"),
-                       ("alpaca", "instruction, input?, output, history?, system?"),
-                       ("sharegpt", "[{from: human|gpt, value}, ...], system?")):
+    for name, desc in (
+        ("conversation", "XTuner: [{input, output, system?}, ...]"),
+        ("messages", "OpenAI: [{role, content}, ...]"),
+        ("alpaca", "instruction, input?, output, history?, system?"),
+        ("sharegpt", "[{from: human|gpt, value}, ...], system?"),
+    ):
         register(DataFormat(name, data._FORMAT_KEYS[name], data._NORMALISERS[name], desc))
 
 

@@ -1,6 +1,7 @@
 """Where famtune and its plugins keep derived files: converted checkpoints, built tokenizers,
 encoded datasets. ``$FAMTUNE_CACHE`` when set, else ``~/.cache/famtune``; plugins call
 ``cache_dir("<plugin>", ...)`` rather than reading the variable themselves."""
+
 from __future__ import annotations
 
 import os

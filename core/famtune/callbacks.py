@@ -4,6 +4,7 @@ A callback implements any of ``on_train_begin(info)``, ``on_log(step, metrics)``
 ``on_train_end(summary)``. A callback that raises stops the run with an error naming it: a
 tracker that silently stopped recording would be worse.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -27,8 +28,9 @@ class Callbacks:
             try:
                 fn(*args)
             except Exception as exc:
-                raise FamtuneError(f"training callback {type(cb).__name__}.{method} raised "
-                                   f"{type(exc).__name__}: {exc}") from exc
+                raise FamtuneError(
+                    f"training callback {type(cb).__name__}.{method} raised {type(exc).__name__}: {exc}"
+                ) from exc
 
     def on_train_begin(self, info: dict[str, Any]) -> None:
         self._call("on_train_begin", info)

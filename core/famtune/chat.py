@@ -6,6 +6,7 @@ on every one of the family's stop ids, and the stop token itself is never shown.
 :class:`ChatSession` is one servable model: a base, a merged model, or one adapter of a base
 whose weights several sessions share.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,15 +80,33 @@ class ChatSession:
             return {"do_sample": False}
         return {**self.sampling, **{k: v for k, v in overrides.items() if v is not None}}
 
-    def reply(self, messages: list[dict], *, stream: Callable[[str], Any] | None = None, greedy: bool = False,
-              max_new_tokens: int = 256, **sampling_overrides) -> str:
+    def reply(
+        self,
+        messages: list[dict],
+        *,
+        stream: Callable[[str], Any] | None = None,
+        greedy: bool = False,
+        max_new_tokens: int = 256,
+        **sampling_overrides,
+    ) -> str:
         """The assistant's answer to ``messages`` (ending on a user turn), without the stop token."""
-        return self.generate(self.prompt_ids(messages), self.settings(greedy=greedy, **sampling_overrides),
-                             max_new_tokens=max_new_tokens, on_text=stream).text
+        return self.generate(
+            self.prompt_ids(messages),
+            self.settings(greedy=greedy, **sampling_overrides),
+            max_new_tokens=max_new_tokens,
+            on_text=stream,
+        ).text
 
-    def generate(self, ids: list[int], settings: dict[str, Any], *, max_new_tokens: int,
-                 on_text: Callable[[str], Any] | None = None, stop: list[str] | None = None,
-                 cancel: threading.Event | None = None) -> Generation:
+    def generate(
+        self,
+        ids: list[int],
+        settings: dict[str, Any],
+        *,
+        max_new_tokens: int,
+        on_text: Callable[[str], Any] | None = None,
+        stop: list[str] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Generation:
         """Continue ``ids``; ``on_text`` gets each new piece of text as it is generated. Ends on a stop
         id, on one of the ``stop`` strings (not shown), after ``max_new_tokens``, or when ``cancel`` is set."""
         import torch
@@ -105,11 +124,17 @@ class ChatSession:
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([ids], device=device)
         with torch.no_grad(), self.active():
-            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                      streamer=text, stopping_criteria=StoppingCriteriaList([Halt()]),
-                                      max_new_tokens=max_new_tokens, eos_token_id=list(self.stop_ids),
-                                      pad_token_id=self.pad_id, **settings)
-        new_ids = out[0, len(ids):].tolist()
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                streamer=text,
+                stopping_criteria=StoppingCriteriaList([Halt()]),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=list(self.stop_ids),
+                pad_token_id=self.pad_id,
+                **settings,
+            )
+        new_ids = out[0, len(ids) :].tolist()
         if text.stopped:
             reason = "stop"
         elif cancel is not None and cancel.is_set():
@@ -163,8 +188,9 @@ class TextTail:
     A tail that could be the start of a stop string is held back until it is known not to be one.
     """
 
-    def __init__(self, tokenizer: Any, stop_ids: list[int], callback: Callable[[str], Any] | None,
-                 stop_strings: list[str]) -> None:
+    def __init__(
+        self, tokenizer: Any, stop_ids: list[int], callback: Callable[[str], Any] | None, stop_strings: list[str]
+    ) -> None:
         self.tokenizer, self.stop_ids, self.callback = tokenizer, set(stop_ids), callback
         self.stop_strings = [s for s in stop_strings if s]
         self.ids: list[int] = []
@@ -205,7 +231,7 @@ class TextTail:
             safe -= _held_back(text, self.stop_strings)
         if safe > self.shown:
             if self.callback is not None:
-                self.callback(text[self.shown:safe])
+                self.callback(text[self.shown : safe])
             self.shown = safe
 
 
@@ -237,19 +263,31 @@ def load_base(model: str, adapter_metas: list[dict], *, trust_remote_code: bool 
     own = read_metadata(path, required=False)
     families = {m["family"] for m in adapter_metas}
     if len(families) > 1:
-        raise FamtuneError(f"the adapters were trained on different families ({', '.join(sorted(families))}); "
-                           "serve one base and its own adapters per process")
+        raise FamtuneError(
+            f"the adapters were trained on different families ({', '.join(sorted(families))}); "
+            "serve one base and its own adapters per process"
+        )
     family = next(iter(families)) if families else (own["family"] if own else None)
     ckpt = open_checkpoint(path, family=family, trust_remote_code=trust_remote_code)
-    loads = {json.dumps([m.get("quantization", "none"), m.get("compute_dtype", "auto"), m.get("quantization_config")],
-                        sort_keys=True) for m in adapter_metas}
+    loads = {
+        json.dumps(
+            [m.get("quantization", "none"), m.get("compute_dtype", "auto"), m.get("quantization_config")],
+            sort_keys=True,
+        )
+        for m in adapter_metas
+    }
     if len(loads) > 1:
-        raise FamtuneError(f"the adapters were trained against differently loaded bases ({sorted(loads)}); "
-                           "serve them from separate processes")
+        raise FamtuneError(
+            f"the adapters were trained against differently loaded bases ({sorted(loads)}); "
+            "serve them from separate processes"
+        )
     # The adapter learned a correction to the base as training loaded it (NF4 for QLoRA).
-    quantization, compute_dtype, quantization_config = json.loads(next(iter(loads))) if loads else ("none", "auto", None)
-    loaded = ckpt.load_model(quantization=quantization, compute_dtype=compute_dtype,
-                             quantization_config=quantization_config)
+    quantization, compute_dtype, quantization_config = (
+        json.loads(next(iter(loads))) if loads else ("none", "auto", None)
+    )
+    loaded = ckpt.load_model(
+        quantization=quantization, compute_dtype=compute_dtype, quantization_config=quantization_config
+    )
     ckpt.check_vocabulary(loaded)
     loaded.eval()
     return ckpt, own, loaded

@@ -15,6 +15,7 @@ The encoder tokenizes each run of text between two special tokens as one piece, 
 does when it reads a rendered string, and splits a run only where supervision starts or stops
 (an assistant turn's content). That is why encoder and template agree id for id.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,8 +77,11 @@ class ChatFormat:
         for i, m in enumerate(messages):
             if m["role"] == "assistant":
                 prefix = self._last_prefix() if i == len(messages) - 1 else self.assistant_prefix
-                out += [(prefix, None), (self._content(m["content"]) + self.assistant_suffix, turn),
-                        (self.assistant_trailer, None)]
+                out += [
+                    (prefix, None),
+                    (self._content(m["content"]) + self.assistant_suffix, turn),
+                    (self.assistant_trailer, None),
+                ]
                 turn += 1
             else:
                 out.append((self.user_prefix + self._content(m["content"]) + self.user_suffix, None))
@@ -92,8 +96,9 @@ class ChatFormat:
         return "".join(text for text, _ in self.segments(messages, add_generation_prompt))
 
     # -- view 1: the encoder ------------------------------------------------------------------
-    def encode(self, tokenizer: Any, messages: list[dict[str, str]], masking: str,
-               add_generation_prompt: bool) -> EncodedConversation:
+    def encode(
+        self, tokenizer: Any, messages: list[dict[str, str]], masking: str, add_generation_prompt: bool
+    ) -> EncodedConversation:
         b = ConversationBuilder(tokenizer)
         ids = {t: b.token_id(t) for t in self.special_tokens}
         pattern = re.compile("(" + "|".join(map(re.escape, sorted(self.special_tokens, key=len, reverse=True))) + ")")
@@ -134,16 +139,31 @@ class ChatFormat:
             "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
             "{%- else -%}{%- set system = " + default + " -%}{%- set turns = messages -%}{%- endif -%}"
             "{{- " + q(self.begin) + " -}}"
-            "{%- if system is not none -%}{{- " + q(self.system_prefix) + " + " + system_content + " + "
-            + q(self.system_suffix) + " -}}{%- endif -%}"
+            "{%- if system is not none -%}{{- "
+            + q(self.system_prefix)
+            + " + "
+            + system_content
+            + " + "
+            + q(self.system_suffix)
+            + " -}}{%- endif -%}"
             "{%- for message in turns -%}"
             "{%- if message['role'] != 'assistant' -%}"
             "{{- " + q(self.user_prefix) + " + " + content + " + " + q(self.user_suffix) + " -}}"
             "{%- elif loop.last -%}"
-            "{{- " + q(self._last_prefix()) + " + " + content + " + " + q(self.assistant_suffix + self.assistant_trailer)
+            "{{- "
+            + q(self._last_prefix())
+            + " + "
+            + content
+            + " + "
+            + q(self.assistant_suffix + self.assistant_trailer)
             + " -}}"
             "{%- else -%}"
-            "{{- " + q(self.assistant_prefix) + " + " + content + " + " + q(self.assistant_suffix + self.assistant_trailer)
+            "{{- "
+            + q(self.assistant_prefix)
+            + " + "
+            + content
+            + " + "
+            + q(self.assistant_suffix + self.assistant_trailer)
             + " -}}"
             "{%- endif -%}"
             "{%- endfor -%}"

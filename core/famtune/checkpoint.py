@@ -3,17 +3,17 @@
 A model source is a local directory, a Hugging Face hub id (``Org/Name``) or a ModelScope id
 (``modelscope:Org/Name``). Remote code never runs unless the user passed ``trust_remote_code``.
 """
+
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from famtune.errors import FamtuneError
-from famtune.quantization import bitsandbytes_config, nf4_config, use_nf4_kernel
 from famtune.plugins import Family, get_plugins
+from famtune.quantization import bitsandbytes_config, nf4_config, use_nf4_kernel
 from famtune.sources import MODELSCOPE_PREFIX  # noqa: F401  (public here since 0.1)
 
 
@@ -70,10 +70,16 @@ class Checkpoint:
             raise FamtuneError(
                 f"{self.path}: the tokenizer has ids up to {top} but the model's embedding has only {rows} rows; "
                 "the tokenizer files do not belong to these weights (copy the tokenizer the model was trained "
-                "with, or resize the embeddings before training)")
+                "with, or resize the embeddings before training)"
+            )
 
-    def load_model(self, quantization: str = "none", compute_dtype: str = "auto", device: Any = None,
-                   quantization_config: dict[str, Any] | None = None) -> Any:
+    def load_model(
+        self,
+        quantization: str = "none",
+        compute_dtype: str = "auto",
+        device: Any = None,
+        quantization_config: dict[str, Any] | None = None,
+    ) -> Any:
         """The model in eval mode. ``quantization`` is ``"nf4"`` (QLoRA base) or ``"none"``;
         ``quantization_config`` the exact 4-bit settings recorded in an adapter's famtune.json."""
         import torch
@@ -100,8 +106,12 @@ class Checkpoint:
         """The model's module tree on the meta device: no weight is read or allocated. It comes
         through the family's loader, which converts an original layout into its cached native copy;
         the result's ``name_or_path`` is the directory whose safetensors hold its weights."""
-        kwargs = {"dtype": dtype, "device_map": {"": "meta"}, "trust_remote_code": self.trust_remote_code,
-                  "use_kernels": False}
+        kwargs = {
+            "dtype": dtype,
+            "device_map": {"": "meta"},
+            "trust_remote_code": self.trust_remote_code,
+            "use_kernels": False,
+        }
         model = self.family.load_model(self.path, dict(kwargs))
         if model is None:
             from transformers import AutoModelForCausalLM
@@ -131,15 +141,22 @@ def resolve_dtype(name: str):
         if torch.cuda.is_available():
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-             "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+    table = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+    }
     if name not in table:
         raise FamtuneError(f"unknown dtype {name!r}; expected auto, bf16, fp16 or fp32")
     return table[name]
 
 
-def model_load_kwargs(quantization: str, compute_dtype: str, device: Any = None,
-                      recorded: dict[str, Any] | None = None) -> dict[str, Any]:
+def model_load_kwargs(
+    quantization: str, compute_dtype: str, device: Any = None, recorded: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """``from_pretrained`` keyword arguments for a QLoRA (NF4, double quant) or plain base.
     ``recorded`` is the ``quantization_config`` of a famtune.json: the settings training used."""
     dtype = resolve_dtype(compute_dtype)

@@ -1,4 +1,5 @@
 """The ``famtune`` command. Heavy libraries are imported inside each command, so ``--help`` is fast."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,16 @@ def _cmd_merge(args, extra: list[str]) -> int:
 
     refuse_when_sharded("merge")
 
-    merge(args.adapter_dir, args.out, max_shard_size=args.max_shard_size, base=args.base,
-          base_precision=args.base_precision, layout=args.layout, dtype=args.dtype,
-          trust_remote_code=args.trust_remote_code)
+    merge(
+        args.adapter_dir,
+        args.out,
+        max_shard_size=args.max_shard_size,
+        base=args.base,
+        base_precision=args.base_precision,
+        layout=args.layout,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+    )
     return 0
 
 
@@ -41,32 +49,53 @@ def _cmd_chat(args, extra: list[str]) -> int:
     from famtune.chat import load_chat_model, run_chat
 
     session = load_chat_model(args.model, args.adapter, trust_remote_code=args.trust_remote_code)
-    return run_chat(session, prompt=args.prompt, system=args.system, greedy=args.greedy,
-                    max_new_tokens=args.max_new_tokens)
+    return run_chat(
+        session, prompt=args.prompt, system=args.system, greedy=args.greedy, max_new_tokens=args.max_new_tokens
+    )
 
 
 def _cmd_serve(args, extra: list[str]) -> int:
     from famtune.serve import serve
 
     api_key = args.api_key or os.environ.get("FAMTUNE_API_KEY") or None
-    return serve(args.model, args.adapter, host=args.host, port=args.port, api_key=api_key, name=args.name,
-                 trust_remote_code=args.trust_remote_code)
+    return serve(
+        args.model,
+        args.adapter,
+        host=args.host,
+        port=args.port,
+        api_key=api_key,
+        name=args.name,
+        trust_remote_code=args.trust_remote_code,
+    )
 
 
 def _cmd_plugins(args, extra: list[str]) -> int:
     from famtune.plugins import get_plugins
 
     plugins = get_plugins()
-    rows = [{"name": n, "distribution": i.distribution, "version": i.version,
-             "families": plugins.families_of(n), "hooks": plugins.hooks_of(n), **plugins.extensions_of(n)}
-            for n, i in plugins.infos.items()]
-    broken = [{"name": b.info.name, "distribution": b.info.distribution, "version": b.info.version,
-               "error": b.error} for b in plugins.broken]
+    rows = [
+        {
+            "name": n,
+            "distribution": i.distribution,
+            "version": i.version,
+            "families": plugins.families_of(n),
+            "hooks": plugins.hooks_of(n),
+            **plugins.extensions_of(n),
+        }
+        for n, i in plugins.infos.items()
+    ]
+    broken = [
+        {"name": b.info.name, "distribution": b.info.distribution, "version": b.info.version, "error": b.error}
+        for b in plugins.broken
+    ]
     if args.json:
         print(json.dumps({"plugins": rows, "broken": broken}, indent=2))
         return 0
     if not rows:
-        print("no famtune plugins loaded" + (" (FAMTUNE_LOAD_PLUGINS is set)" if "FAMTUNE_LOAD_PLUGINS" in os.environ else ""))
+        print(
+            "no famtune plugins loaded"
+            + (" (FAMTUNE_LOAD_PLUGINS is set)" if "FAMTUNE_LOAD_PLUGINS" in os.environ else "")
+        )
     for r in rows:
         print(f"{r['name']} ({r['distribution']} {r['version']})")
         print(f"  families: {', '.join(r['families']) or '-'}")
@@ -108,9 +137,16 @@ def _cmd_plugin_new(args, extra: list[str]) -> int:
 def _cmd_data_check(args, extra: list[str]) -> int:
     from famtune.datacheck import data_check
 
-    return data_check(args.file, args.model, fmt=args.format, masking=args.masking, max_length=args.max_length,
-                      skip_bad_records=args.skip_bad_records, family=args.family,
-                      trust_remote_code=args.trust_remote_code)
+    return data_check(
+        args.file,
+        args.model,
+        fmt=args.format,
+        masking=args.masking,
+        max_length=args.max_length,
+        skip_bad_records=args.skip_bad_records,
+        family=args.family,
+        trust_remote_code=args.trust_remote_code,
+    )
 
 
 def _cmd_demo(args, extra: list[str]) -> int:
@@ -146,11 +182,19 @@ def _cmd_compare(args, extra: list[str]) -> int:
     if recipe and args.demo:
         raise FamtuneError(f"give a recipe ({recipe!r}) or --demo, not both")
     if not recipe and not args.demo:
-        raise FamtuneError("no recipe given; run `famtune compare RECIPE.yaml --models M1 M2 ...` or `famtune compare --demo`")
+        raise FamtuneError(
+            "no recipe given; run `famtune compare RECIPE.yaml --models M1 M2 ...` or `famtune compare --demo`"
+        )
     if args.nproc is not None and args.nproc < 1:
         raise FamtuneError(f"--nproc {args.nproc}: expected at least 1 process")
-    code = compare(recipe, models=args.models, overrides=parse_overrides(extra), output=args.output,
-                   adapters=[args.adapters] if args.adapters else None, nproc=args.nproc)
+    code = compare(
+        recipe,
+        models=args.models,
+        overrides=parse_overrides(extra),
+        output=args.output,
+        adapters=[args.adapters] if args.adapters else None,
+        nproc=args.nproc,
+    )
     if args.serve:  # try the trained models side by side in the chat page
         from famtune.compare import DEMO_RECIPE, read_comparison
         from famtune.serve import serve
@@ -165,7 +209,11 @@ def _cmd_recipes_list(args, extra: list[str]) -> int:
 
     recipes = list_recipes(args.pattern)
     if not recipes:
-        print(f"no built-in recipe matches {args.pattern!r}" if args.pattern else "no built-in recipes (no plugin ships any)")
+        print(
+            f"no built-in recipe matches {args.pattern!r}"
+            if args.pattern
+            else "no built-in recipes (no plugin ships any)"
+        )
         return 1 if args.pattern else 0
     width = max(len(r.name) for r in recipes)
     for r in recipes:
@@ -185,8 +233,7 @@ def _cmd_data_convert(args, extra: list[str]) -> int:
     from famtune.dataconvert import ColumnMap, convert_file
 
     columns = ColumnMap(question=args.question, answer=args.answer, system=args.system, history=args.history)
-    report = convert_file(args.input, args.output, fmt=args.format, columns=columns,
-                          skip_bad_rows=args.skip_bad_rows)
+    report = convert_file(args.input, args.output, fmt=args.format, columns=columns, skip_bad_rows=args.skip_bad_rows)
     for line in report.lines():
         print(line)
     return 0
@@ -219,11 +266,11 @@ class _RecipeKeysFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter)
 
 def _recipe_keys_epilog() -> str:
     from famtune.recipe_help import recipe_keys_help
-
     from famtune.validate import aliases_help
 
-    return ("recipe keys (any of them can be overridden with --key value):\n" + recipe_keys_help()
-            + "\n" + aliases_help())
+    return (
+        "recipe keys (any of them can be overridden with --key value):\n" + recipe_keys_help() + "\n" + aliases_help()
+    )
 
 
 def _cmd_eval(args, extra: list[str]) -> int:
@@ -244,32 +291,56 @@ def build_parser() -> argparse.ArgumentParser:
     def command(parent, name: str, **kwargs) -> argparse.ArgumentParser:
         return parent.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
 
-    t = command(sub, "train", help="fine-tune a model with a recipe",
-                description="Train a LoRA/QLoRA adapter. Any recipe key can be overridden: --key value.",
-                epilog=_recipe_keys_epilog())
+    t = command(
+        sub,
+        "train",
+        help="fine-tune a model with a recipe",
+        description="Train a LoRA/QLoRA adapter. Any recipe key can be overridden: --key value.",
+        epilog=_recipe_keys_epilog(),
+    )
     t.formatter_class = _RecipeKeysFormatter  # the epilog is a table: keep its line breaks
     t.add_argument("recipe", help="recipe YAML file (`famtune recipes list` shows built-in ones)")
-    t.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from the newest verified checkpoint in output_dir (or the given checkpoint dir)")
-    t.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier run in output_dir (its checkpoints, adapter and metrics) instead of refusing")
+    t.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="continue from the newest verified checkpoint in output_dir (or the given checkpoint dir)",
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in output_dir (its checkpoints, adapter and metrics) instead of refusing",
+    )
     from famtune.launch import add_arguments as add_launch_arguments
 
     add_launch_arguments(t)
     t.set_defaults(func=_cmd_train, extra_ok=True)
 
-    m = command(sub, "merge", help="merge an adapter into its base and save a full model",
-                description="Merge a LoRA adapter into its base and write a full model (sharded safetensors, "
-                            "tokenizer with chat_template, generation_config, README.md model card).")
+    m = command(
+        sub,
+        "merge",
+        help="merge an adapter into its base and save a full model",
+        description="Merge a LoRA adapter into its base and write a full model (sharded safetensors, "
+        "tokenizer with chat_template, generation_config, README.md model card).",
+    )
     m.add_argument("adapter_dir", help="a famtune training output directory (adapter + famtune.json)")
     m.add_argument("out", help="directory to write the merged model to")
     m.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard")
     m.add_argument("--base", help="base checkpoint (default: the one recorded in the adapter)")
-    m.add_argument("--base-precision", choices=["trained", "original"], default="trained",
-                   help="trained: merge into the dequantized NF4 base the adapter was trained against; "
-                        "original: into the full-precision weights")
-    m.add_argument("--layout", choices=["native", "original"], default="native",
-                   help="native transformers layout, or the family's original layout")
+    m.add_argument(
+        "--base-precision",
+        choices=["trained", "original"],
+        default="trained",
+        help="trained: merge into the dequantized NF4 base the adapter was trained against; "
+        "original: into the full-precision weights",
+    )
+    m.add_argument(
+        "--layout",
+        choices=["native", "original"],
+        default="native",
+        help="native transformers layout, or the family's original layout",
+    )
     m.add_argument("--dtype", help="output dtype, e.g. bf16 (default: the base's)")
     m.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code to run")
     m.set_defaults(func=_cmd_merge)
@@ -284,19 +355,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code to run")
     c.set_defaults(func=_cmd_chat)
 
-    sv = command(sub, "serve", help="serve models over an OpenAI-compatible API with a chat page",
-                 description="Answer OpenAI-style requests (/v1/models, /v1/chat/completions, /v1/completions) "
-                             "and serve a chat page at /. The request's `model` picks the base or one of the "
-                             "adapters, which share one copy of the base weights.")
-    sv.add_argument("model", help="base or merged model directory, an adapter directory (its base is loaded), "
-                                  "or a famtune compare output (every run beside its base)")
-    sv.add_argument("--adapter", action="append", metavar="NAME=DIR",
-                    help="serve this adapter of MODEL as NAME (repeatable; a bare DIR is named after its folder)")
+    sv = command(
+        sub,
+        "serve",
+        help="serve models over an OpenAI-compatible API with a chat page",
+        description="Answer OpenAI-style requests (/v1/models, /v1/chat/completions, /v1/completions) "
+        "and serve a chat page at /. The request's `model` picks the base or one of the "
+        "adapters, which share one copy of the base weights.",
+    )
+    sv.add_argument(
+        "model",
+        help="base or merged model directory, an adapter directory (its base is loaded), "
+        "or a famtune compare output (every run beside its base)",
+    )
+    sv.add_argument(
+        "--adapter",
+        action="append",
+        metavar="NAME=DIR",
+        help="serve this adapter of MODEL as NAME (repeatable; a bare DIR is named after its folder)",
+    )
     sv.add_argument("--name", help="the model name of MODEL itself (default: its folder name)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on; 127.0.0.1 is this machine only")
     sv.add_argument("--port", type=int, default=8000, help="port to listen on")
-    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $FAMTUNE_API_KEY, "
-                                      "else no key)")
+    sv.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $FAMTUNE_API_KEY, else no key)"
+    )
     sv.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code to run")
     sv.set_defaults(func=_cmd_serve)
 
@@ -304,9 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print JSON instead of text")
     pl.set_defaults(func=_cmd_plugins)
     plsub = pl.add_subparsers(dest="plugins_command", metavar="SUBCOMMAND")
-    pc = command(plsub, "check", help="run the conformance suite on an installed plugin's tiny models",
-                 description="Build a tiny model of each family the plugin provides and check its "
-                             "template, labels, stop ids, LoRA targets, a QLoRA step, the merge and packing.")
+    pc = command(
+        plsub,
+        "check",
+        help="run the conformance suite on an installed plugin's tiny models",
+        description="Build a tiny model of each family the plugin provides and check its "
+        "template, labels, stop ids, LoRA targets, a QLoRA step, the merge and packing.",
+    )
     pc.add_argument("name", help="the plugin's entry-point name, as `famtune plugins` lists it")
     pc.add_argument("--family", action="append", help="check only this family (repeatable; default: all)")
     pc.add_argument("--workdir", help="keep the tiny models, adapters and merged models here (default: a temp dir)")
@@ -315,9 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     pn = command(sub, "plugin", help="write a new family plugin package")
     pnsub = pn.add_subparsers(dest="plugin_command", metavar="SUBCOMMAND")
-    pnew = command(pnsub, "new", help="write a ready-to-install family plugin package",
-                   description="Write famtune-NAME: pyproject.toml with the famtune entry point, every "
-                               "hook implemented for a ChatML-style native Llama model, and tests.")
+    pnew = command(
+        pnsub,
+        "new",
+        help="write a ready-to-install family plugin package",
+        description="Write famtune-NAME: pyproject.toml with the famtune entry point, every "
+        "hook implemented for a ChatML-style native Llama model, and tests.",
+    )
     pnew.add_argument("name", help="family and plugin name, e.g. acme")
     pnew.add_argument("--dir", help="parent directory (default: the current one); writes DIR/famtune-NAME")
     pnew.set_defaults(func=_cmd_plugin_new)
@@ -331,22 +422,33 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--masking", help="masking policy (default: the family's first)")
     dc.add_argument("--family", help="force a family instead of the plugin's claim")
     dc.add_argument("--max-length", type=int, default=1024, help="truncate samples to this many tokens")
-    dc.add_argument("--skip-bad-records", action="store_true", help="skip and report malformed records instead of stopping")
+    dc.add_argument(
+        "--skip-bad-records", action="store_true", help="skip and report malformed records instead of stopping"
+    )
     dc.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code to run")
     dc.set_defaults(func=_cmd_data_check)
-    dv = command(dsub, "convert", help="convert a spreadsheet or data file into famtune JSONL",
-                 description="Convert .xlsx, .csv, .tsv, .parquet, or JSON/JSONL in any format famtune reads, into "
-                             "JSONL in the messages or conversation format. Spreadsheets need famtune[data] "
-                             "(pandas, openpyxl, pyarrow). Columns are matched by header name.")
+    dv = command(
+        dsub,
+        "convert",
+        help="convert a spreadsheet or data file into famtune JSONL",
+        description="Convert .xlsx, .csv, .tsv, .parquet, or JSON/JSONL in any format famtune reads, into "
+        "JSONL in the messages or conversation format. Spreadsheets need famtune[data] "
+        "(pandas, openpyxl, pyarrow). Columns are matched by header name.",
+    )
     dv.add_argument("input", help="the file to convert (.xlsx, .csv, .tsv, .parquet, .json, .jsonl)")
     dv.add_argument("output", help="the JSONL file to write")
     dv.add_argument("--format", choices=["messages", "conversation"], default="messages", help="output format")
-    dv.add_argument("--question", help="column with the user's question (default: question, or input/instruction/prompt)")
+    dv.add_argument(
+        "--question", help="column with the user's question (default: question, or input/instruction/prompt)"
+    )
     dv.add_argument("--answer", help="column with the answer (default: answer, or output/response)")
     dv.add_argument("--system", help="column with a system prompt, or a literal system prompt for every row")
     dv.add_argument("--history", help="column of earlier turns, as a JSON list of [question, answer] pairs")
-    dv.add_argument("--skip-bad-rows", action="store_true",
-                    help="skip and report rows with an empty question/answer instead of stopping")
+    dv.add_argument(
+        "--skip-bad-rows",
+        action="store_true",
+        help="skip and report rows with an empty question/answer instead of stopping",
+    )
     dv.set_defaults(func=_cmd_data_convert)
 
     rc = command(sub, "recipes", help="built-in recipes: list, copy")
@@ -359,29 +461,46 @@ def build_parser() -> argparse.ArgumentParser:
     ry.add_argument("dest", nargs="?", help="a .yaml file or a directory (default: the current directory)")
     ry.set_defaults(func=_cmd_recipes_copy)
 
-    cp = command(sub, "compare", help="train several models on one recipe and report them side by side",
-                 usage="famtune compare (RECIPE.yaml | --demo) [--models M1 M2 ...] [--output DIR] "
-                       "[--key value ...]",
-                 description="Train every model with the same recipe, each through its own family plugin "
-                             "and in its own process, then write OUTPUT/report/ (report.md, report.html, "
-                             "results.json). A re-run skips finished models. Any recipe key can be "
-                             "overridden: --key value. tiny:FAMILY builds a tiny local model of FAMILY.")
+    cp = command(
+        sub,
+        "compare",
+        help="train several models on one recipe and report them side by side",
+        usage="famtune compare (RECIPE.yaml | --demo) [--models M1 M2 ...] [--output DIR] [--key value ...]",
+        description="Train every model with the same recipe, each through its own family plugin "
+        "and in its own process, then write OUTPUT/report/ (report.md, report.html, "
+        "results.json). A re-run skips finished models. Any recipe key can be "
+        "overridden: --key value. tiny:FAMILY builds a tiny local model of FAMILY.",
+    )
     cp.add_argument("--models", nargs="+", metavar="MODEL", help="models to compare (instead of the recipe's list)")
     cp.add_argument("--output", help="comparison directory (default: the recipe's output_dir, else famtune-compare)")
     cp.add_argument("--nproc", type=int, metavar="N", help="train each model in N processes (famtune train --nproc N)")
-    cp.add_argument("--adapters", metavar="M1,M2", help="compare adapter methods too: every model once per method, "
-                    "e.g. lora,dora,adalora or lora+pissa (docs/users/adapters.md)")
-    cp.add_argument("--demo", action="store_true",
-                    help="the built-in comparison of the four families on tiny local models (nothing downloaded)")
-    cp.add_argument("--serve", action="store_true",
-                    help="afterwards, serve every trained model (famtune serve OUTPUT) to try them in the chat page")
+    cp.add_argument(
+        "--adapters",
+        metavar="M1,M2",
+        help="compare adapter methods too: every model once per method, "
+        "e.g. lora,dora,adalora or lora+pissa (docs/users/adapters.md)",
+    )
+    cp.add_argument(
+        "--demo",
+        action="store_true",
+        help="the built-in comparison of the four families on tiny local models (nothing downloaded)",
+    )
+    cp.add_argument(
+        "--serve",
+        action="store_true",
+        help="afterwards, serve every trained model (famtune serve OUTPUT) to try them in the chat page",
+    )
     cp.add_argument("--port", type=int, default=8000, help="port for --serve")
     cp.set_defaults(func=_cmd_compare, extra_ok=True)
 
-    es = command(sub, "estimate", help="predict the peak accelerator memory of a recipe's run",
-                 description="Predict peak accelerator memory (weights, LoRA, optimizer state, activations) "
-                             "from the model's config; nothing is loaded or trained. Any recipe key can be "
-                             "overridden: --key value. Exit status 1 when the run does not fit --budget.")
+    es = command(
+        sub,
+        "estimate",
+        help="predict the peak accelerator memory of a recipe's run",
+        description="Predict peak accelerator memory (weights, LoRA, optimizer state, activations) "
+        "from the model's config; nothing is loaded or trained. Any recipe key can be "
+        "overridden: --key value. Exit status 1 when the run does not fit --budget.",
+    )
     es.add_argument("recipe", help="recipe YAML file")
     es.add_argument("--budget", help="memory to fit in, e.g. 8GB")
     es.add_argument("--nproc", type=int, help="processes the run is split over (with the recipe's distributed preset)")
@@ -397,9 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--steps", type=int, help="optimizer steps (default: the demo recipe's)")
     de.set_defaults(func=_cmd_demo)
 
-    ev = command(sub, "env", help="print versions, device and known-bad combinations (for bug reports)",
-                 description="Print the versions of famtune, its plugins and the libraries it trains with, "
-                             "the device and the bitsandbytes backend, and warn about known-bad combinations.")
+    ev = command(
+        sub,
+        "env",
+        help="print versions, device and known-bad combinations (for bug reports)",
+        description="Print the versions of famtune, its plugins and the libraries it trains with, "
+        "the device and the bitsandbytes backend, and warn about known-bad combinations.",
+    )
     ev.add_argument("--json", action="store_true", help="print JSON instead of text")
     ev.set_defaults(func=_cmd_env)
     _add_plugin_commands(sub)
@@ -415,8 +538,10 @@ def _add_plugin_commands(sub) -> None:
     except FamtuneError:
         pass  # a plugin set that cannot load is reported by the command that needs it
     except Exception as exc:
-        print(f"famtune: warning: a plugin's famtune_register_commands raised {type(exc).__name__}: {exc}",
-              file=sys.stderr)
+        print(
+            f"famtune: warning: a plugin's famtune_register_commands raised {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
 
 
 def _quiet_libraries() -> None:
@@ -426,8 +551,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    warnings.filterwarnings("ignore", message=r".*(gradient_checkpointing|is_gradient_checkpointing).*deprecated",
-                            category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r".*(gradient_checkpointing|is_gradient_checkpointing).*deprecated", category=FutureWarning
+    )
     warnings.filterwarnings("ignore", message=r".*torch.jit.script_method.*", category=DeprecationWarning)
     import logging
 
@@ -459,12 +585,18 @@ def main(argv: list[str] | None = None) -> int:
         from famtune.durable import is_disk_full
 
         if is_disk_full(exc):
-            print(f"famtune: error: disk full ({str(exc).splitlines()[0][:200]}); free space and run again "
-                  "(training continues with --resume)", file=sys.stderr)
+            print(
+                f"famtune: error: disk full ({str(exc).splitlines()[0][:200]}); free space and run again "
+                "(training continues with --resume)",
+                file=sys.stderr,
+            )
             return 2
         first = str(exc).splitlines()[0][:300] if str(exc) else ""
-        print(f"famtune: error: unexpected {type(exc).__name__}: {first} (FAMTUNE_DEBUG=1 shows the traceback; "
-              "please report it)", file=sys.stderr)
+        print(
+            f"famtune: error: unexpected {type(exc).__name__}: {first} (FAMTUNE_DEBUG=1 shows the traceback; "
+            "please report it)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -9,6 +9,7 @@ others and each model's peak memory is its own. A model whose run directory alre
 checkpoint (tokenizer trained on the recipe's data) in the comparison directory, so a comparison
 runs with nothing downloaded.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,14 +52,23 @@ class ModelRun:
     adapter: str = ""  # an adapter method name (famtune.adapters.METHOD_KEYS) when comparing methods
 
     def to_dict(self) -> dict[str, Any]:
-        return {"spec": self.spec, "name": self.name, "dir": str(self.out), "family": self.family,
-                "plugin": self.plugin, "note": self.note, "status": self.status, "error": self.error,
-                "wall_s": self.wall_s, "adapter": self.adapter}
+        return {
+            "spec": self.spec,
+            "name": self.name,
+            "dir": str(self.out),
+            "family": self.family,
+            "plugin": self.plugin,
+            "note": self.note,
+            "status": self.status,
+            "error": self.error,
+            "wall_s": self.wall_s,
+            "adapter": self.adapter,
+        }
 
 
 def run_name(spec: str, taken: set[str]) -> str:
     """A directory name for a model spec: readable, filesystem-safe and unique in the comparison."""
-    base = spec[len(TINY_PREFIX):] if spec.startswith(TINY_PREFIX) else Path(spec.rstrip("/")).name or spec
+    base = spec[len(TINY_PREFIX) :] if spec.startswith(TINY_PREFIX) else Path(spec.rstrip("/")).name or spec
     base = ("tiny-" if spec.startswith(TINY_PREFIX) else "") + re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-")
     name, i = base or "model", 2
     while name in taken:
@@ -67,8 +77,9 @@ def run_name(spec: str, taken: set[str]) -> str:
     return name
 
 
-def read_comparison(recipe_path: str, models: list[str] | None, overrides: dict[str, Any],
-                    output: str | None) -> tuple[dict[str, Any], list[str], Path]:
+def read_comparison(
+    recipe_path: str, models: list[str] | None, overrides: dict[str, Any], output: str | None
+) -> tuple[dict[str, Any], list[str], Path]:
     """(shared recipe keys, model specs, comparison directory) from a recipe with a ``models:`` list."""
     import yaml
 
@@ -94,8 +105,10 @@ def read_comparison(recipe_path: str, models: list[str] | None, overrides: dict[
     if not specs:
         raise FamtuneError(f"{recipe_path}: no models to compare; add a `models:` list or pass --models M1 M2 ...")
     if raw.get("family"):
-        raise FamtuneError(f"{recipe_path}: family {raw['family']!r} would force one family on every model; "
-                           "remove it (each model is claimed by its own plugin) or use tiny:<family> specs")
+        raise FamtuneError(
+            f"{recipe_path}: family {raw['family']!r} would force one family on every model; "
+            "remove it (each model is claimed by its own plugin) or use tiny:<family> specs"
+        )
     out = Path(output or raw.pop("output_dir", None) or DEFAULT_OUTPUT)
     raw.pop("output_dir", None)
     raw.pop("family", None)
@@ -105,11 +118,17 @@ def read_comparison(recipe_path: str, models: list[str] | None, overrides: dict[
         if isinstance(v, str) and v and not Path(v).is_absolute() and (base / v).exists():
             raw[key] = str(base / v)
     ev = raw.get("eval")
-    if isinstance(ev, dict) and isinstance(ev.get("data"), str) and not Path(ev["data"]).is_absolute() \
-            and (base / ev["data"]).exists():
+    if (
+        isinstance(ev, dict)
+        and isinstance(ev.get("data"), str)
+        and not Path(ev["data"]).is_absolute()
+        and (base / ev["data"]).exists()
+    ):
         raw["eval"] = {**ev, "data": str(base / ev["data"])}
-    specs = [str(base / s) if not s.startswith(TINY_PREFIX) and not Path(s).is_absolute() and (base / s).is_dir()
-             else s for s in map(str, specs)]
+    specs = [
+        str(base / s) if not s.startswith(TINY_PREFIX) and not Path(s).is_absolute() and (base / s).is_dir() else s
+        for s in map(str, specs)
+    ]
     # Unknown keys and wrong types stop the comparison here, not once per model minutes later.
     load_recipe(None, {**raw, "model": "placeholder", "output_dir": str(out)})
     return raw, specs, out.resolve()
@@ -165,8 +184,12 @@ def _lookup_family(spec: str, family: str | None) -> Any:
 def model_recipe(shared: dict[str, Any], run: ModelRun, model_path: str, fam: Any) -> dict[str, Any]:
     from famtune.adapters import method_overrides
 
-    recipe = {**shared, **(method_overrides(run.adapter) if run.adapter else {}), "model": model_path,
-              "output_dir": str(run.out)}
+    recipe = {
+        **shared,
+        **(method_overrides(run.adapter) if run.adapter else {}),
+        "model": model_path,
+        "output_dir": str(run.out),
+    }
     if run.family:
         recipe["family"] = run.family
     masking = shared.get("masking")
@@ -213,8 +236,15 @@ def _clock(seconds: float) -> str:
 class Runner:
     """Runs the models one after another and reports progress with an ETA."""
 
-    def __init__(self, shared: dict[str, Any], runs: list[ModelRun], work: Path, log: Callable[[str], Any],
-                 poll_s: float = 2.0, train_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        shared: dict[str, Any],
+        runs: list[ModelRun],
+        work: Path,
+        log: Callable[[str], Any],
+        poll_s: float = 2.0,
+        train_args: list[str] | None = None,
+    ) -> None:
         self.shared, self.runs, self.work, self.log, self.poll_s = shared, runs, work, log, poll_s
         self.train_args = list(train_args or [])  # e.g. --nproc N: each model trained distributed
         self.walls: list[float] = []
@@ -237,8 +267,9 @@ class Runner:
                 fam = _lookup_family(model_path, run.family)
                 if fam is not None:
                     run.family, run.plugin = fam.name, fam.describe()
-                text = yaml.safe_dump(model_recipe(self.shared, run, model_path, fam), sort_keys=False,
-                                      allow_unicode=True)
+                text = yaml.safe_dump(
+                    model_recipe(self.shared, run, model_path, fam), sort_keys=False, allow_unicode=True
+                )
             except Exception as exc:  # a model that cannot even be prepared is one failed row
                 self._finish(run, tag, t0, "failed", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 continue
@@ -255,9 +286,11 @@ class Runner:
             if run.note:
                 self.log(f"{tag}: {run.note}")
             resume = same_recipe and any((run.out / "checkpoints").glob("step-*/trainer_state.json"))
-            self.log(f"{tag} ({run.family or 'family from the claim'}): training"
-                     + (", resuming from its last checkpoint" if resume else "")
-                     + (f"; ETA of the comparison {_clock(self._mean() * (n - i + 1))}" if self.walls else ""))
+            self.log(
+                f"{tag} ({run.family or 'family from the claim'}): training"
+                + (", resuming from its last checkpoint" if resume else "")
+                + (f"; ETA of the comparison {_clock(self._mean() * (n - i + 1))}" if self.walls else "")
+            )
             code = self._train(recipe_file, run, resume, tag, remaining_after=n - i)
             if code == 0 and (run.out / "summary.json").is_file():
                 self._finish(run, tag, t0, "ok", "")
@@ -268,8 +301,11 @@ class Runner:
         return sum(self.walls) / len(self.walls)
 
     def _train(self, recipe_file: Path, run: ModelRun, resume: bool, tag: str, remaining_after: int) -> int:
-        cmd = ([sys.executable, "-m", "famtune.cli", "train", str(recipe_file)] + (["--resume"] if resume else [])
-               + self.train_args)
+        cmd = (
+            [sys.executable, "-m", "famtune.cli", "train", str(recipe_file)]
+            + (["--resume"] if resume else [])
+            + self.train_args
+        )
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(run.out / "train.log", "w", encoding="utf-8") as logf:
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
@@ -308,10 +344,12 @@ class Runner:
     def _finish(self, run: ModelRun, tag: str, t0: float, status: str, error: str) -> None:
         run.status, run.error, run.wall_s = status, error, time.perf_counter() - t0
         self.walls.append(run.wall_s)
-        (run.out / STATUS_FILE).write_text(json.dumps(run.to_dict(), indent=2, ensure_ascii=False) + "\n",
-                                           encoding="utf-8")
-        self.log(f"{tag}: {'done' if status == 'ok' else 'FAILED'} in {run.wall_s:.0f}s"
-                 + (f": {error}" if error else ""))
+        (run.out / STATUS_FILE).write_text(
+            json.dumps(run.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        self.log(
+            f"{tag}: {'done' if status == 'ok' else 'FAILED'} in {run.wall_s:.0f}s" + (f": {error}" if error else "")
+        )
 
 
 def read_status(run_out: Path) -> dict[str, Any]:
@@ -344,9 +382,15 @@ def adapter_methods(recipe_path: str, adapters: list[str] | None, shared: dict[s
     return names
 
 
-def compare(recipe_path: str | None, models: list[str] | None = None, overrides: dict[str, Any] | None = None,
-            output: str | None = None, log: Callable[[str], Any] = print, adapters: list[str] | None = None,
-            nproc: int | None = None) -> int:
+def compare(
+    recipe_path: str | None,
+    models: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    output: str | None = None,
+    log: Callable[[str], Any] = print,
+    adapters: list[str] | None = None,
+    nproc: int | None = None,
+) -> int:
     """Run the comparison and write its report; 0 when every model trained, 1 when any failed.
 
     With ``adapters`` (or an ``adapters:`` list in the recipe) every model is trained once per
@@ -362,17 +406,21 @@ def compare(recipe_path: str | None, models: list[str] | None = None, overrides:
     taken: set[str] = {"report", "tiny-bases"}
     runs = []
     for spec in specs:
-        family = spec[len(TINY_PREFIX):] if spec.startswith(TINY_PREFIX) else None
+        family = spec[len(TINY_PREFIX) :] if spec.startswith(TINY_PREFIX) else None
         for method in methods or [""]:
             name = run_name(f"{spec}-{method}" if method else spec, taken)
             runs.append(ModelRun(spec=spec, name=name, out=work / name, family=family, adapter=method))
-    log(f"compare: {len(runs)} runs ({', '.join(r.spec + (f' [{r.adapter}]' if r.adapter else '') for r in runs)}) "
-        f"in {work}")
+    log(
+        f"compare: {len(runs)} runs ({', '.join(r.spec + (f' [{r.adapter}]' if r.adapter else '') for r in runs)}) "
+        f"in {work}"
+    )
     Runner(shared, runs, work, log, train_args=["--nproc", str(nproc)] if nproc else None).run_all()
     report_dir = write_report(work, shared, specs, runs)
     failed = [r for r in runs if r.status == "failed"]
     earlier = sum(r.status == "skipped" for r in runs)
-    log(f"compare: {len(runs) - len(failed)}/{len(runs)} models trained"
+    log(
+        f"compare: {len(runs) - len(failed)}/{len(runs)} models trained"
         + (f" ({earlier} by an earlier run)" if earlier else "")
-        + f" in {time.perf_counter() - t0:.0f}s; report: {report_dir / 'report.html'}")
+        + f" in {time.perf_counter() - t0:.0f}s; report: {report_dir / 'report.html'}"
+    )
     return 1 if failed else 0

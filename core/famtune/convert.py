@@ -15,6 +15,7 @@ tensor transforms; this module does the rest, the same way for every family:
 - ``read_json`` / ``write_json`` / ``copy_generation_config`` / ``mark``: config helpers, and the
   family marker that makes the converted copy claimed by the family that wrote it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +23,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from famtune.cache import cache_dir
 from famtune.errors import FamtuneError
@@ -36,8 +38,19 @@ SINGLE_NAME = "model.safetensors"
 MAX_SHARD_BYTES = 4 << 30
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
-__all__ = ["MARKER_KEY", "TensorReader", "cache_key", "cached_copy", "copy_generation_config", "mark", "native_copy",
-           "read_json", "weight_files", "write_json", "write_shards"]
+__all__ = [
+    "MARKER_KEY",
+    "TensorReader",
+    "cache_key",
+    "cached_copy",
+    "copy_generation_config",
+    "mark",
+    "native_copy",
+    "read_json",
+    "weight_files",
+    "write_json",
+    "write_shards",
+]
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
@@ -78,9 +91,11 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
         return files
     pickled = sorted(p.name for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth")) if root.is_dir() else []
     if pickled:
-        raise FamtuneError(f"{root}: no *.safetensors weights (only pickled {pickled[0]}, ...); famtune loads "
-                           "safetensors only and never unpickles: download the checkpoint's safetensors files "
-                           "or convert them first")
+        raise FamtuneError(
+            f"{root}: no *.safetensors weights (only pickled {pickled[0]}, ...); famtune loads "
+            "safetensors only and never unpickles: download the checkpoint's safetensors files "
+            "or convert them first"
+        )
     raise FamtuneError(f"{root}: no *.safetensors weights found; pass the checkpoint directory")
 
 
@@ -110,8 +125,9 @@ class TensorReader:
         return self._last[1]
 
 
-def write_shards(tensors: Iterable[tuple[str, Any]], out_dir: str | os.PathLike,
-                 max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+def write_shards(
+    tensors: Iterable[tuple[str, Any]], out_dir: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES
+) -> None:
     """(name, tensor) pairs into ``model.safetensors``, or numbered shards plus an index past ``max_shard_bytes``."""
     from safetensors.torch import save_file
 
@@ -165,8 +181,9 @@ def cached_copy(family: str, key: str) -> Path:
     return cache_dir() / "native" / family / key
 
 
-def native_copy(src: str | os.PathLike, family: str, converter_version: int | str,
-                write: Callable[[Path, Path], None]) -> Path:
+def native_copy(
+    src: str | os.PathLike, family: str, converter_version: int | str, write: Callable[[Path, Path], None]
+) -> Path:
     """The cached native copy of the original checkpoint ``src``; ``write(src, out_dir)`` makes it once."""
     target = cached_copy(family, cache_key(src, family, converter_version))
     if (target / "config.json").is_file():

@@ -36,6 +36,7 @@ where LINE is the 1-based line on which the record starts. With ``skip_bad_recor
 are left out and listed in :attr:`ReadReport.skipped` instead. Broken JSON inside a JSON array
 cannot be skipped, because nothing after it can be located reliably.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from famtune.errors import FamtuneError
 
@@ -53,7 +54,10 @@ ROLES = ("system", "user", "assistant")
 # The single key that marks each format. Detection looks at nothing else, so a record of the right
 # format with one broken field gets that field's error instead of "unknown format".
 _FORMAT_KEYS = {
-    "conversation": "conversation", "messages": "messages", "alpaca": "instruction", "sharegpt": "conversations"
+    "conversation": "conversation",
+    "messages": "messages",
+    "alpaca": "instruction",
+    "sharegpt": "conversations",
 }
 _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 _A_ROLE = {"user": "a user", "assistant": "an assistant"}
@@ -159,7 +163,7 @@ def read_conversations(path: str, fmt: str = "auto", skip_bad_records: bool = Fa
 
 # --- reading the file ---------------------------------------------------------------------------
 
-_Record = tuple[int, Union[Any, _BadRecord]]
+_Record = tuple[int, Any | _BadRecord]
 
 
 def _read_text(source: str) -> str:
@@ -182,9 +186,7 @@ def _read_text(source: str) -> str:
     # Editors on Windows often save UTF-8 with a byte-order mark, which json rejects.
     text = text.removeprefix("\ufeff")
     if _WHITESPACE_RUN.match(text).end() == len(text):
-        raise DataError(
-            source, None, "the file is empty", "give a JSON array of records or one JSON record per line"
-        )
+        raise DataError(source, None, "the file is empty", "give a JSON array of records or one JSON record per line")
     return text
 
 
@@ -335,9 +337,7 @@ def _from_sharegpt(record: dict) -> list[dict[str, str]]:
     system = _optional_text(record, "system", None)
     if system:
         if items and items[0][1] == "system":
-            raise _BadRecord(
-                'the record has both a "system" field and a system message (message 1)', "keep only one"
-            )
+            raise _BadRecord('the record has both a "system" field and a system message (message 1)', "keep only one")
         items.insert(0, ('"system"', "system", system))
     return _validated(items)
 

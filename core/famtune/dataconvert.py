@@ -10,6 +10,7 @@ Nothing is dropped silently: an empty question or answer is a ``FILE:ROW`` error
 end, are counted; cells that are not text (numbers, dates) are written as text and counted.
 JSON/JSONL input in any format famtune reads is re-written in the chosen output format.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,10 @@ class ConvertReport:
             out.append(f"{len(self.blank_rows)} blank rows left out ({self.source}:{_rows(self.blank_rows)})")
         if self.non_text_cells:
             first = self.non_text_cells[0]
-            out.append(f"{len(self.non_text_cells)} non-text cells written as text "
-                       f"(first: {self.source}:{first[0]} column {first[1]!r}, a {first[2]})")
+            out.append(
+                f"{len(self.non_text_cells)} non-text cells written as text "
+                f"(first: {self.source}:{first[0]} column {first[1]!r}, a {first[2]})"
+            )
         for row, why in self.skipped:
             out.append(f"skipped {self.source}:{row}: {why}")
         if self.skipped:
@@ -72,8 +75,9 @@ def _rows(rows: list[int], limit: int = 8) -> str:
     return shown + (f",... ({len(rows) - limit} more)" if len(rows) > limit else "")
 
 
-def convert_file(src: str, dst: str, fmt: str = "messages", columns: ColumnMap | None = None,
-                 skip_bad_rows: bool = False) -> ConvertReport:
+def convert_file(
+    src: str, dst: str, fmt: str = "messages", columns: ColumnMap | None = None, skip_bad_rows: bool = False
+) -> ConvertReport:
     """Convert ``src`` into JSONL at ``dst`` in ``fmt``; the result is read back by famtune's data reader."""
     from famtune.data import read_conversations
 
@@ -88,8 +92,10 @@ def convert_file(src: str, dst: str, fmt: str = "messages", columns: ColumnMap |
     report = ConvertReport(source=src, output=dst, fmt=fmt)
     if suffix in JSON_SUFFIXES:
         if any((columns.question, columns.answer, columns.history)):
-            raise FamtuneError(f"{src}: --question/--answer/--history name spreadsheet columns; a JSON file "
-                               "carries its own conversations")
+            raise FamtuneError(
+                f"{src}: --question/--answer/--history name spreadsheet columns; a JSON file "
+                "carries its own conversations"
+            )
         read = read_conversations(src, "auto", skip_bad_records=skip_bad_rows)
         report.skipped = list(read.skipped)
         conversations = []
@@ -102,8 +108,10 @@ def convert_file(src: str, dst: str, fmt: str = "messages", columns: ColumnMap |
         header, rows = read_table(src)
         conversations = _table_conversations(src, header, rows, columns, skip_bad_rows, report)
     else:
-        raise FamtuneError(f"{src}: cannot convert {suffix or 'a file without extension'}; "
-                           f"expected one of {', '.join(TABLE_SUFFIXES + JSON_SUFFIXES)}")
+        raise FamtuneError(
+            f"{src}: cannot convert {suffix or 'a file without extension'}; "
+            f"expected one of {', '.join(TABLE_SUFFIXES + JSON_SUFFIXES)}"
+        )
     if not conversations:
         raise FamtuneError(f"{src}: no conversation to write (every row was blank or skipped)")
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
@@ -145,8 +153,14 @@ def read_table(src: str) -> tuple[list[str], list[list[Any]]]:
                 raise FamtuneError(f"{src}: reading .xlsx needs openpyxl; {INSTALL_HINT}") from None
             frame = pd.read_excel(src, header=None, dtype=object, engine="openpyxl")
         elif suffix in (".csv", ".tsv"):
-            frame = pd.read_csv(src, header=None, dtype=object, keep_default_na=False,
-                                sep="\t" if suffix == ".tsv" else ",", encoding="utf-8-sig")
+            frame = pd.read_csv(
+                src,
+                header=None,
+                dtype=object,
+                keep_default_na=False,
+                sep="\t" if suffix == ".tsv" else ",",
+                encoding="utf-8-sig",
+            )
         else:
             try:
                 import pyarrow  # noqa: F401
@@ -158,8 +172,10 @@ def read_table(src: str) -> tuple[list[str], list[list[Any]]]:
     except FamtuneError:
         raise
     except Exception as exc:  # pandas/openpyxl raise many types for a damaged file
-        raise FamtuneError(f"{src}: cannot read ({type(exc).__name__}: {str(exc)[:200]}); "
-                           "check that the file is not damaged and has the right extension") from None
+        raise FamtuneError(
+            f"{src}: cannot read ({type(exc).__name__}: {str(exc)[:200]}); "
+            "check that the file is not damaged and has the right extension"
+        ) from None
     values = frame.values.tolist()
     if not values:
         raise FamtuneError(f"{src}: the file is empty; the first row must name the columns")
@@ -174,8 +190,10 @@ def _checked_header(src: str, header: list[str]) -> list[str]:
             continue
         key = name.lower()
         if key in seen:
-            raise FamtuneError(f"{src}:1: columns {seen[key]} and {i} are both named {name!r}; "
-                               "rename one so each column has its own header")
+            raise FamtuneError(
+                f"{src}:1: columns {seen[key]} and {i} are both named {name!r}; "
+                "rename one so each column has its own header"
+            )
         seen[key] = i
     return header
 
@@ -195,20 +213,25 @@ def _is_blank(value: Any) -> bool:
     return isinstance(value, str) and not value.strip()
 
 
-def _find(header: list[str], wanted: str | None, candidates: tuple[str, ...], role: str, src: str,
-          option: str) -> int | None:
+def _find(
+    header: list[str], wanted: str | None, candidates: tuple[str, ...], role: str, src: str, option: str
+) -> int | None:
     lower = [h.lower() for h in header]
     if wanted is not None:
         if wanted.lower() in lower:
             return lower.index(wanted.lower())
-        raise FamtuneError(f"{src}:1: no column named {wanted!r} for the {role}; the columns are "
-                           f"{', '.join(repr(h) for h in header if h)}")
+        raise FamtuneError(
+            f"{src}:1: no column named {wanted!r} for the {role}; the columns are "
+            f"{', '.join(repr(h) for h in header if h)}"
+        )
     for name in candidates:
         if name in lower:
             return lower.index(name)
     if option:
-        raise FamtuneError(f"{src}:1: no {role} column (looked for {', '.join(candidates)}); the columns are "
-                           f"{', '.join(repr(h) for h in header if h)}; name it with {option} COLUMN")
+        raise FamtuneError(
+            f"{src}:1: no {role} column (looked for {', '.join(candidates)}); the columns are "
+            f"{', '.join(repr(h) for h in header if h)}; name it with {option} COLUMN"
+        )
     return None
 
 
@@ -223,8 +246,9 @@ def _text(value: Any, row: int, column: str, report: ConvertReport) -> str:
     return str(value)
 
 
-def _table_conversations(src: str, header: list[str], rows: list[list[Any]], columns: ColumnMap,
-                         skip_bad_rows: bool, report: ConvertReport) -> list[list[dict[str, str]]]:
+def _table_conversations(
+    src: str, header: list[str], rows: list[list[Any]], columns: ColumnMap, skip_bad_rows: bool, report: ConvertReport
+) -> list[list[dict[str, str]]]:
     q_col = _find(header, columns.question, QUESTION_COLUMNS, "question", src, "--question")
     a_col = _find(header, columns.answer, ANSWER_COLUMNS, "answer", src, "--answer")
     h_col = _find(header, columns.history, (), "history", src, "") if columns.history else None
@@ -290,7 +314,9 @@ def _history(raw: str, column: str) -> list[tuple[str, str]]:
     except json.JSONDecodeError as exc:
         raise _BadRow(f"the history cell (column {column!r}) is not JSON ({exc.msg})") from None
     if not isinstance(pairs, list) or not all(
-            isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) and x for x in p) for p in pairs):
-        raise _BadRow(f"the history cell (column {column!r}) is not a JSON list of [question, answer] "
-                      "pairs of non-empty text")
+        isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) and x for x in p) for p in pairs
+    ):
+        raise _BadRow(
+            f"the history cell (column {column!r}) is not a JSON list of [question, answer] pairs of non-empty text"
+        )
     return [(q, a) for q, a in pairs]

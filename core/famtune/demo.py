@@ -5,6 +5,7 @@ the bundled self-identity set, fine-tunes it with QLoRA, merges the adapter, and
 merged model, checking that each identity question gets its trained answer and that generation
 stops.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,11 +61,14 @@ def run_demo(workdir: str, family: str | None = None, steps: int | None = None, 
     expected = expected_answers()
     ok = True
     for question in recipe.evaluation_inputs:
-        reply = session.reply([{"role": "user", "content": question}], greedy=True,
-                              max_new_tokens=recipe.max_new_tokens)
+        reply = session.reply(
+            [{"role": "user", "content": question}], greedy=True, max_new_tokens=recipe.max_new_tokens
+        )
         # Some families open a reply with a header line (their own chat() strips it as well).
         good = reply.strip() == expected.get(question)
         ok &= good
-        log(f"demo chat> {question}\n{reply}\n  [{'trained answer, stopped' if good else 'DIFFERS from the trained answer'}]")
+        log(
+            f"demo chat> {question}\n{reply}\n  [{'trained answer, stopped' if good else 'DIFFERS from the trained answer'}]"
+        )
     log(f"demo: {'OK' if ok else 'FAILED'} in {time.perf_counter() - t0:.0f}s; try: famtune chat {merged}")
     return 0 if ok else 1

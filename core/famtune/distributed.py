@@ -10,6 +10,7 @@ saved by 2 processes resumes in 1 and vice versa.
 
 The launcher (torchrun) is in :mod:`famtune.launch`; this module runs in each worker.
 """
+
 from __future__ import annotations
 
 import os
@@ -84,7 +85,8 @@ def make_accelerator(recipe, **extra: Any):
     # accelerate only picks its multi-CPU (gloo) mode when told the run has no accelerator.
     cpu = not torch.cuda.is_available()
     kwargs: dict[str, Any] = {
-        "cpu": cpu, "kwargs_handlers": [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_seconds()))],
+        "cpu": cpu,
+        "kwargs_handlers": [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_seconds()))],
         # famtune shards its own batches and counts optimizer steps over the whole world; without
         # split_batches accelerate's scheduler would advance once per process at every step.
         "dataloader_config": DataLoaderConfiguration(split_batches=True),
@@ -92,12 +94,20 @@ def make_accelerator(recipe, **extra: Any):
     }
     if world_size() > 1:
         if recipe.distributed == "fsdp" and recipe.save_steps:
-            raise FamtuneError(f"distributed: fsdp with save_steps: {recipe.save_steps}: famtune cannot save "
-                               "resumable checkpoints of a sharded run yet; set save_steps: 0, or use ddp")
-        kwargs.update(accelerate_plugins(
-            recipe.distributed, batch_size=recipe.batch_size, grad_accum=recipe.grad_accum,
-            max_grad_norm=recipe.max_grad_norm, world=world_size(),
-            compute_dtype_name=str(resolve_dtype(recipe.compute_dtype)).removeprefix("torch.")))
+            raise FamtuneError(
+                f"distributed: fsdp with save_steps: {recipe.save_steps}: famtune cannot save "
+                "resumable checkpoints of a sharded run yet; set save_steps: 0, or use ddp"
+            )
+        kwargs.update(
+            accelerate_plugins(
+                recipe.distributed,
+                batch_size=recipe.batch_size,
+                grad_accum=recipe.grad_accum,
+                max_grad_norm=recipe.max_grad_norm,
+                world=world_size(),
+                compute_dtype_name=str(resolve_dtype(recipe.compute_dtype)).removeprefix("torch."),
+            )
+        )
     accelerator = Accelerator(**kwargs)
     if cpu and "fsdp_plugin" in kwargs:
         # accelerate turns FSDP on for accelerator devices only and would silently run DDP here;
@@ -145,7 +155,7 @@ def split_evenly(chunk: Sequence[Any], rank: int, world: int) -> list[Any]:
     """Rank ``rank``'s contiguous share of ``chunk``; shares differ in size by at most one."""
     base, extra = divmod(len(chunk), world)
     start = rank * base + min(rank, extra)
-    return list(chunk[start:start + base + (1 if rank < extra else 0)])
+    return list(chunk[start : start + base + (1 if rank < extra else 0)])
 
 
 @dataclass(frozen=True)
@@ -175,13 +185,14 @@ class DataParallel:
     def global_micro_batches(self, n_units: int, batch_size: int) -> int:
         return -(-n_units // (batch_size * self.world))
 
-    def step_batches(self, units: Sequence[Any], start: int, batch_size: int, grad_accum: int
-                     ) -> tuple[list[MicroBatch], int]:
+    def step_batches(
+        self, units: Sequence[Any], start: int, batch_size: int, grad_accum: int
+    ) -> tuple[list[MicroBatch], int]:
         """This rank's micro-batches of the optimizer step that begins at ``units[start]``, and the
         position after it. Every rank gets the same number of micro-batches."""
         group, pos = [], start
         for _ in range(grad_accum):
-            chunk = units[pos:pos + batch_size * self.world]
+            chunk = units[pos : pos + batch_size * self.world]
             if not chunk:
                 break
             mine = split_evenly(chunk, self.rank, self.world)
@@ -221,6 +232,8 @@ def refuse_when_sharded(command: str) -> None:
     """Merging and chatting load one whole model in one process: under a launcher they would run
     once per rank and race on the output."""
     if launched_worker() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise FamtuneError(f"`famtune {command}` runs in one process; it was started as rank "
-                           f"{os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']} by a launcher "
-                           f"(torchrun/accelerate launch). Run it directly: famtune {command} ...")
+        raise FamtuneError(
+            f"`famtune {command}` runs in one process; it was started as rank "
+            f"{os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']} by a launcher "
+            f"(torchrun/accelerate launch). Run it directly: famtune {command} ..."
+        )

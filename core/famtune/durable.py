@@ -5,6 +5,7 @@ so a reader sees the old complete version or the new complete one, never a mix. 
 (``manifest.json``: size and SHA-256 of every file, written last) lets a reader prove a directory
 is the one that was written, bit for bit.
 """
+
 from __future__ import annotations
 
 import errno

@@ -5,6 +5,7 @@ each marked as prompt or as an assistant turn, and asks the builder for labels u
 policy. Pieces are tokenized one by one, so the position of every label is known by
 construction: nothing is re-tokenized or re-aligned afterwards.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

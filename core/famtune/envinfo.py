@@ -4,6 +4,7 @@ warnings about combinations known not to work.
 ``collect_env`` gathers plain data; ``known_problems`` judges it. They are separate so every rule
 can be tested on the data it reads, and ``--json`` prints exactly what the rules saw.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,17 @@ from typing import Any
 
 import famtune
 
-LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "huggingface_hub", "tokenizers",
-             "safetensors", "pluggy")
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "accelerate",
+    "huggingface_hub",
+    "tokenizers",
+    "safetensors",
+    "pluggy",
+)
 
 
 def _version(dist: str) -> str | None:
@@ -39,12 +49,19 @@ def _requirements() -> dict[str, str]:
 def _device() -> dict[str, Any]:
     import torch
 
-    info: dict[str, Any] = {"cuda_available": torch.cuda.is_available(), "torch_cuda": torch.version.cuda,
-                            "cpu_count": os.cpu_count()}
+    info: dict[str, Any] = {
+        "cuda_available": torch.cuda.is_available(),
+        "torch_cuda": torch.version.cuda,
+        "cpu_count": os.cpu_count(),
+    }
     if info["cuda_available"]:
         major, minor = torch.cuda.get_device_capability(0)
-        info.update(device=f"cuda:0 ({torch.cuda.get_device_name(0)})", cuda_devices=torch.cuda.device_count(),
-                    capability=f"{major}.{minor}", bf16_supported=torch.cuda.is_bf16_supported())
+        info.update(
+            device=f"cuda:0 ({torch.cuda.get_device_name(0)})",
+            cuda_devices=torch.cuda.device_count(),
+            capability=f"{major}.{minor}",
+            bf16_supported=torch.cuda.is_bf16_supported(),
+        )
     else:
         info.update(device=f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
     return info
@@ -69,8 +86,10 @@ def collect_env() -> dict[str, Any]:
         "platform": platform.platform(),
         "libraries": {lib: _version(lib) for lib in LIBRARIES},
         "requirements": _requirements(),
-        "plugins": [{"name": n, "distribution": i.distribution, "version": i.version,
-                     "families": plugins.families_of(n)} for n, i in plugins.infos.items()],
+        "plugins": [
+            {"name": n, "distribution": i.distribution, "version": i.version, "families": plugins.families_of(n)}
+            for n, i in plugins.infos.items()
+        ],
         "broken_plugins": [{"name": b.info.name, "error": b.error} for b in plugins.broken],
         "device": _device(),
         "bitsandbytes": _bitsandbytes(),
@@ -96,23 +115,33 @@ def known_problems(env: dict[str, Any]) -> list[str]:
             out.append(f"{name} {have} is outside what famtune requires ({spec}); pip install '{name}{spec}'")
     device, bnb = env["device"], env["bitsandbytes"]
     if "error" in bnb:
-        out.append(f"bitsandbytes does not import ({bnb['error']}); QLoRA (quantization: nf4) cannot run; "
-                   "reinstall bitsandbytes or use quantization: none")
+        out.append(
+            f"bitsandbytes does not import ({bnb['error']}); QLoRA (quantization: nf4) cannot run; "
+            "reinstall bitsandbytes or use quantization: none"
+        )
     elif device.get("cuda_available") and str(bnb.get("backend") or "").upper() == "CPU":
-        out.append("CUDA is available but bitsandbytes loaded its CPU library "
-                   f"({bnb.get('library')}); NF4 layers would not run on the GPU; reinstall bitsandbytes for "
-                   f"CUDA {device.get('torch_cuda')}")
+        out.append(
+            "CUDA is available but bitsandbytes loaded its CPU library "
+            f"({bnb.get('library')}); NF4 layers would not run on the GPU; reinstall bitsandbytes for "
+            f"CUDA {device.get('torch_cuda')}"
+        )
     if device.get("cuda_available") and device.get("bf16_supported") is False:
-        out.append(f"this GPU (compute capability {device.get('capability')}) has no bf16; compute_dtype: auto "
-                   "picks fp16, and an explicit compute_dtype: bf16 runs emulated and slowly")
+        out.append(
+            f"this GPU (compute capability {device.get('capability')}) has no bf16; compute_dtype: auto "
+            "picks fp16, and an explicit compute_dtype: bf16 runs emulated and slowly"
+        )
     if not device.get("cuda_available") and device.get("torch_cuda"):
-        out.append(f"torch is built for CUDA {device['torch_cuda']} but sees no GPU; training runs on the CPU "
-                   "(check the driver and CUDA_VISIBLE_DEVICES)")
+        out.append(
+            f"torch is built for CUDA {device['torch_cuda']} but sees no GPU; training runs on the CPU "
+            "(check the driver and CUDA_VISIBLE_DEVICES)"
+        )
     for b in env.get("broken_plugins", []):
         out.append(f"plugin {b['name']} is disabled: {b['error']}")
     if not env.get("plugins"):
-        out.append("no family plugin is loaded; no model can be trained (pip install famtune-<family>, or check "
-                   "FAMTUNE_LOAD_PLUGINS)")
+        out.append(
+            "no family plugin is loaded; no model can be trained (pip install famtune-<family>, or check "
+            "FAMTUNE_LOAD_PLUGINS)"
+        )
     return out
 
 
@@ -120,11 +149,14 @@ def env_lines(env: dict[str, Any]) -> list[str]:
     lines = [f"famtune {env['famtune']}, Python {env['python']}, {env['platform']}"]
     lines += [f"  {lib:<16} {v or 'not installed'}" for lib, v in env["libraries"].items()]
     lines.append("plugins:")
-    lines += [f"  {p['name']:<16} {p['distribution']} {p['version']}: {', '.join(p['families'])}"
-              for p in env["plugins"]] or ["  none"]
+    lines += [
+        f"  {p['name']:<16} {p['distribution']} {p['version']}: {', '.join(p['families'])}" for p in env["plugins"]
+    ] or ["  none"]
     device, bnb = env["device"], env["bitsandbytes"]
-    lines.append(f"device: {device['device']}" + (f", torch CUDA {device['torch_cuda']}" if device["torch_cuda"] else
-                                                  ", torch CPU build"))
+    lines.append(
+        f"device: {device['device']}"
+        + (f", torch CUDA {device['torch_cuda']}" if device["torch_cuda"] else ", torch CPU build")
+    )
     if "error" in bnb:
         lines.append(f"bitsandbytes: does not import: {bnb['error']}")
     else:

@@ -1,4 +1,5 @@
 """Errors famtune reports to the user as one line."""
+
 from __future__ import annotations
 
 from famtune.types import PluginInfo

@@ -19,6 +19,7 @@ LoRA dropout, NF4, gradient checkpointing) on five standard decoders (RMSNorm, r
 where they leave at most 2% error: norm outputs, attention in/out, rotary copies, the MLP's gate, up,
 activation and product, and one dropout copy of the input per LoRA-targeted projection.
 """
+
 from __future__ import annotations
 
 import re
@@ -28,7 +29,7 @@ from typing import Any
 
 from famtune.errors import FamtuneError
 
-GIB = 1024 ** 3
+GIB = 1024**3
 # One recomputed decoder layer at its backward peak, in tensors of width hidden / intermediate
 # per token (before the LoRA dropout copies, which depend on the targets).
 _HIDDEN_PER_TOKEN = 6
@@ -64,8 +65,9 @@ class MemoryEstimate:
             f"run: LoRA r={d['lora_r']} on {d['lora_modules']} modules ({d['lora_params']:,} trainable), "
             f"batch {d['batch']} x {d['seq_len']} tokens, gradient checkpointing {'on' if d['checkpointing'] else 'off'}",
             f"  weights      {_fmt(self.weights)}  ({_fmt(d['quantized_bytes'])} in {d['quantized_count']} NF4 layers, "
-            f"{_fmt(d['plain_bytes'])} other parameters in {d['plain_dtype']})" if d["quantized_count"] else
-            f"  weights      {_fmt(self.weights)}  (all parameters in {d['plain_dtype']})",
+            f"{_fmt(d['plain_bytes'])} other parameters in {d['plain_dtype']})"
+            if d["quantized_count"]
+            else f"  weights      {_fmt(self.weights)}  (all parameters in {d['plain_dtype']})",
             f"  LoRA         {_fmt(self.lora)}  (fp32 adapter matrices)",
             f"  gradients    {_fmt(self.gradients)}  (LoRA only, the base is frozen; "
             + ("not yet allocated at the loss peak)" if not self.gradients else "alive during backward)"),
@@ -77,27 +79,39 @@ class MemoryEstimate:
         if d.get("sharding"):
             out.insert(2, f"per device: {d['sharding']}")
         if d.get("method_note"):
-            out.insert(2, f"adapter: {d['adapter']}" + (f", init {d['lora_init']}" if d["lora_init"] != "default" else "")
-                       + f" ({d['method_note']})")
+            out.insert(
+                2,
+                f"adapter: {d['adapter']}"
+                + (f", init {d['lora_init']}" if d["lora_init"] != "default" else "")
+                + f" ({d['method_note']})",
+            )
         if d.get("init_peak"):
-            out.append(f"  initialisation {_fmt(d['init_peak']).strip()} before training ({d['lora_init']} decomposes "
-                       "each target weight; lower than the training peak unless the model is nearly all weights)")
+            out.append(
+                f"  initialisation {_fmt(d['init_peak']).strip()} before training ({d['lora_init']} decomposes "
+                "each target weight; lower than the training peak unless the model is nearly all weights)"
+            )
         if budget is not None:
             if self.total <= budget:
-                out.append(f"fits in {_fmt(budget).strip()}: {_fmt(budget - self.total).strip()} to spare "
-                           "(allocator and CUDA context overhead come on top, typically 0.3-1 GiB)")
+                out.append(
+                    f"fits in {_fmt(budget).strip()}: {_fmt(budget - self.total).strip()} to spare "
+                    "(allocator and CUDA context overhead come on top, typically 0.3-1 GiB)"
+                )
             elif self.weights + self.lora + self.optimizer > budget:
-                out.append(f"does not fit in {_fmt(budget).strip()}: the weights and LoRA state alone take "
-                           f"{_fmt(self.weights + self.lora + self.optimizer).strip()}; {d['weight_advice']}")
+                out.append(
+                    f"does not fit in {_fmt(budget).strip()}: the weights and LoRA state alone take "
+                    f"{_fmt(self.weights + self.lora + self.optimizer).strip()}; {d['weight_advice']}"
+                )
             else:
-                out.append(f"does not fit in {_fmt(budget).strip()}: {_fmt(self.total - budget).strip()} over; the "
-                           f"weights leave {_fmt(budget - self.weights - self.lora - self.optimizer).strip()} for "
-                           f"{_fmt(self.activations + self.gradients).strip()} of activations; {d['advice']}")
+                out.append(
+                    f"does not fit in {_fmt(budget).strip()}: {_fmt(self.total - budget).strip()} over; the "
+                    f"weights leave {_fmt(budget - self.weights - self.lora - self.optimizer).strip()} for "
+                    f"{_fmt(self.activations + self.gradients).strip()} of activations; {d['advice']}"
+                )
         return out
 
 
 def _fmt(n: float) -> str:
-    return f"{n / GIB:7.2f} GiB" if n >= 0.1 * GIB else f"{n / 2 ** 20:7.1f} MiB"
+    return f"{n / GIB:7.2f} GiB" if n >= 0.1 * GIB else f"{n / 2**20:7.1f} MiB"
 
 
 def parse_size(text: str) -> float:
@@ -112,9 +126,21 @@ def _dtype_bytes(dtype: Any) -> int:
     return dtype.itemsize
 
 
-def estimate_model(model: Any, nf4_modules: set[str], targets: list[str], *, seq_len: int, batch: int,
-                   checkpointing: bool, compute_dtype: Any, lora_r: int, lora_dropout: float,
-                   name: str = "", adapter: str = "lora", lora_init: str = "default") -> MemoryEstimate:
+def estimate_model(
+    model: Any,
+    nf4_modules: set[str],
+    targets: list[str],
+    *,
+    seq_len: int,
+    batch: int,
+    checkpointing: bool,
+    compute_dtype: Any,
+    lora_r: int,
+    lora_dropout: float,
+    name: str = "",
+    adapter: str = "lora",
+    lora_init: str = "default",
+) -> MemoryEstimate:
     """The estimate for a meta-device ``model`` whose ``nf4_modules`` are quantized (empty: none).
 
     ``adapter`` and ``lora_init`` add each method's own memory (see ``_method_memory``); for
@@ -165,13 +191,33 @@ def estimate_model(model: Any, nf4_modules: set[str], targets: list[str], *, seq
     chunk = min(tokens, max(1, CHUNK_ELEMENTS // vocab))
     logits_held = tokens * hidden * 4  # the loss keeps only d loss / d hidden for backward
     head_bytes = 4 if quantized else act  # the head stays fp32 under QLoRA; otherwise it computes in act
-    loss_peak = (_CHUNK_COPIES * chunk * vocab * 4 + (2 * chunk * vocab * head_bytes if head_bytes < 4 else 0)
-                 + _HIDDEN_AT_LOSS * tokens * hidden * 4)
-    layer_peak = tokens * act * ((_HIDDEN_PER_TOKEN + copies_hidden) * hidden
-                                 + (_INTERMEDIATE_PER_TOKEN + copies_inter) * inter + _KV_PER_TOKEN * kv)
+    loss_peak = (
+        _CHUNK_COPIES * chunk * vocab * 4
+        + (2 * chunk * vocab * head_bytes if head_bytes < 4 else 0)
+        + _HIDDEN_AT_LOSS * tokens * hidden * 4
+    )
+    layer_peak = (
+        tokens
+        * act
+        * (
+            (_HIDDEN_PER_TOKEN + copies_hidden) * hidden
+            + (_INTERMEDIATE_PER_TOKEN + copies_inter) * inter
+            + _KV_PER_TOKEN * kv
+        )
+    )
     dequantized = biggest_linear * act if quantized else 0  # bitsandbytes dequantizes a weight per matmul
-    extra = _method_memory(adapter, lora_init, lora_r=lora_r, lora_params=lora_params, lora_in=lora_in,
-                           lora_out=lora_out, layers=layers, tokens=tokens, act=act, biggest_target=biggest_target)
+    extra = _method_memory(
+        adapter,
+        lora_init,
+        lora_r=lora_r,
+        lora_params=lora_params,
+        lora_in=lora_in,
+        lora_out=lora_out,
+        layers=layers,
+        tokens=tokens,
+        act=act,
+        biggest_target=biggest_target,
+    )
     lora_params += extra["params"]
     layer_peak += extra["layer_saved"]
     dequantized += extra["layer_transient"]
@@ -184,33 +230,79 @@ def estimate_model(model: Any, nf4_modules: set[str], targets: list[str], *, seq
     # LoRA gradients appear during backward through the layers, after the loss peak has passed.
     gradients = lora_params * 4 if layer_phase + lora_params * 4 > loss_phase else 0
     activations = loss_phase if not gradients else layer_phase
-    peak_where = ("loss: one chunk of logits and the hidden-state gradient" if not gradients else
-                  "backward through one recomputed decoder layer" if checkpointing else "backward, all layers saved")
+    peak_where = (
+        "loss: one chunk of logits and the hidden-state gradient"
+        if not gradients
+        else "backward through one recomputed decoder layer"
+        if checkpointing
+        else "backward, all layers saved"
+    )
     details = {
-        "model": name, "params": q_numel + plain_numel, "layers": layers, "hidden": hidden, "vocab": vocab,
-        "quantization": "nf4" if quantized else "unquantized", "compute_dtype": str(compute_dtype).split(".")[-1],
-        "lora_r": lora_r, "lora_modules": len(lora_in), "lora_params": lora_params, "batch": batch,
-        "seq_len": seq_len, "checkpointing": checkpointing, "quantized_count": len(nf4_modules),
-        "quantized_bytes": q_numel * NF4_BYTES_PER_WEIGHT, "plain_bytes": plain_numel * plain_dtype.itemsize,
-        "plain_dtype": str(plain_dtype).split(".")[-1], "activation_peak": peak_where,
-        "lora_per_layer": per_layer_targets, "adapter": adapter, "lora_init": lora_init,
-        "method_note": extra["note"], "allocator_bytes": extra["state"],
-        "init_peak": (q_numel * NF4_BYTES_PER_WEIGHT + plain_numel * plain_dtype.itemsize + lora_params * 4
-                      + extra["init_transient"]) if extra["init_transient"] else 0,
-        "advice": ("shorten max_length or the batch (activations grow with batch x max_length"
-                   + (", and the loss peak with the tokens" if not gradients else "")
-                   + (")" if checkpointing else "), or turn gradient_checkpointing on")),
-        "weight_advice": ("choose a smaller model or a larger budget" if quantized
-                          else "set quantization: nf4 to hold the base in 4 bits"),
+        "model": name,
+        "params": q_numel + plain_numel,
+        "layers": layers,
+        "hidden": hidden,
+        "vocab": vocab,
+        "quantization": "nf4" if quantized else "unquantized",
+        "compute_dtype": str(compute_dtype).split(".")[-1],
+        "lora_r": lora_r,
+        "lora_modules": len(lora_in),
+        "lora_params": lora_params,
+        "batch": batch,
+        "seq_len": seq_len,
+        "checkpointing": checkpointing,
+        "quantized_count": len(nf4_modules),
+        "quantized_bytes": q_numel * NF4_BYTES_PER_WEIGHT,
+        "plain_bytes": plain_numel * plain_dtype.itemsize,
+        "plain_dtype": str(plain_dtype).split(".")[-1],
+        "activation_peak": peak_where,
+        "lora_per_layer": per_layer_targets,
+        "adapter": adapter,
+        "lora_init": lora_init,
+        "method_note": extra["note"],
+        "allocator_bytes": extra["state"],
+        "init_peak": (
+            q_numel * NF4_BYTES_PER_WEIGHT
+            + plain_numel * plain_dtype.itemsize
+            + lora_params * 4
+            + extra["init_transient"]
+        )
+        if extra["init_transient"]
+        else 0,
+        "advice": (
+            "shorten max_length or the batch (activations grow with batch x max_length"
+            + (", and the loss peak with the tokens" if not gradients else "")
+            + (")" if checkpointing else "), or turn gradient_checkpointing on")
+        ),
+        "weight_advice": (
+            "choose a smaller model or a larger budget"
+            if quantized
+            else "set quantization: nf4 to hold the base in 4 bits"
+        ),
     }
     return MemoryEstimate(
         weights=q_numel * NF4_BYTES_PER_WEIGHT + plain_numel * plain_dtype.itemsize,
-        lora=lora_params * 4, gradients=gradients, optimizer=lora_params * 8 + extra["state"],
-        activations=activations, details=details)
+        lora=lora_params * 4,
+        gradients=gradients,
+        optimizer=lora_params * 8 + extra["state"],
+        activations=activations,
+        details=details,
+    )
 
 
-def _method_memory(adapter: str, lora_init: str, *, lora_r: int, lora_params: int, lora_in: list[int],
-                   lora_out: list[int], layers: int, tokens: int, act: int, biggest_target: int) -> dict[str, Any]:
+def _method_memory(
+    adapter: str,
+    lora_init: str,
+    *,
+    lora_r: int,
+    lora_params: int,
+    lora_in: list[int],
+    lora_out: list[int],
+    layers: int,
+    tokens: int,
+    act: int,
+    biggest_target: int,
+) -> dict[str, Any]:
     """What an adapter method adds to plain LoRA, from what PEFT allocates (modelled, not fitted):
 
     - DoRA: a magnitude vector per target (``out_features`` trainable values); each forward builds
@@ -222,7 +314,14 @@ def _method_memory(adapter: str, lora_init: str, *, lora_r: int, lora_params: in
       decomposition (about four copies of it), while the weights are already loaded;
     - rsLoRA, gaussian init and LoRA+ change numbers, not memory.
     """
-    out: dict[str, Any] = {"params": 0, "state": 0, "layer_saved": 0, "layer_transient": 0, "init_transient": 0, "note": ""}
+    out: dict[str, Any] = {
+        "params": 0,
+        "state": 0,
+        "layer_saved": 0,
+        "layer_transient": 0,
+        "init_transient": 0,
+        "note": "",
+    }
     if adapter == "dora":
         out["params"] = sum(lora_out)
         out["layer_saved"] = 2 * tokens * act * sum(lora_out) / max(layers, 1)
@@ -234,8 +333,9 @@ def _method_memory(adapter: str, lora_init: str, *, lora_r: int, lora_params: in
         out["note"] = "AdaLoRA: singular values and the rank allocator's three fp32 copies of the adapter"
     if lora_init in ("pissa", "olora", "loftq"):
         out["init_transient"] = biggest_target * 4 * 4
-        out["note"] = (out["note"] + "; " if out["note"] else "") + \
-            f"{lora_init} init: the largest target weight decomposed in fp32 before training"
+        out["note"] = (
+            out["note"] + "; " if out["note"] else ""
+        ) + f"{lora_init} init: the largest target weight decomposed in fp32 before training"
     return out
 
 
@@ -270,10 +370,20 @@ def estimate_recipe(recipe: Any, *, seq_len: int | None = None) -> MemoryEstimat
         targets = ckpt.family.lora_target_modules(model, recipe.lora_targets)
     else:
         targets = recipe.lora_targets if isinstance(recipe.lora_targets, list) else [recipe.lora_targets]
-    return estimate_model(model, nf4, targets, seq_len=seq_len or recipe.max_length, batch=recipe.batch_size,
-                          checkpointing=recipe.gradient_checkpointing, compute_dtype=compute,
-                          lora_r=recipe.lora_r, lora_dropout=recipe.lora_dropout, name=recipe.model,
-                          adapter=getattr(recipe, "adapter", "lora"), lora_init=getattr(recipe, "lora_init", "default"))
+    return estimate_model(
+        model,
+        nf4,
+        targets,
+        seq_len=seq_len or recipe.max_length,
+        batch=recipe.batch_size,
+        checkpointing=recipe.gradient_checkpointing,
+        compute_dtype=compute,
+        lora_r=recipe.lora_r,
+        lora_dropout=recipe.lora_dropout,
+        name=recipe.model,
+        adapter=getattr(recipe, "adapter", "lora"),
+        lora_init=getattr(recipe, "lora_init", "default"),
+    )
 
 
 def meta_model(ckpt: Any, dtype: Any) -> Any:
@@ -290,8 +400,10 @@ def meta_model(ckpt: Any, dtype: Any) -> Any:
             with init_empty_weights():
                 return AutoModelForCausalLM.from_config(config, dtype=dtype)
         except Exception as exc:
-            raise FamtuneError(f"{ckpt.path}: cannot build the model from its config ({type(exc).__name__}: "
-                               f"{str(exc)[:160]}); give a checkpoint directory in the native layout") from None
+            raise FamtuneError(
+                f"{ckpt.path}: cannot build the model from its config ({type(exc).__name__}: "
+                f"{str(exc)[:160]}); give a checkpoint directory in the native layout"
+            ) from None
 
 
 class LiveTensorBytes:
@@ -355,8 +467,16 @@ def storage_bytes(tensors: list[Any]) -> int:
     return sum(seen.values())
 
 
-def measure_cpu_peak(model_dir: str, *, seq_len: int, batch: int, lora_r: int = 16, lora_dropout: float = 0.05,
-                     targets: str | list[str] = "all-linear", family: str | None = None) -> dict[str, float]:
+def measure_cpu_peak(
+    model_dir: str,
+    *,
+    seq_len: int,
+    batch: int,
+    lora_r: int = 16,
+    lora_dropout: float = 0.05,
+    targets: str | list[str] = "all-linear",
+    family: str | None = None,
+) -> dict[str, float]:
     """Peak tensor bytes of a real QLoRA training step on the CPU (fp32 compute), set up the way
     ``famtune train`` sets it up; the second step is measured so the optimizer state exists."""
     import torch
@@ -369,11 +489,16 @@ def measure_cpu_peak(model_dir: str, *, seq_len: int, batch: int, lora_r: int = 
     ckpt = open_checkpoint(model_dir, family=family)
     model = ckpt.load_model("nf4", "fp32", device=torch.device("cpu"))
     model.config.use_cache = False
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
     names = ckpt.family.lora_target_modules(model, targets) if isinstance(targets, str) else targets
-    model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=lora_dropout,
-                                             target_modules=names, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=lora_r, lora_alpha=2 * lora_r, lora_dropout=lora_dropout, target_modules=names, task_type="CAUSAL_LM"
+        ),
+    )
     use_fast_lora_dropout(model)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
@@ -387,8 +512,11 @@ def measure_cpu_peak(model_dir: str, *, seq_len: int, batch: int, lora_r: int = 
         optimizer.zero_grad(set_to_none=True)
 
     step()
-    existing = [*model.parameters(), *model.buffers(),
-                *(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))]
+    existing = [
+        *model.parameters(),
+        *model.buffers(),
+        *(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)),
+    ]
     static = storage_bytes(existing)
     with LiveTensorBytes(existing) as live:
         step()
@@ -424,10 +552,17 @@ def per_device(est: MemoryEstimate, preset: str, nproc: int) -> MemoryEstimate:
         why = f"optimizer state and gradients split over {nproc} devices"
     else:
         gathered = (2 if preset == "fsdp" else 1) * layer
-        out = dataclasses.replace(est, weights=est.weights / nproc + gathered, lora=est.lora / nproc,
-                                  gradients=lora_grads / nproc, optimizer=est.optimizer / nproc)
-        why = (f"weights, LoRA, gradients and optimizer state split over {nproc} devices, "
-               f"+ {'two decoder layers' if preset == 'fsdp' else 'one decoder layer'} gathered whole")
+        out = dataclasses.replace(
+            est,
+            weights=est.weights / nproc + gathered,
+            lora=est.lora / nproc,
+            gradients=lora_grads / nproc,
+            optimizer=est.optimizer / nproc,
+        )
+        why = (
+            f"weights, LoRA, gradients and optimizer state split over {nproc} devices, "
+            f"+ {'two decoder layers' if preset == 'fsdp' else 'one decoder layer'} gathered whole"
+        )
     d["sharding"] = f"{preset} on {nproc} processes: {why}"
     out.details = d
     return out

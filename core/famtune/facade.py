@@ -3,9 +3,11 @@
 Every answer the family object gives is validated here, and a wrong one is reported naming the
 plugin, its distribution and version (and, for an old-contract plugin, the old hook).
 """
+
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from famtune.encoding import GENERIC_POLICIES, IGNORE_INDEX, EncodedConversation
 from famtune.errors import FamtuneError, PluginError
@@ -76,28 +78,33 @@ class Family:
         return self._policies
 
     def _extra_policies(self) -> dict[str, MaskingPolicy]:
-        return {n: p for n, p in self.plugins.masking_policies().items()
-                if p.families is None or self.name in p.families}
+        return {
+            n: p for n, p in self.plugins.masking_policies().items() if p.families is None or self.name in p.families
+        }
 
     def masking_policies(self) -> list[str]:
         """The family's own policies (its default first), then other plugins' policies that apply to it."""
         native = self._native_policies()
         return native + [n for n in self._extra_policies() if n not in native]
 
-    def encode(self, tokenizer: Any, messages: list[dict[str, str]], masking: str,
-               add_generation_prompt: bool = False) -> EncodedConversation:
+    def encode(
+        self, tokenizer: Any, messages: list[dict[str, str]], masking: str, add_generation_prompt: bool = False
+    ) -> EncodedConversation:
         what = self._what("encode")
         policy = None
         if masking not in GENERIC_POLICIES and masking not in self._native_policies():
             policy = self._extra_policies().get(masking)
-        enc = self._call(what, "encode", tokenizer, messages, "all_assistant" if policy else masking,
-                         add_generation_prompt)
+        enc = self._call(
+            what, "encode", tokenizer, messages, "all_assistant" if policy else masking, add_generation_prompt
+        )
         if not isinstance(enc, EncodedConversation):
             raise self._bad("encode", f"returned {type(enc).__name__}, not an EncodedConversation")
         if policy is not None:
             if enc.turns is None or len(enc.turns) != len(enc.input_ids):
-                raise FamtuneError(f"masking {masking!r} needs each token's turn, which {self.info.describe()}'s "
-                                   f"encoder for {self.name} does not record (it does not use ConversationBuilder)")
+                raise FamtuneError(
+                    f"masking {masking!r} needs each token's turn, which {self.info.describe()}'s "
+                    f"encoder for {self.name} does not record (it does not use ConversationBuilder)"
+                )
             enc = EncodedConversation(enc.input_ids, list(policy.label(enc)), enc.turns)
         if len(enc.labels) != len(enc.input_ids):
             raise self._bad("encode", f"gave {len(enc.input_ids)} ids but {len(enc.labels)} labels")
@@ -116,7 +123,7 @@ class Family:
         targets = self._call(self._what("lora_target_modules"), "lora_target_modules", model, mode)
         if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) for t in targets):
             raise self._bad("lora_target_modules", f"returned {targets!r}, not a non-empty list of module names")
-        return validate_targets(targets, model, lambda why: self._bad("lora_target_modules", why))
+        return validate_targets(list(targets), model, lambda why: self._bad("lora_target_modules", why))
 
     def generation_defaults(self, tokenizer: Any) -> GenerationDefaults:
         gen = self._call(self._what("generation_defaults"), "generation_defaults", tokenizer)
@@ -126,7 +133,9 @@ class Family:
             raise self._bad("generation_defaults", "gave no stop ids")
         for sid in gen.stop_ids:
             if not isinstance(sid, int) or not 0 <= sid < len(tokenizer):
-                raise self._bad("generation_defaults", f"stop id {sid!r} is not in the tokenizer (size {len(tokenizer)})")
+                raise self._bad(
+                    "generation_defaults", f"stop id {sid!r} is not in the tokenizer (size {len(tokenizer)})"
+                )
         return gen
 
     def load_tokenizer(self, path: str, trust_remote_code: bool) -> Any:
@@ -145,8 +154,14 @@ class Family:
         return model
 
     def write_original_layout(self, native_dir: str, out_dir: str, original_config: dict[str, Any]) -> bool:
-        done = self._call(self._what("write_original_layout"), "write_original_layout", native_dir, out_dir,
-                          original_config, required=False)
+        done = self._call(
+            self._what("write_original_layout"),
+            "write_original_layout",
+            native_dir,
+            out_dir,
+            original_config,
+            required=False,
+        )
         if done is not None and not isinstance(done, bool):
             raise self._bad("write_original_layout", f"returned {done!r}, not True or None")
         return bool(done)
@@ -164,8 +179,12 @@ class Family:
         return bool(done)
 
     def describe(self) -> dict[str, str]:
-        return {"plugin": self.info.name, "distribution": self.info.distribution,
-                "version": self.info.version, "family": self.name}
+        return {
+            "plugin": self.info.name,
+            "distribution": self.info.distribution,
+            "version": self.info.version,
+            "family": self.name,
+        }
 
 
 def validate_targets(targets: list[str], model: Any, bad: Callable[[str], Exception]) -> list[str]:

@@ -8,12 +8,14 @@ methods below have defaults built from that data, and a family overrides only wh
 The core never calls these objects directly: ``famtune.plugins.Family`` wraps each one and
 validates every answer, naming the plugin, its distribution and version when one is wrong.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from famtune.encoding import GENERIC_POLICIES, EncodedConversation
 from famtune.types import GenerationDefaults
@@ -57,8 +59,9 @@ class ModelFamily:
         return False
 
     # -- the chat format ------------------------------------------------------------------------
-    def encode(self, tokenizer: Any, messages: list[dict[str, str]], masking: str,
-               add_generation_prompt: bool) -> EncodedConversation:
+    def encode(
+        self, tokenizer: Any, messages: list[dict[str, str]], masking: str, add_generation_prompt: bool
+    ) -> EncodedConversation:
         return self._format().encode(tokenizer, messages, masking, add_generation_prompt)
 
     def chat_template(self) -> str:
@@ -105,8 +108,13 @@ def all_linear_modules(model: Any) -> list[str]:
     import torch
 
     head = model.get_output_embeddings()
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.Linear) and module is not head})
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head
+        }
+    )
 
 
 def chat_template_of(path: str) -> str:

@@ -3,6 +3,7 @@ the N-th time (default: first) it reaches NAME, e.g. between two files of a chec
 
 A real kill at a chosen instant, which random timing alone reaches too rarely to test.
 """
+
 from __future__ import annotations
 
 import os

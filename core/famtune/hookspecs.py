@@ -11,10 +11,12 @@ Registrar hooks (``famtune_register_*``) receive a ``register`` callback and han
 core type-checks each one and stops with an error naming both plugins when two register the
 same name.
 """
+
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pluggy
 

@@ -4,6 +4,7 @@ Deprecated: plugins register ``famtune.family.ModelFamily`` objects through
 ``famtune_register_families`` instead (docs/authors/migrating.md). Plugins implementing these hooks
 keep working for one release; famtune wraps them in a ``ModelFamily`` and warns on load.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -30,11 +31,11 @@ def hookspec(fn=None, *, firstresult=False):
     def mark(f):
         warning = FamtuneDeprecationWarning(
             f"{f.__name__} is famtune's old plugin contract and goes away in the next release; register a "
-            "famtune.family.ModelFamily from famtune_register_families instead (see docs/authors/migrating.md)")
+            "famtune.family.ModelFamily from famtune_register_families instead (see docs/authors/migrating.md)"
+        )
         return _marker(firstresult=firstresult, warn_on_impl=warning)(f)
 
     return mark(fn) if fn is not None else mark
-
 
 
 @hookspec

@@ -17,10 +17,12 @@ bf16 computes the same bf16 matmul (results differ from the emulated kernel only
 order). ``half_matmul_is_emulated`` measures the device once; where widening is faster, the
 4-bit layers run ``_WidenedMatmul4bit`` (forward and backward) instead of the emulated product.
 """
+
 from __future__ import annotations
 
 import functools
 import time
+
 from famtune.errors import FamtuneError
 
 HALF_MATMUL_CHOICES = ("auto", "native", "fp32")
@@ -94,6 +96,7 @@ def use_fast_lora_dropout(model) -> int:
 
 # -- half-precision matmuls through fp32 kernels -------------------------------------------------
 
+
 def _sync(device) -> None:
     import torch
 
@@ -102,7 +105,7 @@ def _sync(device) -> None:
         accel.synchronize(device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(device_str: str, dtype_name: str) -> tuple[float, float]:
     """Seconds for one 512x1024x1024 matmul in ``dtype``, natively and widened to fp32."""
     import torch
@@ -137,8 +140,10 @@ def half_matmul_is_emulated(device, dtype) -> tuple[bool, str]:
         return False, f"{dtype} is not a half-precision type"
     native, widened = _probe(str(device), str(dtype).replace("torch.", ""))
     flops = 2 * 512 * 1024 * 1024
-    why = (f"{str(dtype).replace('torch.', '')} matmul {flops / native / 1e9:.0f} GFLOP/s native, "
-           f"{flops / widened / 1e9:.0f} GFLOP/s through fp32 kernels")
+    why = (
+        f"{str(dtype).replace('torch.', '')} matmul {flops / native / 1e9:.0f} GFLOP/s native, "
+        f"{flops / widened / 1e9:.0f} GFLOP/s through fp32 kernels"
+    )
     return widened * 1.3 < native, why
 
 
@@ -146,7 +151,6 @@ def half_matmul_is_emulated(device, dtype) -> tuple[bool, str]:
 def _widened_matmul_class():
     import bitsandbytes.functional as bnbf
     import torch
-
 
     class WidenedMatmul4bit(torch.autograd.Function):
         """``x @ dequant(W).T + b`` in the dtype of ``x``, computed by fp32 kernels."""
@@ -209,4 +213,3 @@ def resolve_half_matmul(setting: str, device, dtype) -> tuple[bool, str]:
     if emulated:
         return True, f"half_matmul: fp32 kernels, because this device emulates half precision ({why})"
     return False, f"half_matmul: native ({why})"
-

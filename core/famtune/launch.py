@@ -6,6 +6,7 @@ train ...``), watches them, stops all of them as soon as one fails, and with ``-
 starts them again up to K times (they then resume from the last complete checkpoint). Starting
 famtune under ``torchrun`` or ``accelerate launch`` yourself works the same way.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--nnodes", type=int, default=1, metavar="M", help="number of nodes (default 1)")
     g.add_argument("--node-rank", type=int, default=0, metavar="R", help="this node's rank, 0..M-1 (default 0)")
     g.add_argument("--master", metavar="ADDR:PORT", help="address of node 0's rendezvous (required when M > 1)")
-    g.add_argument("--max-restarts", type=int, default=0, metavar="K",
-                   help="restart all workers up to K times after a failure, resuming from the last checkpoint")
+    g.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="K",
+        help="restart all workers up to K times after a failure, resuming from the last checkpoint",
+    )
 
 
 @dataclass(frozen=True)
@@ -39,8 +45,9 @@ class LaunchOptions:
         given = args.nproc is not None or args.nnodes != 1 or args.master is not None or args.max_restarts
         if not given:
             return None
-        opts = cls(args.nproc if args.nproc is not None else 1, args.nnodes, args.node_rank, args.master,
-                   args.max_restarts)
+        opts = cls(
+            args.nproc if args.nproc is not None else 1, args.nnodes, args.node_rank, args.master, args.max_restarts
+        )
         opts.check()
         return opts
 
@@ -48,19 +55,25 @@ class LaunchOptions:
         from famtune.distributed import launched_worker
 
         if launched_worker():
-            raise FamtuneError("this famtune was itself started by a launcher (torchrun/accelerate launch); "
-                               "drop --nproc/--nnodes/--master/--max-restarts or the outer launcher")
+            raise FamtuneError(
+                "this famtune was itself started by a launcher (torchrun/accelerate launch); "
+                "drop --nproc/--nnodes/--master/--max-restarts or the outer launcher"
+            )
         if self.nproc < 1:
             raise FamtuneError(f"--nproc {self.nproc}: expected at least 1 process")
         if self.nnodes < 1:
             raise FamtuneError(f"--nnodes {self.nnodes}: expected at least 1 node")
         if not 0 <= self.node_rank < self.nnodes:
-            raise FamtuneError(f"--node-rank {self.node_rank}: expected 0..{self.nnodes - 1} for --nnodes {self.nnodes}")
+            raise FamtuneError(
+                f"--node-rank {self.node_rank}: expected 0..{self.nnodes - 1} for --nnodes {self.nnodes}"
+            )
         if self.max_restarts < 0:
             raise FamtuneError(f"--max-restarts {self.max_restarts}: expected 0 or more")
         if self.nnodes > 1 and not self.master:
-            raise FamtuneError(f"--nnodes {self.nnodes} needs --master ADDR:PORT, the address of node 0 "
-                               "that every node can reach (the same on all nodes)")
+            raise FamtuneError(
+                f"--nnodes {self.nnodes} needs --master ADDR:PORT, the address of node 0 "
+                "that every node can reach (the same on all nodes)"
+            )
         if self.master is not None:
             self.master_address()
 
@@ -72,8 +85,16 @@ class LaunchOptions:
 
     def torchrun_args(self, worker_args: list[str]) -> list[str]:
         """torchrun's command line for the workers ``python -m famtune.cli WORKER_ARGS``."""
-        args = ["--nproc-per-node", str(self.nproc), "--nnodes", str(self.nnodes),
-                "--max-restarts", str(self.max_restarts), "--monitor-interval", "0.5"]
+        args = [
+            "--nproc-per-node",
+            str(self.nproc),
+            "--nnodes",
+            str(self.nnodes),
+            "--max-restarts",
+            str(self.max_restarts),
+            "--monitor-interval",
+            "0.5",
+        ]
         if self.master is None:
             # One node, a free port chosen by torchrun's c10d rendezvous: runs never collide.
             args.append("--standalone")
@@ -117,9 +138,11 @@ def launch(opts: LaunchOptions, worker: list[str], output_dir: str) -> int:
         then = "".join(f", then rank {r} ({_how(f)})" for r, f in failures[1:])
         again = f" --nproc {opts.nproc}" + (f" --nnodes {opts.nnodes} ..." if opts.nnodes > 1 else "")
         tried = f" after {opts.max_restarts} restart(s)" if opts.max_restarts else ""
-        raise FamtuneError(f"worker rank {rank} failed ({_how(failure)}){then}{tried}; all workers were stopped. Checkpoints "
-                           f"are in {output_dir}/checkpoints; continue with: famtune train RECIPE{again} "
-                           "--resume") from None
+        raise FamtuneError(
+            f"worker rank {rank} failed ({_how(failure)}){then}{tried}; all workers were stopped. Checkpoints "
+            f"are in {output_dir}/checkpoints; continue with: famtune train RECIPE{again} "
+            "--resume"
+        ) from None
     except Exception as exc:  # rendezvous and agent errors
         if exc.__class__.__module__.startswith("torch.distributed"):
             raise FamtuneError(f"torchrun could not run the workers: {exc.__class__.__name__}: {exc}") from None

@@ -5,6 +5,7 @@ A plugin that implements ``famtune_families`` and the per-operation hooks gets o
 alone through pluggy (which passes only the arguments the implementation names). Loading such a
 plugin prints a deprecation warning naming the hooks to replace.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -20,11 +21,16 @@ LEGACY_HOOKS = frozenset(n for n, f in vars(hookspecs_v1).items() if n.startswit
 
 # ModelFamily member -> the old hook answering it.
 _HOOK_OF = {
-    "conversation": "famtune_conversation_template", "chat_template": "famtune_chat_template",
-    "masking_policies": "famtune_masking_policies", "encode": "famtune_encode_conversation",
-    "lora_target_modules": "famtune_lora_target_modules", "generation_defaults": "famtune_generation_defaults",
-    "load_tokenizer": "famtune_load_tokenizer", "load_model": "famtune_load_model",
-    "write_original_layout": "famtune_write_original_layout", "tiny_checkpoint": "famtune_tiny_checkpoint",
+    "conversation": "famtune_conversation_template",
+    "chat_template": "famtune_chat_template",
+    "masking_policies": "famtune_masking_policies",
+    "encode": "famtune_encode_conversation",
+    "lora_target_modules": "famtune_lora_target_modules",
+    "generation_defaults": "famtune_generation_defaults",
+    "load_tokenizer": "famtune_load_tokenizer",
+    "load_model": "famtune_load_model",
+    "write_original_layout": "famtune_write_original_layout",
+    "tiny_checkpoint": "famtune_tiny_checkpoint",
     "supports_packing": "famtune_supports_packing",
 }
 
@@ -67,8 +73,13 @@ class LegacyFamily(ModelFamily):
         return self._ask("famtune_supports_packing")
 
     def encode(self, tokenizer, messages, masking, add_generation_prompt):
-        return self._ask("famtune_encode_conversation", tokenizer=tokenizer, messages=messages, masking=masking,
-                         add_generation_prompt=add_generation_prompt)
+        return self._ask(
+            "famtune_encode_conversation",
+            tokenizer=tokenizer,
+            messages=messages,
+            masking=masking,
+            add_generation_prompt=add_generation_prompt,
+        )
 
     def lora_target_modules(self, model, mode):
         return self._ask("famtune_lora_target_modules", model=model, mode=mode)
@@ -83,8 +94,9 @@ class LegacyFamily(ModelFamily):
         return self._ask("famtune_load_model", path=path, load_kwargs=load_kwargs)
 
     def write_original_layout(self, native_dir, out_dir, original_config):
-        return self._ask("famtune_write_original_layout", native_dir=native_dir, out_dir=out_dir,
-                         original_config=original_config)
+        return self._ask(
+            "famtune_write_original_layout", native_dir=native_dir, out_dir=out_dir, original_config=original_config
+        )
 
     def tiny_checkpoint(self, out_dir, corpus):
         return self._ask("famtune_tiny_checkpoint", out_dir=out_dir, corpus=corpus)

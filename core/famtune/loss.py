@@ -24,6 +24,7 @@ Both give the same sum over the same tokens as the model's own loss, divided by 
 count. If a model does not route its logits through its output-embedding module at all, the hook
 never fires; the full logits then come back and the loss is taken from them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -69,7 +70,9 @@ class _HeadHook:
         return (rows,) + tuple(args[1:]), kwargs
 
     def __enter__(self):
-        self.handle = self.head.register_forward_pre_hook(self._select, with_kwargs=True) if self.head is not None else None
+        self.handle = (
+            self.head.register_forward_pre_hook(self._select, with_kwargs=True) if self.head is not None else None
+        )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -91,8 +94,8 @@ def _fused_head_loss_class():
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
             for start in range(0, hidden.shape[0], rows):
-                h = hidden[start:start + rows]
-                t = targets[start:start + rows]
+                h = hidden[start : start + rows]
+                t = targets[start : start + rows]
                 logits = torch.nn.functional.linear(h.to(weight.dtype), weight, bias).float()
                 # Softmax in place of the logits, so one chunk-sized tensor exists at a time.
                 picked = logits.gather(1, t[:, None]).squeeze(1)
@@ -102,7 +105,7 @@ def _fused_head_loss_class():
                 total += (norm.log() + top).squeeze(1).sub_(picked).sum()
                 probs.div_(norm)
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                grad[start:start + rows] = probs.to(weight.dtype) @ weight
+                grad[start : start + rows] = probs.to(weight.dtype) @ weight
             ctx.save_for_backward(grad, num_items)
             ctx.hidden_dtype = hidden.dtype
             return total / num_items
@@ -116,7 +119,7 @@ def _fused_head_loss_class():
 
 
 # Models whose head output was checked against the fused computation: True if it matched.
-_FUSABLE: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+_FUSABLE: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
 def _fusable(model, head, inputs, mask) -> bool:
@@ -128,8 +131,11 @@ def _fusable(model, head, inputs, mask) -> bool:
     if model in _FUSABLE:
         return _FUSABLE[model]
     ok = False
-    if isinstance(head, torch.nn.Linear) and not head.weight.requires_grad and (
-            head.bias is None or not head.bias.requires_grad):
+    if (
+        isinstance(head, torch.nn.Linear)
+        and not head.weight.requires_grad
+        and (head.bias is None or not head.bias.requires_grad)
+    ):
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         try:
             with torch.no_grad():
@@ -137,8 +143,12 @@ def _fusable(model, head, inputs, mask) -> bool:
                     model(**inputs)
                 with torch.random.fork_rng(devices=devices), _HeadHook(head, mask, capture=False) as hook:
                     logits = model(**inputs).logits
-                ok = (probe.hidden is not None and hook.fired and logits.dim() == 2
-                      and torch.equal(logits, head(probe.hidden)))
+                ok = (
+                    probe.hidden is not None
+                    and hook.fired
+                    and logits.dim() == 2
+                    and torch.equal(logits, head(probe.hidden))
+                )
         except Exception:  # e.g. a sharded head that only its wrapper can run: use the model's head
             ok = False
     _FUSABLE[model] = ok

@@ -8,6 +8,7 @@ by default it is merged into the dequantized NF4 weights it was trained against.
 carries famtune's chat template, stop ids and sampling defaults, so ``apply_chat_template`` and
 ``generate`` reproduce the training format without famtune installed.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,9 +28,19 @@ LAYOUTS = ("native", "original")
 _NOT_COPIED = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".index.json")
 
 
-def merge(adapter_dir: str, out_dir: str, *, max_shard_size: str = "2GB", base: str | None = None,
-          base_precision: str = "trained", layout: str = "native", dtype: str | None = None,
-          trust_remote_code: bool = False, stream: bool = True, log=print) -> dict:
+def merge(
+    adapter_dir: str,
+    out_dir: str,
+    *,
+    max_shard_size: str = "2GB",
+    base: str | None = None,
+    base_precision: str = "trained",
+    layout: str = "native",
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    stream: bool = True,
+    log=print,
+) -> dict:
     """Merge the adapter in ``adapter_dir`` into its base and write the result to ``out_dir``.
 
     With ``stream`` (the default) the weights are merged tensor by tensor straight from the
@@ -56,18 +67,30 @@ def merge(adapter_dir: str, out_dir: str, *, max_shard_size: str = "2GB", base: 
     Path(staging_root, "INCOMPLETE").write_text("a famtune merge was being written here; it did not finish.\n")
     staging = os.path.join(staging_root, "model")
     try:
-        report = _merge_into(adapter_dir, staging, max_shard_size=max_shard_size, base=base,
-                             base_precision=base_precision, layout=layout, dtype=dtype,
-                             trust_remote_code=trust_remote_code, stream=stream, log=log, dest=out_dir)
+        report = _merge_into(
+            adapter_dir,
+            staging,
+            max_shard_size=max_shard_size,
+            base=base,
+            base_precision=base_precision,
+            layout=layout,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            stream=stream,
+            log=log,
+            dest=out_dir,
+        )
         durable.write_manifest(staging)
         crash_point("merge_publish")
         durable.replace_directory(staging, out_dir)
     except BaseException as exc:
         shutil.rmtree(staging_root, ignore_errors=True)
         if durable.is_disk_full(exc):
-            raise durable.disk_full_error(os.path.dirname(os.path.abspath(out_dir)), None,
-                                          f"the merge was not written ({out_dir} is unchanged); free space and run "
-                                          "famtune merge again") from None
+            raise durable.disk_full_error(
+                os.path.dirname(os.path.abspath(out_dir)),
+                None,
+                f"the merge was not written ({out_dir} is unchanged); free space and run famtune merge again",
+            ) from None
         raise
     shutil.rmtree(staging_root, ignore_errors=True)
     report["out_dir"] = str(out_dir)
@@ -83,8 +106,9 @@ def _check_destination(out_dir: str, adapter_dir: str) -> None:
         except FamtuneError:
             earlier = False
         if not earlier:
-            raise FamtuneError(f"output {out_dir!r} is not empty and holds no earlier famtune merge; "
-                               "choose a new or empty directory")
+            raise FamtuneError(
+                f"output {out_dir!r} is not empty and holds no earlier famtune merge; choose a new or empty directory"
+            )
 
 
 def _clean_stale_staging(out_dir: str, log) -> None:
@@ -105,8 +129,20 @@ def _clean_stale_staging(out_dir: str, log) -> None:
         log(f"famtune: removed {entry.path}, left by an interrupted merge")
 
 
-def _merge_into(adapter_dir: str, out_dir: str, *, max_shard_size: str, base: str | None, base_precision: str,
-                layout: str, dtype: str | None, trust_remote_code: bool, stream: bool, log, dest: str) -> dict:
+def _merge_into(
+    adapter_dir: str,
+    out_dir: str,
+    *,
+    max_shard_size: str,
+    base: str | None,
+    base_precision: str,
+    layout: str,
+    dtype: str | None,
+    trust_remote_code: bool,
+    stream: bool,
+    log,
+    dest: str,
+) -> dict:
     from famtune.checkpoint import open_checkpoint
 
     if base_precision not in BASE_PRECISIONS:
@@ -116,32 +152,49 @@ def _merge_into(adapter_dir: str, out_dir: str, *, max_shard_size: str, base: st
     if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", str(max_shard_size), flags=re.IGNORECASE):
         raise FamtuneError(f"max shard size {max_shard_size!r} is invalid; use a number and a unit, e.g. 2GB or 500MB")
     meta = read_metadata(adapter_dir)
-    spec = base or (meta["base_path"] if meta.get("base_path") and os.path.isdir(meta["base_path"])
-                    else meta.get("base_model"))
+    spec = base or (
+        meta["base_path"] if meta.get("base_path") and os.path.isdir(meta["base_path"]) else meta.get("base_model")
+    )
     if not spec or not meta.get("family"):
-        raise FamtuneError(f"{adapter_dir}/{META_FILE} names no base model or family; pass the base checkpoint "
-                           "explicitly or re-run famtune train")
+        raise FamtuneError(
+            f"{adapter_dir}/{META_FILE} names no base model or family; pass the base checkpoint "
+            "explicitly or re-run famtune train"
+        )
     ckpt = open_checkpoint(spec, family=meta["family"], trust_remote_code=trust_remote_code)
     for other, what in ((adapter_dir, "adapter"), (ckpt.path, "base")):
         if os.path.abspath(dest) == os.path.abspath(other):
-            raise FamtuneError(f"output {out_dir!r} is the {what} directory; choose a new directory for the merged model")
+            raise FamtuneError(
+                f"output {out_dir!r} is the {what} directory; choose a new directory for the merged model"
+            )
     out_dtype = _output_dtype(dtype, ckpt.config, log)
-    report: dict[str, Any] = {"out_dir": str(out_dir), "adapter_dir": str(adapter_dir), "base": ckpt.path,
-                              "family": ckpt.family.name, "dtype": _dtype_name(out_dtype), "layout": layout,
-                              "adapter": _adapter_method(adapter_dir, meta, log)}
+    report: dict[str, Any] = {
+        "out_dir": str(out_dir),
+        "adapter_dir": str(adapter_dir),
+        "base": ckpt.path,
+        "family": ckpt.family.name,
+        "dtype": _dtype_name(out_dtype),
+        "layout": layout,
+        "adapter": _adapter_method(adapter_dir, meta, log),
+    }
 
-    plan, why_not = (stream_plan(ckpt, adapter_dir, meta, base_precision, out_dtype) if stream
-                     else (None, "streaming turned off"))
+    plan, why_not = (
+        stream_plan(ckpt, adapter_dir, meta, base_precision, out_dtype) if stream else (None, "streaming turned off")
+    )
     if plan is not None:
-        log(f"famtune: streaming the merge tensor by tensor from {plan.native_dir} "
-            f"({len(plan.nf4_weights)} weights through NF4, LoRA on {len(plan.lora)}); the model is never built")
+        log(
+            f"famtune: streaming the merge tensor by tensor from {plan.native_dir} "
+            f"({len(plan.nf4_weights)} weights through NF4, LoRA on {len(plan.lora)}); the model is never built"
+        )
         return _merge_streaming(plan, ckpt, meta, out_dir, max_shard_size, layout, report, log)
     log(f"famtune: cannot stream this merge ({why_not}); loading the whole model instead")
 
     if meta.get("quantization") == "nf4" and base_precision == "trained":
         log(f"famtune: loading {spec} as NF4, as the adapter was trained, and dequantizing it")
-        model = ckpt.load_model(quantization="nf4", compute_dtype=meta.get("compute_dtype", "auto"),
-                                quantization_config=meta.get("quantization_config"))
+        model = ckpt.load_model(
+            quantization="nf4",
+            compute_dtype=meta.get("compute_dtype", "auto"),
+            quantization_config=meta.get("quantization_config"),
+        )
         replace_linear4bit(model)
         report["base_precision"] = "trained (dequantized NF4)"
     else:
@@ -151,8 +204,10 @@ def _merge_into(adapter_dir: str, out_dir: str, *, max_shard_size: str, base: st
         if meta.get("quantization") == "nf4":
             diff = nf4_weight_difference(ckpt, model, meta.get("compute_dtype", "auto"))
             report["max_abs_weight_diff"] = diff
-            log(f"famtune: the adapter was trained against NF4 weights; they differ from the original weights "
-                f"by up to {diff:.4g} (max abs); merging into the original weights anyway")
+            log(
+                f"famtune: the adapter was trained against NF4 weights; they differ from the original weights "
+                f"by up to {diff:.4g} (max abs); merging into the original weights anyway"
+            )
 
     import torch
     from peft import PeftModel
@@ -181,8 +236,9 @@ def _adapter_method(adapter_dir: str, meta: dict[str, Any] | None, log) -> str:
     return method
 
 
-def _merge_streaming(plan, ckpt: Any, meta: dict[str, Any], out_dir: str, max_shard_size: str, layout: str,
-                     report: dict[str, Any], log) -> dict:
+def _merge_streaming(
+    plan, ckpt: Any, meta: dict[str, Any], out_dir: str, max_shard_size: str, layout: str, report: dict[str, Any], log
+) -> dict:
     tokenizer = ckpt.load_tokenizer()
     tokenizer.chat_template = ckpt.family.chat_template()
     gen = _generation_config(tokenizer, ckpt, meta)  # validated before anything is written
@@ -199,8 +255,10 @@ def _merge_streaming(plan, ckpt: Any, meta: dict[str, Any], out_dir: str, max_sh
     report["base_precision"] = "trained (dequantized NF4)" if plan.nf4_weights else "original"
     report["streamed"] = True
     if "max_abs_weight_diff" in report:
-        log(f"famtune: the adapter was trained against NF4 weights; they differ from the original weights "
-            f"by up to {report['max_abs_weight_diff']:.4g} (max abs); merging into the original weights anyway")
+        log(
+            f"famtune: the adapter was trained against NF4 weights; they differ from the original weights "
+            f"by up to {report['max_abs_weight_diff']:.4g} (max abs); merging into the original weights anyway"
+        )
     return report
 
 
@@ -213,8 +271,10 @@ def _write_layout(write_native, ckpt: Any, out_dir: str, layout: str) -> None:
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out_dir)), prefix=".famtune-merge-") as tmp:
         write_native(tmp)
         if not ckpt.family.write_original_layout(tmp, str(out_dir), dict(ckpt.config)):
-            raise FamtuneError(f"family {ckpt.family.name!r} has no layout other than the native one; "
-                               "run famtune merge without --layout original")
+            raise FamtuneError(
+                f"family {ckpt.family.name!r} has no layout other than the native one; "
+                "run famtune merge without --layout original"
+            )
         _copy_base_extras(ckpt.path, out_dir)
         for name in ("generation_config.json", META_FILE):
             shutil.copy2(os.path.join(tmp, name), os.path.join(out_dir, name))
@@ -247,8 +307,9 @@ def replace_linear4bit(model: Any) -> int:
                 if not isinstance(child, bnb.nn.Linear4bit):
                     continue
                 weight = dequantize_4bit(child.weight.data, child.weight.quant_state)
-                linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                         device="meta")
+                linear = torch.nn.Linear(
+                    child.in_features, child.out_features, bias=child.bias is not None, device="meta"
+                )
                 linear.weight = torch.nn.Parameter(weight, requires_grad=False)
                 if child.bias is not None:
                     linear.bias = torch.nn.Parameter(child.bias.data.to(weight.dtype), requires_grad=False)
@@ -283,8 +344,9 @@ def nf4_weight_difference(ckpt: Any, original: Any, compute_dtype: str) -> float
     return worst
 
 
-def generation_config_dict(base_dir: str, stop_ids: list[int], sampling: dict[str, Any],
-                           pad_id: int | None) -> dict[str, Any]:
+def generation_config_dict(
+    base_dir: str, stop_ids: list[int], sampling: dict[str, Any], pad_id: int | None
+) -> dict[str, Any]:
     """The base's generation_config.json (family keys kept) with famtune's stop ids and sampling."""
     from famtune.checkpoint import read_json
 
@@ -298,8 +360,9 @@ def generation_config_dict(base_dir: str, stop_ids: list[int], sampling: dict[st
     return gen
 
 
-def _write_native(model: Any, tokenizer: Any, ckpt: Any, meta: dict[str, Any], out_dir: str,
-                  max_shard_size: str) -> None:
+def _write_native(
+    model: Any, tokenizer: Any, ckpt: Any, meta: dict[str, Any], out_dir: str, max_shard_size: str
+) -> None:
     # Validate before anything is written: a bad sampling key must not leave a half-written model.
     model.generation_config = _generation_config(tokenizer, ckpt, meta)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)

@@ -4,6 +4,7 @@ The base's safetensors are read with plain file reads (no mmap, whose touched pa
 against the process until the file is closed) and the output is written tensor by tensor into a
 safetensors file whose header is planned up front, so memory holds a few tensors, not a shard.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,18 @@ def _dtype_name(dtype: Any) -> str:
     return str(dtype).split(".")[-1]
 
 
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_ST_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 @dataclass
@@ -61,8 +72,9 @@ def _read_all(path: str) -> dict[str, Any]:
         return {k: _read_tensor(f, v, start) for k, v in header.items()}
 
 
-def stream_plan(ckpt: Any, adapter_dir: str, meta: dict[str, Any], base_precision: str,
-                out_dtype: Any) -> tuple[StreamPlan | None, str]:
+def stream_plan(
+    ckpt: Any, adapter_dir: str, meta: dict[str, Any], base_precision: str, out_dtype: Any
+) -> tuple[StreamPlan | None, str]:
     """What a streaming merge needs, or ``(None, reason)`` when only the in-memory merge is exact."""
     import torch
 
@@ -78,10 +90,23 @@ def stream_plan(ckpt: Any, adapter_dir: str, meta: dict[str, Any], base_precisio
     if acfg.get("use_dora"):
         return None, "DoRA's magnitude vector rescales each row by the norm of the merged weight, which PEFT computes"
     if str(acfg.get("init_lora_weights")).lower().startswith(("pissa", "olora", "corda")):
-        return None, (f"the adapter is an unconverted {acfg['init_lora_weights']} adapter, which needs the residual "
-                      "base PEFT derives from the original")
-    unusual = [k for k in ("use_dora", "fan_in_fan_out", "modules_to_save", "rank_pattern", "alpha_pattern",
-                           "layers_to_transform", "target_parameters") if acfg.get(k)]
+        return None, (
+            f"the adapter is an unconverted {acfg['init_lora_weights']} adapter, which needs the residual "
+            "base PEFT derives from the original"
+        )
+    unusual = [
+        k
+        for k in (
+            "use_dora",
+            "fan_in_fan_out",
+            "modules_to_save",
+            "rank_pattern",
+            "alpha_pattern",
+            "layers_to_transform",
+            "target_parameters",
+        )
+        if acfg.get(k)
+    ]
     if acfg.get("peft_type") != "LORA" or acfg.get("bias", "none") != "none" or unusual:
         return None, f"the adapter uses {', '.join(unusual) or acfg.get('peft_type')!s}, which only PEFT merges"
     trained_nf4 = meta.get("quantization") == "nf4"
@@ -112,8 +137,9 @@ def stream_plan(ckpt: Any, adapter_dir: str, meta: dict[str, Any], base_precisio
     load_dtypes = {k: state[k].dtype for k in tensors}
     nf4: set[str] = set()
     if trained_nf4:
-        qconf = model_load_kwargs("nf4", _dtype_name(compute), device=torch.device("cpu"),
-                                  recorded=meta.get("quantization_config"))["quantization_config"]
+        qconf = model_load_kwargs(
+            "nf4", _dtype_name(compute), device=torch.device("cpu"), recorded=meta.get("quantization_config")
+        )["quantization_config"]
         names = nf4_module_names(model, qconf)
         nf4 = {f"{n}.weight" for n in names if f"{n}.weight" in tensors}
     lora = _lora_deltas(acfg, str(weights_path), tensors)
@@ -121,9 +147,17 @@ def stream_plan(ckpt: Any, adapter_dir: str, meta: dict[str, Any], base_precisio
         return None, lora
     config = json.loads(Path(native_dir, "config.json").read_text(encoding="utf-8"))
     in_trained = base_precision == "trained"
-    return StreamPlan(native_dir, tensors, load_dtypes, nf4 if in_trained else set(),
-                      set() if in_trained else nf4, lora, out_dtype, config,
-                      qconf if trained_nf4 else None), ""
+    return StreamPlan(
+        native_dir,
+        tensors,
+        load_dtypes,
+        nf4 if in_trained else set(),
+        set() if in_trained else nf4,
+        lora,
+        out_dtype,
+        config,
+        qconf if trained_nf4 else None,
+    ), ""
 
 
 def nf4_module_names(meta_model: Any, quantization_config: Any) -> set[str]:
@@ -163,9 +197,13 @@ def _merged_tensor(plan: StreamPlan, name: str, raw: Any) -> tuple[Any, float | 
     if name in plan.nf4_weights or name in plan.diff_weights:
         q = plan.quantization_config
         # NF4 training quantized the weight as loaded in the compute dtype, whatever the output dtype.
-        packed, state = quantize_4bit(raw.to(q.bnb_4bit_compute_dtype), blocksize=64,
-                                      compress_statistics=q.bnb_4bit_use_double_quant,
-                                      quant_type=q.bnb_4bit_quant_type, quant_storage=torch.uint8)
+        packed, state = quantize_4bit(
+            raw.to(q.bnb_4bit_compute_dtype),
+            blocksize=64,
+            compress_statistics=q.bnb_4bit_use_double_quant,
+            quant_type=q.bnb_4bit_quant_type,
+            quant_storage=torch.uint8,
+        )
         deq = dequantize_4bit(packed, state)
         if name in plan.nf4_weights:
             w = deq
@@ -198,8 +236,11 @@ def write_merged(plan: StreamPlan, out_dir: str, max_shard_bytes: int) -> float 
         if shards[-1] and sum(x[3] for x in shards[-1]) + e[3] > max_shard_bytes:
             shards.append([])
         shards[-1].append(e)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     handles: dict[str, tuple[Any, int]] = {}
     worst: float | None = None
     from famtune.backends.cpu import heap_trimmer
@@ -233,8 +274,10 @@ def write_merged(plan: StreamPlan, out_dir: str, max_shard_bytes: int) -> float 
         for f, _ in handles.values():
             f.close()
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(e[3] for e in entries)},
-                 "weight_map": {e[0]: fname for shard, fname in zip(shards, names) for e in shard}}
+        index = {
+            "metadata": {"total_size": sum(e[3] for e in entries)},
+            "weight_map": {e[0]: fname for shard, fname in zip(shards, names) for e in shard},
+        }
         Path(out_dir, "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     config = {k: v for k, v in plan.config.items() if k not in ("quantization_config", "torch_dtype")}
     config["dtype"] = _dtype_name(plan.out_dtype)

@@ -4,6 +4,7 @@ It records which plugin, family and template the adapter was trained with, the b
 trained against (and how that base was quantized) and the generation settings, so ``merge`` and
 ``chat`` reproduce the training format without being told.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,19 @@ from famtune.errors import FamtuneError
 META_FILE = "famtune.json"
 
 
-def build_metadata(*, family, template_name: str, generation, base_model: str, base_path: str,
-                   quantization: str, compute_dtype: str, masking: str, max_length: int,
-                   system: str | None) -> dict[str, Any]:
+def build_metadata(
+    *,
+    family,
+    template_name: str,
+    generation,
+    base_model: str,
+    base_path: str,
+    quantization: str,
+    compute_dtype: str,
+    masking: str,
+    max_length: int,
+    system: str | None,
+) -> dict[str, Any]:
     from famtune.checkpoint import resolve_dtype
     from famtune.quantization import NF4_KERNEL, nf4_config
 
@@ -58,4 +69,6 @@ def read_metadata(directory: str | Path, required: bool = True) -> dict[str, Any
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise FamtuneError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}); re-run famtune train or fix the file") from None
+        raise FamtuneError(
+            f"{path}:{exc.lineno}: invalid JSON ({exc.msg}); re-run famtune train or fix the file"
+        ) from None

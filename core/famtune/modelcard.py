@@ -4,6 +4,7 @@ Everything comes from what the run left on disk (``famtune.json``, ``recipe.yaml
 ``summary.json``, ``metrics.jsonl``), so a card can be rewritten at any time and says only what
 was measured. The loading snippet uses plain transformers/PEFT, without famtune.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -102,30 +103,49 @@ def build_card(run_dir: str | Path, merged_dir: str | Path | None = None, merge_
         base_model=base if is_model_source(base) and not base.startswith("modelscope:") else None,
         library_name="transformers" if merged else "peft",
         pipeline_tag="text-generation",
-        tags=["famtune", "lora", "qlora" if meta.get("quantization") == "nf4" else "full-precision-base",
-              meta.get("family") or "unknown-family"] + (["merged"] if merged else []),
-        famtune={"version": meta.get("famtune_version"), "family": meta.get("family"), "template": meta.get("template"),
-                 "plugin": plugin, "data_sha256": hashes},
+        tags=[
+            "famtune",
+            "lora",
+            "qlora" if meta.get("quantization") == "nf4" else "full-precision-base",
+            meta.get("family") or "unknown-family",
+        ]
+        + (["merged"] if merged else []),
+        famtune={
+            "version": meta.get("famtune_version"),
+            "family": meta.get("family"),
+            "template": meta.get("template"),
+            "plugin": plugin,
+            "data_sha256": hashes,
+        },
     )
 
     title = Path(where).resolve().name
     kind = "A full model: the LoRA adapter merged into its base" if merged else "A LoRA adapter"
-    lines = [f"# {title}", "",
-             f"{kind}, fine-tuned from `{base}` with famtune "
-             f"(family `{meta.get('family')}`, chat template `{meta.get('template')}`).", "",
-             "## Model", "", "| | |", "|---|---|",
-             f"| base model | `{base}` |",
-             f"| family | `{meta.get('family')}` (plugin {plugin.get('name')}, {plugin.get('distribution')} "
-             f"{plugin.get('version')}) |",
-             f"| chat template | `{meta.get('template')}` (saved as the tokenizer's `chat_template` on merge) |",
-             f"| base quantization | {meta.get('quantization')} (compute dtype {meta.get('compute_dtype')}) |",
-             f"| LoRA | r={recipe.get('lora_r')}, alpha={recipe.get('lora_alpha')}, dropout={recipe.get('lora_dropout')}, "
-             f"targets {', '.join(meta.get('lora_targets') or []) or recipe.get('lora_targets')} |",
-             f"| label masking | {meta.get('masking')} |",
-             f"| stop token ids | {meta.get('stop_ids')} |"]
+    lines = [
+        f"# {title}",
+        "",
+        f"{kind}, fine-tuned from `{base}` with famtune "
+        f"(family `{meta.get('family')}`, chat template `{meta.get('template')}`).",
+        "",
+        "## Model",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | `{base}` |",
+        f"| family | `{meta.get('family')}` (plugin {plugin.get('name')}, {plugin.get('distribution')} "
+        f"{plugin.get('version')}) |",
+        f"| chat template | `{meta.get('template')}` (saved as the tokenizer's `chat_template` on merge) |",
+        f"| base quantization | {meta.get('quantization')} (compute dtype {meta.get('compute_dtype')}) |",
+        f"| LoRA | r={recipe.get('lora_r')}, alpha={recipe.get('lora_alpha')}, dropout={recipe.get('lora_dropout')}, "
+        f"targets {', '.join(meta.get('lora_targets') or []) or recipe.get('lora_targets')} |",
+        f"| label masking | {meta.get('masking')} |",
+        f"| stop token ids | {meta.get('stop_ids')} |",
+    ]
     if merged and merge_report:
-        lines.append(f"| merge | into the {merge_report.get('base_precision', '?')} base, {merge_report.get('dtype')}, "
-                     f"{merge_report.get('layout')} layout |")
+        lines.append(
+            f"| merge | into the {merge_report.get('base_precision', '?')} base, {merge_report.get('dtype')}, "
+            f"{merge_report.get('layout')} layout |"
+        )
     lines += ["", "## Training data", ""]
     d = summary.get("data") or {}
     if not hashes and not d:
@@ -133,33 +153,54 @@ def build_card(run_dir: str | Path, merged_dir: str | Path | None = None, merge_
     for name, digest in hashes.items():
         lines.append(f"- `{name}`: sha256 `{digest}`")
     if d:
-        lines.append(f"- {d.get('records')} records: {d.get('train_samples')} training and {d.get('eval_samples')} "
-                     f"evaluation samples, {d.get('tokens')} tokens ({d.get('supervised_tokens')} supervised); "
-                     f"skipped {d.get('skipped_bad_records')}, truncated {d.get('truncated')}, dropped "
-                     f"{d.get('dropped_no_supervision')}")
+        lines.append(
+            f"- {d.get('records')} records: {d.get('train_samples')} training and {d.get('eval_samples')} "
+            f"evaluation samples, {d.get('tokens')} tokens ({d.get('supervised_tokens')} supervised); "
+            f"skipped {d.get('skipped_bad_records')}, truncated {d.get('truncated')}, dropped "
+            f"{d.get('dropped_no_supervision')}"
+        )
     lines += ["", "## Training results", ""]
     if summary:
         eval_loss = summary.get("eval_loss")
-        lines += ["| | |", "|---|---|",
-                  f"| optimizer steps | {summary.get('steps')} |",
-                  f"| final train loss | {summary['final_loss']:.4f} |" if summary.get("final_loss") is not None
-                  else "| final train loss | - |",
-                  f"| eval loss | {eval_loss:.4f} |" if eval_loss is not None else "| eval loss | no eval set |",
-                  f"| tokens/s | {summary.get('tokens_per_s') or 0:,.0f} |",
-                  f"| trainable parameters | {(summary.get('parameters') or {}).get('trainable', 0):,} |"]
+        lines += [
+            "| | |",
+            "|---|---|",
+            f"| optimizer steps | {summary.get('steps')} |",
+            f"| final train loss | {summary['final_loss']:.4f} |"
+            if summary.get("final_loss") is not None
+            else "| final train loss | - |",
+            f"| eval loss | {eval_loss:.4f} |" if eval_loss is not None else "| eval loss | no eval set |",
+            f"| tokens/s | {summary.get('tokens_per_s') or 0:,.0f} |",
+            f"| trainable parameters | {(summary.get('parameters') or {}).get('trainable', 0):,} |",
+        ]
     else:
-        lines.append("No `summary.json` beside the adapter (an unfinished run, or one not made by `famtune train`): "
-                     "no training figures to report.")
+        lines.append(
+            "No `summary.json` beside the adapter (an unfinished run, or one not made by `famtune train`): "
+            "no training figures to report."
+        )
     step, gens = _last_generations(run)
     if gens:
-        lines += ["", f"Greedy answers to the recipe's `evaluation_inputs` at step {step}:", "",
-                  "| prompt | answer |", "|---|---|"] + [f"| {_cell(g['input'])} | {_cell(g['output'])} |" for g in gens]
+        lines += [
+            "",
+            f"Greedy answers to the recipe's `evaluation_inputs` at step {step}:",
+            "",
+            "| prompt | answer |",
+            "|---|---|",
+        ] + [f"| {_cell(g['input'])} | {_cell(g['output'])} |" for g in gens]
     lines += ["", "## Use it", ""] + (_merged_snippet(where, merge_report) if merged else _adapter_snippet(where, base))
     if recipe:
         import yaml
 
-        lines += ["", "## Recipe", "", "Repeat the run with `famtune train recipe.yaml` (this recipe, resolved):", "",
-                  "```yaml", yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True).rstrip(), "```"]
+        lines += [
+            "",
+            "## Recipe",
+            "",
+            "Repeat the run with `famtune train recipe.yaml` (this recipe, resolved):",
+            "",
+            "```yaml",
+            yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True).rstrip(),
+            "```",
+        ]
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
     return ModelCard(content)
 
@@ -167,11 +208,16 @@ def build_card(run_dir: str | Path, merged_dir: str | Path | None = None, merge_
 def _merged_snippet(where: str, merge_report: dict[str, Any] | None) -> list[str]:
     remote = (merge_report or {}).get("layout") == "original"
     trust = ", trust_remote_code=True" if remote else ""
-    return ([
+    return [
         "A plain transformers model: the tokenizer carries the chat template and `generation_config.json` the "
         "stop ids, so nothing famtune-specific is needed."
-        + (" This copy is in the family's original layout, whose code lives in the repository "
-           "(`trust_remote_code=True`)." if remote else ""), "",
+        + (
+            " This copy is in the family's original layout, whose code lives in the repository "
+            "(`trust_remote_code=True`)."
+            if remote
+            else ""
+        ),
+        "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
@@ -179,31 +225,39 @@ def _merged_snippet(where: str, merge_report: dict[str, Any] | None) -> list[str
         f"tokenizer = AutoTokenizer.from_pretrained(path{trust})",
         f"model = AutoModelForCausalLM.from_pretrained(path{trust})",
         'messages = [{"role": "user", "content": "Who are you?"}]',
-        "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+        'ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", '
         "return_dict=True)",
         "out = model.generate(**ids, max_new_tokens=64)",
-        "print(tokenizer.decode(out[0, ids[\"input_ids\"].shape[1]:], skip_special_tokens=True))",
-        "```"])
+        'print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))',
+        "```",
+    ]
 
 
 def _adapter_snippet(where: str, base: str) -> list[str]:
     return [
-        "With famtune, which applies the family's chat format and stop ids:", "",
-        "```bash", f"famtune chat {base} --adapter {where}", f"famtune merge {where} merged/   # a plain transformers model",
-        "```", "",
+        "With famtune, which applies the family's chat format and stop ids:",
+        "",
+        "```bash",
+        f"famtune chat {base} --adapter {where}",
+        f"famtune merge {where} merged/   # a plain transformers model",
+        "```",
+        "",
         "With plain PEFT (the base must be in the native transformers layout the adapter was trained on; for "
-        "families whose original checkpoints need remote code, use `famtune merge` instead):", "",
+        "families whose original checkpoints need remote code, use `famtune merge` instead):",
+        "",
         "```python",
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM",
         "",
         f"base = AutoModelForCausalLM.from_pretrained({base!r})",
         f"model = PeftModel.from_pretrained(base, {where!r})",
-        "```"]
+        "```",
+    ]
 
 
-def write_model_card(run_dir: str | Path, merged_dir: str | Path | None = None,
-                     merge_report: dict[str, Any] | None = None) -> Path:
+def write_model_card(
+    run_dir: str | Path, merged_dir: str | Path | None = None, merge_report: dict[str, Any] | None = None
+) -> Path:
     """Write ``README.md`` into ``merged_dir`` (a merge) or ``run_dir`` (an adapter)."""
     card = build_card(run_dir, merged_dir, merge_report)
     path = Path(merged_dir if merged_dir is not None else run_dir) / CARD_FILE

@@ -4,6 +4,7 @@
 on the magic line, ``%%chat my_chat``) and streams the reply into the cell's output. ``%chat_reset``
 starts a new conversation.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -28,8 +29,10 @@ def load_ipython_extension(ipython: Any) -> None:
             if name:
                 chat = self.shell.user_ns.get(name) if self.shell is not None else None
                 if chat is None or not hasattr(chat, "chat"):
-                    raise FamtuneError(f"%%chat {name}: no chat called {name!r} in this notebook; "
-                                       f"create one with {name} = famtune.load_chat(MODEL)")
+                    raise FamtuneError(
+                        f"%%chat {name}: no chat called {name!r} in this notebook; "
+                        f"create one with {name} = famtune.load_chat(MODEL)"
+                    )
                 return chat
             if "chat" not in _last:
                 raise FamtuneError("%%chat: no chat loaded yet; run chat = famtune.load_chat(MODEL) first")

@@ -8,11 +8,13 @@ mask is given, so no token attends across a sample boundary and attention cost s
 (one ``max_length`` x ``max_length`` block per row, never one mask over the flattened batch).
 Whether a family's model honours this is the plugin's answer to ``famtune_supports_packing``.
 """
+
 from __future__ import annotations
 
 import bisect
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from famtune.encoding import IGNORE_INDEX
 from famtune.errors import FamtuneError
@@ -35,8 +37,10 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int, order: Sequence[i
     for i in items:
         n = lengths[i]
         if n > capacity:
-            raise FamtuneError(f"a sample of {n} tokens does not fit a packed row of {capacity}; "
-                               "truncate samples to max_length before packing")
+            raise FamtuneError(
+                f"a sample of {n} tokens does not fit a packed row of {capacity}; "
+                "truncate samples to max_length before packing"
+            )
         k = bisect.bisect_left(free, (n, -1))
         if k < len(free):
             space, b = free.pop(k)
@@ -77,10 +81,10 @@ def collate_packed(rows: list[list[Any]], pad_id: int, device) -> dict[str, Any]
         at = 0
         for s in row:
             n = len(s.input_ids)
-            ids[r, at:at + n] = torch.tensor(s.input_ids)
-            labels[r, at:at + n] = torch.tensor(s.labels)
+            ids[r, at : at + n] = torch.tensor(s.input_ids)
+            labels[r, at : at + n] = torch.tensor(s.labels)
             labels[r, at] = IGNORE_INDEX
-            positions[r, at:at + n] = torch.arange(n)
+            positions[r, at : at + n] = torch.arange(n)
             at += n
         positions[r, at:] = torch.arange(width - at)
     return {"input_ids": ids.to(device), "labels": labels.to(device), "position_ids": positions.to(device)}

@@ -12,15 +12,17 @@ Every hook call goes through one typed method of ``PluginSet`` (``resolve_model_
 famtune never calls ``pm.hook`` itself. Registrar hooks are called per plugin (pluggy's
 ``subset_hook_caller``) so every registered object is attributed to its plugin in errors.
 """
+
 from __future__ import annotations
 
 import os
 import sys
 import types
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 
@@ -104,7 +106,8 @@ class PluginSet:
             self.deprecated[info.name] = (
                 f"{info.describe()} uses famtune's old plugin contract ({', '.join(old)}), which goes away in the "
                 "next release; register a famtune.family.ModelFamily from famtune_register_families "
-                "(docs/authors/migrating.md)")
+                "(docs/authors/migrating.md)"
+            )
 
     def _check_pending(self) -> None:
         """After loading: an unknown hook (a misspelling) disables its plugin; then collect registrations."""
@@ -141,7 +144,7 @@ class PluginSet:
         def register(obj: Any) -> None:
             if not isinstance(obj, kind):
                 raise TypeError(f"registered {type(obj).__name__}, not a {kind.__module__}.{kind.__name__}")
-            if not isinstance(getattr(obj, "name", None), str) or not obj.name:
+            if not isinstance(getattr(obj, "name", None), str) or not getattr(obj, "name"):  # noqa: B009
                 raise TypeError(f"registered a {kind.__name__} without a name")
             got.append(obj)
 
@@ -182,8 +185,11 @@ class PluginSet:
         described = {n: self.infos[n].describe() for n in clashing}
         for name, what in clashing.items():
             others = sorted(described[o] for o in partners[name])
-            self._disable(name, f"{', '.join(what)} is also provided by {', '.join(others) or 'itself twice'}; "
-                                f"uninstall one, or choose one with {ALLOW_ENV}=name,...")
+            self._disable(
+                name,
+                f"{', '.join(what)} is also provided by {', '.join(others) or 'itself twice'}; "
+                f"uninstall one, or choose one with {ALLOW_ENV}=name,...",
+            )
         for name in [BUILTIN.name, *self.infos]:
             for kind in ("families", "masking_policies", "data_formats"):
                 table = getattr(self.registry, kind)
@@ -237,7 +243,7 @@ class PluginSet:
         self.pm.hook.famtune_register_commands(subparsers=subparsers)
 
     def training_callbacks(self, recipe: Any) -> list[Any]:
-        out = []
+        out: list[Any] = []
         for answer in self.pm.hook.famtune_training_callbacks(recipe=recipe):
             if not isinstance(answer, (list, tuple)):
                 raise FamtuneError(f"famtune_training_callbacks returned {answer!r}, not a list of callbacks")
@@ -261,8 +267,10 @@ class PluginSet:
 
     def extensions_of(self, plugin_name: str) -> dict[str, list[str]]:
         """The masking policies and data formats ``plugin_name`` registered, for listings."""
-        return {kind: [n for n, (_, owner) in getattr(self.registry, kind).items() if owner == plugin_name]
-                for kind in ("masking_policies", "data_formats")}
+        return {
+            kind: [n for n, (_, owner) in getattr(self.registry, kind).items() if owner == plugin_name]
+            for kind in ("masking_policies", "data_formats")
+        }
 
     def describe_installed(self) -> str:
         if not self.infos:
@@ -274,7 +282,7 @@ class PluginSet:
         return "; ".join(parts)
 
     # -- the claim ---------------------------------------------------------------------------
-    def claim(self, config: dict[str, Any], path: str, family: str | None = None) -> "Family":
+    def claim(self, config: dict[str, Any], path: str, family: str | None = None) -> Family:
         """The one family that handles this checkpoint, or an error naming every candidate.
 
         ``family`` forces a family name (a recipe's ``family:`` key) instead of the claim. A
@@ -282,7 +290,9 @@ class PluginSet:
         """
         if family is not None:
             if family not in self.registry.families:
-                raise FamtuneError(f"no installed plugin provides family {family!r}; installed: {self.describe_installed()}")
+                raise FamtuneError(
+                    f"no installed plugin provides family {family!r}; installed: {self.describe_installed()}"
+                )
             return Family(self, self.registry.families[family][1], family)
         marked = config.get(MARKER_KEY)
         claims: list[tuple[str, str]] = []
@@ -295,18 +305,30 @@ class PluginSet:
                 legacy_asked.add(owner)
             # One plugin's faulty claim must not stop the others from claiming their checkpoints.
             try:
-                answer = obj.claimed_name(config, path) if isinstance(obj, LegacyFamily) else (
-                    (fam_name if marked == fam_name else None) if marked is not None
-                    else (fam_name if obj.claims(config, path) else None))
+                answer = (
+                    obj.claimed_name(config, path)
+                    if isinstance(obj, LegacyFamily)
+                    else (
+                        (fam_name if marked == fam_name else None)
+                        if marked is not None
+                        else (fam_name if obj.claims(config, path) else None)
+                    )
+                )
             except Exception as exc:
-                failed.append(str(PluginError(self.infos[owner], _claim_hook(obj),
-                                              f"raised {type(exc).__name__}: {exc}")))
+                failed.append(
+                    str(PluginError(self.infos[owner], _claim_hook(obj), f"raised {type(exc).__name__}: {exc}"))
+                )
                 continue
             if answer is None:
                 continue
             if not isinstance(answer, str) or answer not in self.families_of(owner):
-                failed.append(str(PluginError(self.infos[owner], _claim_hook(obj),
-                                              f"returned {answer!r}, not one of its family names")))
+                failed.append(
+                    str(
+                        PluginError(
+                            self.infos[owner], _claim_hook(obj), f"returned {answer!r}, not one of its family names"
+                        )
+                    )
+                )
                 continue
             claims.append((owner, answer))
         for problem in failed:

@@ -6,6 +6,7 @@ the masking policy, the system override, max_length, the data format and ``skip_
 Entries are ``.npz`` files of plain integer arrays plus one JSON string, read with
 ``allow_pickle=False``: a cache file can never run code.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,6 +20,8 @@ from famtune.cache import cache_dir
 
 #: Bump when the layout of a cache entry or the meaning of its counts changes.
 CACHE_FORMAT = 1
+
+
 def cache_root() -> Path:
     return cache_dir("samples")
 
@@ -51,13 +54,30 @@ def tokenizer_digest(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def cache_key(path: str, tokenizer_hash: str, family: Any, *, masking: str, system: str | None, max_length: int,
-              data_format: str, skip_bad_records: bool) -> str:
+def cache_key(
+    path: str,
+    tokenizer_hash: str,
+    family: Any,
+    *,
+    masking: str,
+    system: str | None,
+    max_length: int,
+    data_format: str,
+    skip_bad_records: bool,
+) -> str:
     parts = {
-        "cache_format": CACHE_FORMAT, "data": file_digest(path), "tokenizer": tokenizer_hash,
-        "plugin": family.info.name, "plugin_version": family.info.version, "distribution": family.info.distribution,
-        "family": family.name, "masking": masking, "system": system, "max_length": int(max_length),
-        "data_format": data_format, "skip_bad_records": bool(skip_bad_records),
+        "cache_format": CACHE_FORMAT,
+        "data": file_digest(path),
+        "tokenizer": tokenizer_hash,
+        "plugin": family.info.name,
+        "plugin_version": family.info.version,
+        "distribution": family.info.distribution,
+        "family": family.name,
+        "masking": masking,
+        "system": system,
+        "max_length": int(max_length),
+        "data_format": data_format,
+        "skip_bad_records": bool(skip_bad_records),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -93,10 +113,15 @@ def load(key: str) -> EncodedFile | None:
             if meta.get("cache_format") != CACHE_FORMAT:
                 return None
             return EncodedFile(
-                format=meta["format"], records=meta["records"],
-                skipped_bad=[(int(a), str(b)) for a, b in meta["skipped_bad"]], truncated=meta["truncated"],
+                format=meta["format"],
+                records=meta["records"],
+                skipped_bad=[(int(a), str(b)) for a, b in meta["skipped_bad"]],
+                truncated=meta["truncated"],
                 dropped_lines=[int(x) for x in meta["dropped_lines"]],
-                ids=z["ids"], labels=z["labels"], offsets=z["offsets"], lines=z["lines"],
+                ids=z["ids"],
+                labels=z["labels"],
+                offsets=z["offsets"],
+                lines=z["lines"],
             )
     except (OSError, ValueError, KeyError):
         return None  # a damaged entry is rebuilt, never trusted
@@ -107,15 +132,26 @@ def save(key: str, enc: EncodedFile) -> Path | None:
     import numpy as np
 
     path = entry_path(key)
-    meta = {"cache_format": CACHE_FORMAT, "format": enc.format, "records": enc.records,
-            "skipped_bad": [list(x) for x in enc.skipped_bad], "truncated": enc.truncated,
-            "dropped_lines": list(enc.dropped_lines)}
+    meta = {
+        "cache_format": CACHE_FORMAT,
+        "format": enc.format,
+        "records": enc.records,
+        "skipped_bad": [list(x) for x in enc.skipped_bad],
+        "truncated": enc.truncated,
+        "dropped_lines": list(enc.dropped_lines),
+    }
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            np.savez(f, ids=enc.ids, labels=enc.labels, offsets=enc.offsets, lines=enc.lines,
-                     meta=np.array(json.dumps(meta, ensure_ascii=False)))
+            np.savez(
+                f,
+                ids=enc.ids,
+                labels=enc.labels,
+                offsets=enc.offsets,
+                lines=enc.lines,
+                meta=np.array(json.dumps(meta, ensure_ascii=False)),
+            )
         os.replace(tmp, path)
         return path
     except OSError:

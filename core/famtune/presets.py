@@ -12,6 +12,7 @@ one floating dtype, so the 4-bit weights are packed in the compute dtype
 (``bnb_4bit_quant_storage`` = ``bnb_4bit_compute_dtype``) instead of uint8, and the model is loaded
 in that dtype. famtune.json records these settings, so merge and chat rebuild the same base.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -47,21 +48,36 @@ def fsdp_plugin_kwargs() -> dict[str, Any]:
     layer. ``cpu_ram_efficient_loading`` reads the checkpoint once (rank 0) and broadcasts it, so
     a node does not hold one full copy per process; the adapter is gathered whole for saving.
     """
-    return {"fsdp_version": 2, "auto_wrap_policy": "transformer_based_wrap", "reshard_after_forward": True,
-            "cpu_ram_efficient_loading": True, "state_dict_type": "FULL_STATE_DICT"}
+    return {
+        "fsdp_version": 2,
+        "auto_wrap_policy": "transformer_based_wrap",
+        "reshard_after_forward": True,
+        "cpu_ram_efficient_loading": True,
+        "state_dict_type": "FULL_STATE_DICT",
+    }
 
 
-def deepspeed_config(preset: str, *, batch_size: int, grad_accum: int, world: int, max_grad_norm: float,
-                     compute_dtype_name: str) -> dict[str, Any]:
+def deepspeed_config(
+    preset: str, *, batch_size: int, grad_accum: int, world: int, max_grad_norm: float, compute_dtype_name: str
+) -> dict[str, Any]:
     """A complete DeepSpeed config (no ``auto`` values) for ZeRO-2 or ZeRO-3."""
     if preset not in ("zero2", "zero3"):
         raise FamtuneError(f"distributed: {preset!r} is not a DeepSpeed preset; expected zero2 or zero3")
-    zero: dict[str, Any] = {"stage": 2 if preset == "zero2" else 3, "overlap_comm": True,
-                            "contiguous_gradients": True, "reduce_bucket_size": 5e7,
-                            "allgather_bucket_size": 5e7}
+    zero: dict[str, Any] = {
+        "stage": 2 if preset == "zero2" else 3,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": 5e7,
+        "allgather_bucket_size": 5e7,
+    }
     if preset == "zero3":
-        zero.update({"stage3_gather_16bit_weights_on_model_save": True, "stage3_prefetch_bucket_size": 5e7,
-                     "stage3_param_persistence_threshold": 1e5})
+        zero.update(
+            {
+                "stage3_gather_16bit_weights_on_model_save": True,
+                "stage3_prefetch_bucket_size": 5e7,
+                "stage3_param_persistence_threshold": 1e5,
+            }
+        )
         zero.pop("allgather_bucket_size")
     return {
         "train_micro_batch_size_per_gpu": batch_size,
@@ -81,8 +97,9 @@ def check_deepspeed_config(config: dict[str, Any], world: int) -> None:
 
     micro, accum = config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]
     if config["train_batch_size"] != micro * accum * world:
-        raise FamtuneError(f"DeepSpeed config: train_batch_size {config['train_batch_size']} != "
-                           f"{micro} x {accum} x {world} processes")
+        raise FamtuneError(
+            f"DeepSpeed config: train_batch_size {config['train_batch_size']} != {micro} x {accum} x {world} processes"
+        )
     if config["bf16"]["enabled"] and config["fp16"]["enabled"]:
         raise FamtuneError("DeepSpeed config: bf16 and fp16 both enabled")
     if config["zero_optimization"]["stage"] not in (2, 3):
@@ -92,8 +109,15 @@ def check_deepspeed_config(config: dict[str, Any], world: int) -> None:
         raise FamtuneError(f"DeepSpeed config: accelerate read ZeRO stage {plugin.zero_stage}")
 
 
-def accelerate_plugins(preset: str, *, batch_size: int = 1, grad_accum: int = 1, max_grad_norm: float = 1.0,
-                       compute_dtype_name: str = "float32", world: int = 1) -> dict[str, Any]:
+def accelerate_plugins(
+    preset: str,
+    *,
+    batch_size: int = 1,
+    grad_accum: int = 1,
+    max_grad_norm: float = 1.0,
+    compute_dtype_name: str = "float32",
+    world: int = 1,
+) -> dict[str, Any]:
     """``Accelerator`` keyword arguments for ``preset`` (nothing for plain DDP)."""
     if preset == "ddp":
         return {}
@@ -107,10 +131,18 @@ def accelerate_plugins(preset: str, *, batch_size: int = 1, grad_accum: int = 1,
         from accelerate.utils import DeepSpeedPlugin
 
         if importlib.util.find_spec("deepspeed") is None:
-            raise FamtuneError(f"distributed: {preset} needs DeepSpeed, which is not installed; "
-                               "pip install deepspeed on the training machines, or use distributed: ddp or fsdp")
-        config = deepspeed_config(preset, batch_size=batch_size, grad_accum=grad_accum, world=world,
-                                  max_grad_norm=max_grad_norm, compute_dtype_name=compute_dtype_name)
+            raise FamtuneError(
+                f"distributed: {preset} needs DeepSpeed, which is not installed; "
+                "pip install deepspeed on the training machines, or use distributed: ddp or fsdp"
+            )
+        config = deepspeed_config(
+            preset,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            world=world,
+            max_grad_norm=max_grad_norm,
+            compute_dtype_name=compute_dtype_name,
+        )
         check_deepspeed_config(config, world)
         return {"deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=config)}
     raise FamtuneError(f"distributed: {preset!r}; expected ddp, fsdp, zero2 or zero3")

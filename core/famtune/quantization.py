@@ -3,6 +3,7 @@
 Both are written into ``famtune.json`` (``quantization_config``, ``nf4_kernel``) so that merge, chat
 and a plain transformers + PEFT user rebuild the base exactly as training saw it.
 """
+
 from __future__ import annotations
 
 from typing import Any

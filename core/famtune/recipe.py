@@ -3,6 +3,7 @@
 Every key has a default here; unknown keys and wrongly typed values are errors that name the
 file and the key. The resolved recipe is written beside the adapter so a run can be repeated.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -142,8 +143,10 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         try:
             out[key.replace("-", "_")] = yaml.safe_load(value) if value != "" else ""
         except yaml.YAMLError as exc:
-            raise FamtuneError(f"command line: --{key} {value!r} is not a valid value "
-                               f"({getattr(exc, 'problem', None) or type(exc).__name__}); quote it") from None
+            raise FamtuneError(
+                f"command line: --{key} {value!r} is not a valid value "
+                f"({getattr(exc, 'problem', None) or type(exc).__name__}); quote it"
+            ) from None
         i += 1
     return out
 

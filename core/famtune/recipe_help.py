@@ -1,4 +1,5 @@
 """What each recipe key means, for ``famtune train --help``; defaults come from ``famtune.recipe.Recipe``."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,8 +62,11 @@ def recipe_keys_help(width: int = 100) -> str:
     defaults = Recipe()
     for f in dataclasses.fields(Recipe):
         default = getattr(defaults, f.name)
-        shown = "null" if default is None else ("''" if default == "" else str(default).lower()
-                                                 if isinstance(default, bool) else str(default))
+        shown = (
+            "null"
+            if default is None
+            else ("''" if default == "" else str(default).lower() if isinstance(default, bool) else str(default))
+        )
         rows.append((f.name, shown, KEY_MEANINGS.get(f.name, "")))
     name_w = max(len(r[0]) for r in rows)
     default_w = min(max(len(r[1]) for r in rows), 14)
@@ -70,6 +74,9 @@ def recipe_keys_help(width: int = 100) -> str:
     indent = " " * (2 + name_w + 2 + default_w + 2)
     for name, shown, meaning in rows:
         head = f"  {name:<{name_w}}  {shown:<{default_w}}  "
-        lines.append(textwrap.fill(meaning, width=width, initial_indent=head, subsequent_indent=indent)
-                     if meaning else head.rstrip())
+        lines.append(
+            textwrap.fill(meaning, width=width, initial_indent=head, subsequent_indent=indent)
+            if meaning
+            else head.rstrip()
+        )
     return "\n".join(lines)

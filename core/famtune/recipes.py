@@ -5,6 +5,7 @@ data). A recipe's first comment line is its description; data files it names by 
 (``data: data/identity.jsonl``) live beside it and are copied with it, so a copied recipe runs
 as is. The core never names a family here: what a family ships is the plugin's business.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -67,14 +68,17 @@ def builtin_recipes(plugins=None) -> dict[str, BuiltinRecipe]:
             raise FamtuneError(f"{info.describe()}: {RECIPE_HOOK} returned {dirs!r}, not a list of directories")
         for d in dirs:
             if not Path(d).is_dir():
-                raise FamtuneError(f"{info.describe()}: {RECIPE_HOOK} names {d}, which is not a directory; "
-                                   "reinstall the plugin")
+                raise FamtuneError(
+                    f"{info.describe()}: {RECIPE_HOOK} names {d}, which is not a directory; reinstall the plugin"
+                )
             for path in sorted(Path(d).glob("*.yaml")):
                 name = path.stem
                 if name in found:
                     other = plugins.infos[found[name].plugin].describe()
-                    raise FamtuneError(f"built-in recipe {name!r} is shipped by both {other} and {info.describe()}; "
-                                       "uninstall one of them")
+                    raise FamtuneError(
+                        f"built-in recipe {name!r} is shipped by both {other} and {info.describe()}; "
+                        "uninstall one of them"
+                    )
                 found[name] = BuiltinRecipe(name, path, plugin_name, _description(path))
     return dict(sorted(found.items()))
 

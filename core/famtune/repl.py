@@ -1,4 +1,5 @@
 """The terminal side of ``famtune chat``: line editing, commands, Ctrl-C, saving a conversation."""
+
 from __future__ import annotations
 
 import json
@@ -20,16 +21,25 @@ Ctrl-C stops the reply being written; the turn is dropped."""
 HISTORY_LINES = 1000
 
 
-def run_chat(session: ChatSession, *, prompt: str | None, system: str | None, greedy: bool, max_new_tokens: int,
-             input_fn=input, output=sys.stdout) -> int:
+def run_chat(
+    session: ChatSession,
+    *,
+    prompt: str | None,
+    system: str | None,
+    greedy: bool,
+    max_new_tokens: int,
+    input_fn=input,
+    output=sys.stdout,
+) -> int:
     """Answer ``prompt`` once, or hold a multi-turn conversation read from ``input_fn``. Returns an exit code."""
 
     def show(piece: str) -> None:
         output.write(piece)
         output.flush()
 
-    chat = Chat(session, system=clean_text(system) if system is not None else None, greedy=greedy,
-                max_new_tokens=max_new_tokens)
+    chat = Chat(
+        session, system=clean_text(system) if system is not None else None, greedy=greedy, max_new_tokens=max_new_tokens
+    )
 
     def answer(text: str) -> None:
         for piece in chat.chat(text, stream=True):
@@ -87,15 +97,19 @@ def _command(chat: Chat, text: str, show) -> bool:
             chat.reset()
             show("(system prompt set; new conversation)\n")
         else:
-            show(f"(system prompt: {chat.system!r})\n" if chat.system is not None
-                 else "(no system prompt: the family's default)\n")
+            show(
+                f"(system prompt: {chat.system!r})\n"
+                if chat.system is not None
+                else "(no system prompt: the family's default)\n"
+            )
     elif name == "/save":
         if not arg:
             show("(usage: /save FILE)\n")
             return False
         try:
-            Path(arg).expanduser().write_text(json.dumps({"messages": chat.messages()}, ensure_ascii=False, indent=2)
-                                              + "\n", encoding="utf-8")
+            Path(arg).expanduser().write_text(
+                json.dumps({"messages": chat.messages()}, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+            )
         except OSError as exc:
             show(f"famtune: error: cannot write {arg}: {exc.strerror}; pick another path\n")
             return False

@@ -4,6 +4,7 @@
 Everything is read from the per-model run directories (``summary.json``, ``metrics.jsonl``,
 ``famtune.json``, the adapter), so a report can be rebuilt from finished runs at any time.
 """
+
 from __future__ import annotations
 
 import base64
@@ -28,8 +29,21 @@ TINY_PREFIX = "tiny:"
 # Below this many eval samples, eval-loss differences between models are mostly noise.
 SMALL_EVAL_SET = 50
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
-COLUMNS = ("model", "family", "masking", "plugin", "parameters", "trainable", "adapter", "final train loss", "eval loss",
-           "tokens/s", "peak memory", "wall time", "status")
+COLUMNS = (
+    "model",
+    "family",
+    "masking",
+    "plugin",
+    "parameters",
+    "trainable",
+    "adapter",
+    "final train loss",
+    "eval loss",
+    "tokens/s",
+    "peak memory",
+    "wall time",
+    "status",
+)
 
 
 def _read_json(path: Path) -> Any:
@@ -91,23 +105,35 @@ def model_result(run: Any) -> dict[str, Any]:
         resolved = None
     s = summary or {}
     return {
-        "model": run.spec + (f" [{run.adapter}]" if getattr(run, "adapter", "") else ""), "name": run.name,
+        "model": run.spec + (f" [{run.adapter}]" if getattr(run, "adapter", "") else ""),
+        "name": run.name,
         "dir": str(d),
         "family": plugin.get("family") or run.family,
         "plugin": {k: plugin.get(k) for k in ("plugin", "distribution", "version")} if plugin else None,
         "parameters": count_parameters(meta.get("base_path")) if summary else None,
         "trainable_parameters": (s.get("parameters") or {}).get("trainable"),
         "adapter_bytes": adapter.stat().st_size if summary and adapter.is_file() else None,
-        "final_train_loss": s.get("final_loss"), "eval_loss": s.get("eval_loss"),
-        "tokens_per_s": s.get("tokens_per_s"), "peak_rss_mib": s.get("peak_rss_mib"),
-        "peak_accelerator_mib": s.get("peak_accelerator_mib"), "steps": s.get("steps"),
-        "wall_s": run.wall_s, "status": "ok" if run.status == "skipped" else run.status,
-        "skipped": run.status == "skipped", "error": run.error, "note": run.note,
+        "final_train_loss": s.get("final_loss"),
+        "eval_loss": s.get("eval_loss"),
+        "tokens_per_s": s.get("tokens_per_s"),
+        "peak_rss_mib": s.get("peak_rss_mib"),
+        "peak_accelerator_mib": s.get("peak_accelerator_mib"),
+        "steps": s.get("steps"),
+        "wall_s": run.wall_s,
+        "status": "ok" if run.status == "skipped" else run.status,
+        "skipped": run.status == "skipped",
+        "error": run.error,
+        "note": run.note,
         "masking": meta.get("masking"),
-        "curve": {"train": [[r["step"], r["loss"]] for r in records if "loss" in r],
-                  "eval": [[r["step"], r["eval_loss"]] for r in records if "eval_loss" in r]},
-        "answers": {"before": (before or {}).get("generations") or [], "after": (after or {}).get("generations") or [],
-                    "after_step": (after or {}).get("step")},
+        "curve": {
+            "train": [[r["step"], r["loss"]] for r in records if "loss" in r],
+            "eval": [[r["step"], r["eval_loss"]] for r in records if "eval_loss" in r],
+        },
+        "answers": {
+            "before": (before or {}).get("generations") or [],
+            "after": (after or {}).get("generations") or [],
+            "after_step": (after or {}).get("step"),
+        },
         "resolved_recipe": resolved,
         "train_samples": (s.get("data") or {}).get("train_samples"),
         "eval_samples": (s.get("data") or {}).get("eval_samples"),
@@ -128,13 +154,18 @@ def environment() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             libs[lib] = None
     return {
-        "famtune_version": famtune.__version__, "python": platform.python_version(), "libraries": libs,
-        "plugins": [{"name": n, "distribution": i.distribution, "version": i.version,
-                     "families": plugins.families_of(n)} for n, i in plugins.infos.items()],
+        "famtune_version": famtune.__version__,
+        "python": platform.python_version(),
+        "libraries": libs,
+        "plugins": [
+            {"name": n, "distribution": i.distribution, "version": i.version, "families": plugins.families_of(n)}
+            for n, i in plugins.infos.items()
+        ],
     }
 
 
 # -- formatting ------------------------------------------------------------------------------------
+
 
 def _num(v: Any, fmt: str = "{:,}") -> str:
     return "-" if v is None else fmt.format(v)
@@ -160,22 +191,34 @@ def _memory(m: dict[str, Any]) -> str:
 def row_cells(m: dict[str, Any]) -> list[str]:
     p = m["plugin"] or {}
     status = "ok" + (" (earlier run)" if m["skipped"] else "") if m["status"] == "ok" else f"FAILED: {m['error']}"
-    return [m["model"], m["family"] or "-", m["masking"] or "-",
-            f"{p.get('plugin')} ({p.get('distribution')} {p.get('version')})" if p.get("plugin") else "-",
-            _num(m["parameters"]), _num(m["trainable_parameters"]), _bytes(m["adapter_bytes"]),
-            _num(m["final_train_loss"], "{:.4f}"), _num(m["eval_loss"], "{:.4f}"), _num(m["tokens_per_s"], "{:,.0f}"),
-            _memory(m), _num(m["wall_s"], "{:.0f} s"), status]
+    return [
+        m["model"],
+        m["family"] or "-",
+        m["masking"] or "-",
+        f"{p.get('plugin')} ({p.get('distribution')} {p.get('version')})" if p.get("plugin") else "-",
+        _num(m["parameters"]),
+        _num(m["trainable_parameters"]),
+        _bytes(m["adapter_bytes"]),
+        _num(m["final_train_loss"], "{:.4f}"),
+        _num(m["eval_loss"], "{:.4f}"),
+        _num(m["tokens_per_s"], "{:,.0f}"),
+        _memory(m),
+        _num(m["wall_s"], "{:.0f} s"),
+        status,
+    ]
 
 
 def highlights(models: list[dict[str, Any]]) -> list[str]:
     """One line per criterion naming the best model, so a reader can choose at a glance."""
     ok = [m for m in models if m["status"] == "ok"]
     out = []
-    for label, key, fmt, best in (("lowest eval loss", "eval_loss", "{:.4f}", min),
-                                  ("lowest final train loss", "final_train_loss", "{:.4f}", min),
-                                  ("fastest training", "tokens_per_s", "{:,.0f} tokens/s", max),
-                                  ("lowest peak memory", "peak_rss_mib", "{:.0f} MiB RSS", min),
-                                  ("smallest adapter", "adapter_bytes", None, min)):
+    for label, key, fmt, best in (
+        ("lowest eval loss", "eval_loss", "{:.4f}", min),
+        ("lowest final train loss", "final_train_loss", "{:.4f}", min),
+        ("fastest training", "tokens_per_s", "{:,.0f} tokens/s", max),
+        ("lowest peak memory", "peak_rss_mib", "{:.0f} MiB RSS", min),
+        ("smallest adapter", "adapter_bytes", None, min),
+    ):
         have = [m for m in ok if m[key] is not None]
         if have:
             m = best(have, key=lambda x: x[key])
@@ -189,8 +232,11 @@ def ranking(models: list[dict[str, Any]]) -> dict[str, Any]:
     loss. Models whose value is equal at the shown precision (4 decimals) share a rank and are flagged
     as tied; failed models come last, unranked."""
     ok = [m for m in models if m["status"] == "ok"]
-    key, criterion = ("eval_loss", "eval loss") if ok and all(m["eval_loss"] is not None for m in ok) else (
-        "final_train_loss", "final train loss")
+    key, criterion = (
+        ("eval_loss", "eval loss")
+        if ok and all(m["eval_loss"] is not None for m in ok)
+        else ("final_train_loss", "final train loss")
+    )
     ranked = sorted((m for m in ok if m[key] is not None), key=lambda m: m[key])
     shown = [round(m[key], 4) for m in ranked]
     rows, rank = [], 0
@@ -198,10 +244,28 @@ def ranking(models: list[dict[str, Any]]) -> dict[str, Any]:
         if i == 0 or shown[i] != shown[i - 1]:
             rank = i + 1
         tie = shown.count(shown[i]) > 1
-        rows.append({"rank": rank, "model": m["model"], "family": m["family"], "value": m[key], "tie": tie,
-                     "eval_samples": m.get("eval_samples")})
-    rows += [{"rank": None, "model": m["model"], "family": m["family"], "value": None, "tie": False,
-              "eval_samples": m.get("eval_samples")} for m in models if m not in ranked]
+        rows.append(
+            {
+                "rank": rank,
+                "model": m["model"],
+                "family": m["family"],
+                "value": m[key],
+                "tie": tie,
+                "eval_samples": m.get("eval_samples"),
+            }
+        )
+    rows += [
+        {
+            "rank": None,
+            "model": m["model"],
+            "family": m["family"],
+            "value": None,
+            "tie": False,
+            "eval_samples": m.get("eval_samples"),
+        }
+        for m in models
+        if m not in ranked
+    ]
     winners = [r["model"] for r in rows if r["rank"] == 1]
     return {"criterion": criterion, "rows": rows, "winners": winners}
 
@@ -210,8 +274,11 @@ def ranking_lines(rank: dict[str, Any]) -> list[str]:
     """The ranking as sentences: the winner (or the tie for first), then each model's place."""
     if not rank["winners"]:
         return ["No model finished, so there is no ranking."]
-    first = (f"Overall best by {rank['criterion']}: {rank['winners'][0]}" if len(rank["winners"]) == 1 else
-             f"Tied for best by {rank['criterion']}: {', '.join(rank['winners'])}")
+    first = (
+        f"Overall best by {rank['criterion']}: {rank['winners'][0]}"
+        if len(rank["winners"]) == 1
+        else f"Tied for best by {rank['criterion']}: {', '.join(rank['winners'])}"
+    )
     return [first + "."]
 
 
@@ -229,10 +296,12 @@ def caveats(models: list[dict[str, Any]]) -> list[str]:
     out = []
     tiny = [m["model"] for m in models if str(m["model"]).startswith(TINY_PREFIX)]
     if tiny:
-        out.append(f"Demo models: {', '.join(tiny)} {'is a' if len(tiny) == 1 else 'are'} tiny random-weight "
-                   f"model{'s' if len(tiny) > 1 else ''} built locally, not the real checkpoint"
-                   f"{'s' if len(tiny) > 1 else ''}. The figures show that the pipeline works; they say nothing "
-                   "about how the real models compare.")
+        out.append(
+            f"Demo models: {', '.join(tiny)} {'is a' if len(tiny) == 1 else 'are'} tiny random-weight "
+            f"model{'s' if len(tiny) > 1 else ''} built locally, not the real checkpoint"
+            f"{'s' if len(tiny) > 1 else ''}. The figures show that the pipeline works; they say nothing "
+            "about how the real models compare."
+        )
     sizes = sorted({m["eval_samples"] for m in models if m["status"] == "ok" and m.get("eval_samples") is not None})
     if sizes and sizes[0] == 0:
         out.append("No eval set: models are ranked by their final train loss, which rewards memorising the data.")
@@ -245,8 +314,9 @@ def caveats(models: list[dict[str, Any]]) -> list[str]:
 def _clean(text: str) -> str:
     """An answer for display: outer whitespace dropped (some families open a reply with a header
     newline), control characters of untrained models shown as escapes."""
-    return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else f"\\x{ord(c):02x}"
-                   for c in (text or "").strip())
+    return "".join(
+        c if c in "\n\t" or unicodedata.category(c) != "Cc" else f"\\x{ord(c):02x}" for c in (text or "").strip()
+    )
 
 
 def plot_curves(models: list[dict[str, Any]], png: Path) -> None:
@@ -304,8 +374,14 @@ def plot_run_curves(models: list[dict[str, Any]], png: Path) -> None:
                 ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.legend(fontsize=7, loc="upper right", framealpha=0.6)
         else:
-            ax.text(0.5, 0.5, "no curve" + (" (failed)" if m["status"] != "ok" else ""), ha="center",
-                    va="center", transform=ax.transAxes)
+            ax.text(
+                0.5,
+                0.5,
+                "no curve" + (" (failed)" if m["status"] != "ok" else ""),
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
         ax.set_title(f"{m['model']} ({m['family'] or '?'})", fontsize=9)
         ax.set_xlabel("optimizer step", fontsize=8)
         ax.set_ylabel("loss (log)", fontsize=8)
@@ -322,8 +398,9 @@ def _md_cell(text: str) -> str:
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            + ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows])
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows
+    ]
 
 
 def answers_by_prompt(models: list[dict[str, Any]], prompts: list[str]) -> list[tuple[str, list[list[str]]]]:
@@ -332,8 +409,13 @@ def answers_by_prompt(models: list[dict[str, Any]], prompts: list[str]) -> list[
         rows = []
         for m in models:
             b, a = m["answers"]["before"], m["answers"]["after"]
-            rows.append([m["model"], _clean(b[k]["output"]) if k < len(b) else "-",
-                         _clean(a[k]["output"]) if k < len(a) else "-"])
+            rows.append(
+                [
+                    m["model"],
+                    _clean(b[k]["output"]) if k < len(b) else "-",
+                    _clean(a[k]["output"]) if k < len(a) else "-",
+                ]
+            )
         out.append((prompt, rows))
     return out
 
@@ -344,9 +426,15 @@ def render_markdown(doc: dict[str, Any]) -> str:
         lines += [f"> **Note:** {note}", ""]
     lines += [doc["headline"], ""]
     if "ranking" in doc:
-        lines += ["## Ranking", ""] + ranking_lines(doc["ranking"]) + [""] + _md_table(
-            ["rank", "model", "family", doc["ranking"]["criterion"], "eval samples"],
-            ranking_cells(doc["ranking"])) + [""]
+        lines += (
+            ["## Ranking", ""]
+            + ranking_lines(doc["ranking"])
+            + [""]
+            + _md_table(
+                ["rank", "model", "family", doc["ranking"]["criterion"], "eval samples"], ranking_cells(doc["ranking"])
+            )
+            + [""]
+        )
     lines += [f"- {h}" for h in doc["highlights"]] + [""]
     lines += ["## Results", ""] + _md_table(list(COLUMNS), [row_cells(m) for m in doc["models"]]) + [""]
     notes = [f"- {m['model']}: {m['note']}" for m in doc["models"] if m["note"]]
@@ -358,15 +446,36 @@ def render_markdown(doc: dict[str, Any]) -> str:
     lines += ["## Answers before and after training", ""]
     for prompt, rows in doc["answers"]:
         lines += [f"### {prompt}", ""] + _md_table(["model", "before (step 0)", "after training"], rows) + [""]
-    lines += ["## Repeat this comparison", "", "```", doc["command"], "```", "",
-              "Shared recipe (`recipe.yaml` in this directory):", "", "```yaml", doc["recipe_yaml"].rstrip(), "```", ""]
+    lines += [
+        "## Repeat this comparison",
+        "",
+        "```",
+        doc["command"],
+        "```",
+        "",
+        "Shared recipe (`recipe.yaml` in this directory):",
+        "",
+        "```yaml",
+        doc["recipe_yaml"].rstrip(),
+        "```",
+        "",
+    ]
     env = doc["environment"]
-    lines += ["Plugins:", ""] + _md_table(
-        ["plugin", "distribution", "version", "families"],
-        [[p["name"], p["distribution"], p["version"], ", ".join(p["families"])] for p in env["plugins"]]) + [""]
+    lines += (
+        ["Plugins:", ""]
+        + _md_table(
+            ["plugin", "distribution", "version", "families"],
+            [[p["name"], p["distribution"], p["version"], ", ".join(p["families"])] for p in env["plugins"]],
+        )
+        + [""]
+    )
     libs = ", ".join(f"{k} {v}" for k, v in env["libraries"].items() if v)
-    lines += [f"famtune {env['famtune_version']}, Python {env['python']}, {libs}.", "",
-              "Each model's resolved recipe is `<run>/recipe.yaml`; all figures are in `results.json`.", ""]
+    lines += [
+        f"famtune {env['famtune_version']}, Python {env['python']}, {libs}.",
+        "",
+        "Each model's resolved recipe is `<run>/recipe.yaml`; all figures are in `results.json`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -394,30 +503,44 @@ def render_html(doc: dict[str, Any], png: bytes) -> str:
         f"<p>{e(doc['headline'])}</p>",
     ]
     if "ranking" in doc:
-        parts += ["<h2>Ranking</h2>",
-                  "".join(f"<p class='winner'>{e(line)}</p>" for line in ranking_lines(doc["ranking"])),
-                  table(["rank", "model", "family", doc["ranking"]["criterion"], "eval samples"],
-                        ranking_cells(doc["ranking"]), "ranking")]
+        parts += [
+            "<h2>Ranking</h2>",
+            "".join(f"<p class='winner'>{e(line)}</p>" for line in ranking_lines(doc["ranking"])),
+            table(
+                ["rank", "model", "family", doc["ranking"]["criterion"], "eval samples"],
+                ranking_cells(doc["ranking"]),
+                "ranking",
+            ),
+        ]
     parts += [
         "<ul>" + "".join(f"<li>{e(h)}</li>" for h in doc["highlights"]) + "</ul>",
-        "<h2>Results</h2>", "<div class='wide'>" + table(list(COLUMNS), [row_cells(m) for m in doc["models"]]) + "</div>",
+        "<h2>Results</h2>",
+        "<div class='wide'>" + table(list(COLUMNS), [row_cells(m) for m in doc["models"]]) + "</div>",
         "".join(f"<p>{e(m['model'])}: {e(m['note'])}</p>" for m in doc["models"] if m["note"]),
         *task_eval_html(doc["models"], table),
         "<h2>Loss curves</h2>",
         f"<img alt='loss curves' src='data:image/png;base64,{base64.b64encode(png).decode()}'>",
-        (f"<img alt='loss per run' src='data:image/png;base64,{base64.b64encode(doc['run_curves']).decode()}'>"
-         if doc.get("run_curves") else ""),
+        (
+            f"<img alt='loss per run' src='data:image/png;base64,{base64.b64encode(doc['run_curves']).decode()}'>"
+            if doc.get("run_curves")
+            else ""
+        ),
         "<h2>Answers before and after training</h2>",
     ]
     for prompt, rows in doc["answers"]:
         parts += [f"<h3>{e(prompt)}</h3>", table(["model", "before (step 0)", "after training"], rows, "answers")]
     parts += [
-        "<h2>Repeat this comparison</h2>", f"<pre>{e(doc['command'])}</pre>",
-        "<p>Shared recipe (<code>recipe.yaml</code> in this directory):</p>", f"<pre>{e(doc['recipe_yaml'])}</pre>",
-        table(["plugin", "distribution", "version", "families"],
-              [[p["name"], p["distribution"], p["version"], ", ".join(p["families"])] for p in env["plugins"]]),
+        "<h2>Repeat this comparison</h2>",
+        f"<pre>{e(doc['command'])}</pre>",
+        "<p>Shared recipe (<code>recipe.yaml</code> in this directory):</p>",
+        f"<pre>{e(doc['recipe_yaml'])}</pre>",
+        table(
+            ["plugin", "distribution", "version", "families"],
+            [[p["name"], p["distribution"], p["version"], ", ".join(p["families"])] for p in env["plugins"]],
+        ),
         f"<p>famtune {e(env['famtune_version'])}, Python {e(env['python'])}, "
-        + e(", ".join(f"{k} {v}" for k, v in env["libraries"].items() if v)) + ".</p>",
+        + e(", ".join(f"{k} {v}" for k, v in env["libraries"].items() if v))
+        + ".</p>",
         "</body></html>",
     ]
     return "\n".join(parts)
@@ -436,27 +559,47 @@ def write_report(work: Path, shared: dict[str, Any], specs: list[str], runs: lis
     plot_run_curves(models, out / RUN_CURVES_PNG)
     ok = sum(m["status"] == "ok" for m in models)
     steps = shared.get("max_steps") or f"{shared.get('epochs', 1)} epoch(s)"
-    headline = (f"{len(models)} models trained on the same data ({Path(str(shared.get('data'))).name}), "
-                f"steps {steps}, seed {shared.get('seed', 42)}, quantization {shared.get('quantization', 'nf4')}, "
-                f"LoRA r={shared.get('lora_r', 8)} alpha={shared.get('lora_alpha', 16)} "
-                f"targets {shared.get('lora_targets', 'default')}, masking {shared.get('masking') or 'family default'}"
-                f"; {ok} of {len(models)} completed.")
-    samples = sorted({(m["train_samples"], m["eval_samples"]) for m in models if m["status"] == "ok"
-                      and m["train_samples"] is not None}, key=str)
+    headline = (
+        f"{len(models)} models trained on the same data ({Path(str(shared.get('data'))).name}), "
+        f"steps {steps}, seed {shared.get('seed', 42)}, quantization {shared.get('quantization', 'nf4')}, "
+        f"LoRA r={shared.get('lora_r', 8)} alpha={shared.get('lora_alpha', 16)} "
+        f"targets {shared.get('lora_targets', 'default')}, masking {shared.get('masking') or 'family default'}"
+        f"; {ok} of {len(models)} completed."
+    )
+    samples = sorted(
+        {
+            (m["train_samples"], m["eval_samples"])
+            for m in models
+            if m["status"] == "ok" and m["train_samples"] is not None
+        },
+        key=str,
+    )
     if samples:
         headline += " Samples per model (train + eval): " + ", ".join(f"{t} + {v}" for t, v in samples) + "."
     prompts = list(shared.get("evaluation_inputs") or [])
     doc = {
-        "headline": headline, "highlights": highlights(models), "models": models,
+        "headline": headline,
+        "highlights": highlights(models),
+        "models": models,
         "answers": answers_by_prompt(models, prompts),
         "command": f"famtune compare {out / 'recipe.yaml'} --output {work}",
-        "recipe_yaml": recipe_yaml, "environment": environment(),
-        "ranking": ranking(models), "caveats": caveats(models), "run_curves": (out / RUN_CURVES_PNG).read_bytes(),
+        "recipe_yaml": recipe_yaml,
+        "environment": environment(),
+        "ranking": ranking(models),
+        "caveats": caveats(models),
+        "run_curves": (out / RUN_CURVES_PNG).read_bytes(),
     }
     (out / "report.md").write_text(render_markdown(doc), encoding="utf-8")
     (out / "report.html").write_text(render_html(doc, (out / CURVES_PNG).read_bytes()), encoding="utf-8")
-    results = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "recipe": recipe, "command": doc["command"],
-               "environment": doc["environment"], "highlights": doc["highlights"], "models": models,
-               "ranking": doc["ranking"], "caveats": doc["caveats"]}
+    results = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "recipe": recipe,
+        "command": doc["command"],
+        "environment": doc["environment"],
+        "highlights": doc["highlights"],
+        "models": models,
+        "ranking": doc["ranking"],
+        "caveats": doc["caveats"],
+    }
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return out

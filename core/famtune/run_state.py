@@ -4,6 +4,7 @@ A checkpoint (``OUTPUT/checkpoints/step-N/``) holds the adapter weights (safeten
 optimizer and scheduler state, every RNG state and the data position. It is read back with
 ``torch.load(weights_only=True)``: plain tensors and containers, never arbitrary pickles.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,11 @@ class StopOnInterrupt:
             raise KeyboardInterrupt
         self.requested = True
         self.signal_name = signal.Signals(signum).name
-        print(f"\nfamtune: {self.signal_name}: stopping after this step and saving a checkpoint "
-              "(send it again to abort)", file=sys.stderr, flush=True)
+        print(
+            f"\nfamtune: {self.signal_name}: stopping after this step and saving a checkpoint (send it again to abort)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __enter__(self) -> StopOnInterrupt:
         if threading.current_thread() is threading.main_thread():
@@ -124,8 +128,18 @@ def _save_tensors(obj: Any, path: Path) -> None:
         torch.save(obj, f)
 
 
-def save_checkpoint(out: Path, step: int, epoch: int, micro_in_epoch: int, model, optimizer, scheduler,
-                    accelerator, extra: dict[str, Any] | None = None, write_extra=None) -> Path:
+def save_checkpoint(
+    out: Path,
+    step: int,
+    epoch: int,
+    micro_in_epoch: int,
+    model,
+    optimizer,
+    scheduler,
+    accelerator,
+    extra: dict[str, Any] | None = None,
+    write_extra=None,
+) -> Path:
     """Write ``checkpoints/step-N`` through ``step-N.tmp``: files, fsync, manifest, then one rename."""
     path = Path(out) / CHECKPOINTS / f"step-{step}"
     accelerator.wait_for_everyone()
@@ -142,8 +156,10 @@ def save_checkpoint(out: Path, step: int, epoch: int, micro_in_epoch: int, model
             _save_tensors(_rng_state(), tmp / "rng.pt")
             if write_extra is not None:
                 write_extra(tmp)
-            (tmp / "trainer_state.json").write_text(json.dumps(
-                {"step": step, "epoch": epoch, "batch_in_epoch": micro_in_epoch, **(extra or {})}, indent=2) + "\n")
+            (tmp / "trainer_state.json").write_text(
+                json.dumps({"step": step, "epoch": epoch, "batch_in_epoch": micro_in_epoch, **(extra or {})}, indent=2)
+                + "\n"
+            )
             crash_point("checkpoint_write")
             durable.write_manifest(tmp)
             crash_point("checkpoint_rename")
@@ -151,9 +167,12 @@ def save_checkpoint(out: Path, step: int, epoch: int, micro_in_epoch: int, model
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if durable.is_disk_full(exc):
-                raise durable.disk_full_error(path.parent, _previous_size(path.parent),
-                                              f"the checkpoint of step {step} could not be written; free space, "
-                                              "then continue with: famtune train RECIPE --resume") from None
+                raise durable.disk_full_error(
+                    path.parent,
+                    _previous_size(path.parent),
+                    f"the checkpoint of step {step} could not be written; free space, "
+                    "then continue with: famtune train RECIPE --resume",
+                ) from None
             raise
     accelerator.wait_for_everyone()
     return path
@@ -195,8 +214,10 @@ def find_checkpoint(out: Path, resume: str | bool, log=print) -> Path:
             raise FamtuneError(f"{resume}: not a famtune checkpoint (no trainer_state.json)")
         bad = durable.verify_manifest(path)
         if bad:
-            raise FamtuneError(f"{resume}: damaged checkpoint ({bad}); resume from another one "
-                               "or with --resume alone to take the newest good one")
+            raise FamtuneError(
+                f"{resume}: damaged checkpoint ({bad}); resume from another one "
+                "or with --resume alone to take the newest good one"
+            )
         return path
     clean_stale(out, log)
     found = checkpoint_dirs(out)
@@ -217,8 +238,9 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
         int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
         return state
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise FamtuneError(f"{path}/trainer_state.json: unreadable ({type(exc).__name__}); "
-                           "resume from another checkpoint") from None
+        raise FamtuneError(
+            f"{path}/trainer_state.json: unreadable ({type(exc).__name__}); resume from another checkpoint"
+        ) from None
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator) -> tuple[int, int, int]:
@@ -236,9 +258,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator) -> tup
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     except Exception as exc:  # a verified checkpoint of another shape (e.g. another lora_r)
-        raise FamtuneError(f"{path}: cannot be loaded into this run ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); resume with the recipe "
-                           "that wrote it, or start again with --overwrite") from None
+        raise FamtuneError(
+            f"{path}: cannot be loaded into this run ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); resume with the recipe "
+            "that wrote it, or start again with --overwrite"
+        ) from None
     return state["step"], state["epoch"], state["batch_in_epoch"]
 
 

@@ -5,6 +5,7 @@ trained. Every checkpoint records both, so ``--resume`` continues only the run t
 checkpoint, with the same training-relevant keys. The lock (``OUTPUT/.famtune.lock``, an
 ``flock`` through filelock) is held for the whole run and released by the OS if the process dies.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,14 +24,36 @@ LOCK_FILE = ".famtune.lock"
 
 # Keys that may change on --resume: they decide what is logged, evaluated or saved, not what is learned.
 # max_steps/epochs may change too (the schedule rule in famtune.schedule); everything else may not.
-SAFE_ON_RESUME = frozenset({
-    "output_dir", "eval_data", "logging_steps", "eval_steps", "save_steps", "evaluation_inputs",
-    "max_new_tokens", "progress", "trust_remote_code", "gradient_checkpointing", "nan_policy", "report_to",
-})
+SAFE_ON_RESUME = frozenset(
+    {
+        "output_dir",
+        "eval_data",
+        "logging_steps",
+        "eval_steps",
+        "save_steps",
+        "evaluation_inputs",
+        "max_new_tokens",
+        "progress",
+        "trust_remote_code",
+        "gradient_checkpointing",
+        "nan_policy",
+        "report_to",
+    }
+)
 BUDGET_KEYS = frozenset({"max_steps", "epochs"})
 # What a run leaves in its directory; --overwrite removes exactly these, nothing the user put there.
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "loss.png", "recipe.yaml", "famtune.json",
-               "adapter_config.json", "adapter_model.safetensors", "README.md", RUN_FILE)
+RUN_OUTPUTS = (
+    "checkpoints",
+    "metrics.jsonl",
+    "summary.json",
+    "loss.png",
+    "recipe.yaml",
+    "famtune.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "README.md",
+    RUN_FILE,
+)
 
 
 def data_digest(path: str | None) -> str | None:
@@ -116,7 +139,7 @@ class RunDirectory:
         self.run: dict[str, Any] = {}
         self.identity = identity(recipe)
 
-    def __enter__(self) -> "RunDirectory":
+    def __enter__(self) -> RunDirectory:
         from filelock import FileLock, Timeout
 
         # In a launched multi-process run, rank 0 owns the directory (lock, run.json, clearing);
@@ -135,11 +158,14 @@ class RunDirectory:
         try:
             self.lock.acquire()
         except Timeout:
-            raise FamtuneError(f"output_dir: {self.out} is in use by another famtune train; wait for it to finish "
-                               "or choose another output_dir") from None
+            raise FamtuneError(
+                f"output_dir: {self.out} is in use by another famtune train; wait for it to finish "
+                "or choose another output_dir"
+            ) from None
         except OSError as exc:
-            raise FamtuneError(f"output_dir: {self.out}: cannot lock it ({exc.strerror}); "
-                               "choose a writable local directory") from None
+            raise FamtuneError(
+                f"output_dir: {self.out}: cannot lock it ({exc.strerror}); choose a writable local directory"
+            ) from None
         try:
             self._claim()
         except BaseException:
@@ -172,15 +198,21 @@ class RunDirectory:
             return
         found = earlier_run(self.out)
         if found and not self.overwrite:
-            raise FamtuneError(f"output_dir: {self.out} holds {found}; continue it with --resume, "
-                               "or pass --overwrite to replace it (or choose another output_dir)")
+            raise FamtuneError(
+                f"output_dir: {self.out} holds {found}; continue it with --resume, "
+                "or pass --overwrite to replace it (or choose another output_dir)"
+            )
         if found or self.overwrite:
             self._clear()
         from famtune.run_state import clean_stale
 
         clean_stale(self.out, self.log)  # partial writes of a run killed before its first checkpoint
-        self.run = {"run_id": uuid.uuid4().hex, "created": time.time(), "finished": False,
-                    "identity_hash": identity_hash(self.identity)}
+        self.run = {
+            "run_id": uuid.uuid4().hex,
+            "created": time.time(),
+            "finished": False,
+            "identity_hash": identity_hash(self.identity),
+        }
         write_run(self.out, self.run)
 
     def _clear(self) -> None:
@@ -202,27 +234,32 @@ class RunDirectory:
             return
         ckpt_run = state.get("run_id")
         if ckpt_run is None:
-            raise FamtuneError(f"{path}: written without a run id (an older famtune); it cannot be verified, "
-                               "start again with --overwrite")
+            raise FamtuneError(
+                f"{path}: written without a run id (an older famtune); it cannot be verified, "
+                "start again with --overwrite"
+            )
         if ckpt_run != self.run.get("run_id"):
             if read_run(self.out) is None:  # resuming a checkpoint kept elsewhere into a fresh directory
                 self.run["run_id"] = ckpt_run
             else:
-                raise FamtuneError(f"{path}: belongs to another run than {self.out / RUN_FILE}; "
-                                   "resume the run that wrote it, or start again with --overwrite")
+                raise FamtuneError(
+                    f"{path}: belongs to another run than {self.out / RUN_FILE}; "
+                    "resume the run that wrote it, or start again with --overwrite"
+                )
         before = state.get("identity") or {}
         changed = describe_changes(before, self.identity)
         if changed:
-            raise FamtuneError(f"--resume: changed since {path.name}: {changed}; only logging, eval, save and "
-                               "step-budget keys may change on resume; restore them, or start a new run "
-                               "with --overwrite or another output_dir")
+            raise FamtuneError(
+                f"--resume: changed since {path.name}: {changed}; only logging, eval, save and "
+                "step-budget keys may change on resume; restore them, or start a new run "
+                "with --overwrite or another output_dir"
+            )
         self.run["identity_hash"] = identity_hash(self.identity)
         self.run["finished"] = False
         write_run(self.out, self.run)
 
     def checkpoint_fields(self) -> dict[str, Any]:
-        return {"run_id": self.run["run_id"], "identity": self.identity,
-                "identity_hash": identity_hash(self.identity)}
+        return {"run_id": self.run["run_id"], "identity": self.identity, "identity_hash": identity_hash(self.identity)}
 
     def finish(self) -> None:
         if not self.owner:

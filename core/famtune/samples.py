@@ -6,6 +6,7 @@ truncation would leave no supervised token are all counted in ``SampleReport``.
 Large files are encoded over several processes; every encoded file is cached (see ``prepcache``)
 so that a second run with the same inputs reads the samples back instead of re-tokenising.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -67,7 +68,8 @@ class SampleReport:
     cache_lines: list[str] = field(default_factory=list)  # per file: encoded fresh or reused from the cache
 
     def lines(self) -> list[str]:
-        out = [*self.cache_lines,
+        out = [
+            *self.cache_lines,
             f"data: {', '.join(self.files)} ({', '.join(self.formats)}): {self.records} records -> "
             f"{self.train} train + {self.eval} eval samples, {self.tokens} tokens, {self.supervised_tokens} supervised",
         ]
@@ -88,9 +90,14 @@ class SampleReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "records": self.records, "skipped_bad_records": len(self.skipped_bad), "truncated": self.truncated,
-            "dropped_no_supervision": len(self.dropped_no_supervision), "train_samples": self.train,
-            "eval_samples": self.eval, "tokens": self.tokens, "supervised_tokens": self.supervised_tokens,
+            "records": self.records,
+            "skipped_bad_records": len(self.skipped_bad),
+            "truncated": self.truncated,
+            "dropped_no_supervision": len(self.dropped_no_supervision),
+            "train_samples": self.train,
+            "eval_samples": self.eval,
+            "tokens": self.tokens,
+            "supervised_tokens": self.supervised_tokens,
         }
 
 
@@ -119,8 +126,13 @@ def _encode_range(start: int, stop: int):
     import numpy as np
 
     job = _JOB
-    family, tokenizer, masking, system, max_length = (job["family"], job["tokenizer"], job["masking"],
-                                                      job["system"], job["max_length"])
+    family, tokenizer, masking, system, max_length = (
+        job["family"],
+        job["tokenizer"],
+        job["masking"],
+        job["system"],
+        job["max_length"],
+    )
     ids: list[int] = []
     labels: list[int] = []
     lengths, lines, dropped = [], [], []
@@ -129,10 +141,17 @@ def _encode_range(start: int, stop: int):
         job["token_cache"] = TokenCache(tokenizer)
     with memoised_tokenization(job["token_cache"]):
         for conv in job["conversations"][start:stop]:
-            truncated += _encode_one(conv, family, tokenizer, masking, system, max_length,
-                                     ids, labels, lengths, lines, dropped)
-    return (np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32),
-            np.asarray(lengths, dtype=np.int64), np.asarray(lines, dtype=np.int64), truncated, dropped)
+            truncated += _encode_one(
+                conv, family, tokenizer, masking, system, max_length, ids, labels, lengths, lines, dropped
+            )
+    return (
+        np.asarray(ids, dtype=np.int32),
+        np.asarray(labels, dtype=np.int32),
+        np.asarray(lengths, dtype=np.int64),
+        np.asarray(lines, dtype=np.int64),
+        truncated,
+        dropped,
+    )
 
 
 def _encode_one(conv, family, tokenizer, masking, system, max_length, ids, labels, lengths, lines, dropped) -> int:
@@ -157,8 +176,9 @@ def _processes(n_conversations: int, requested: int | None) -> int:
             try:
                 requested = int(env)
             except ValueError:
-                raise FamtuneError(f"{PROCESSES_ENV}={env!r} is not a number; set it to a process count, "
-                                   "e.g. 2") from None
+                raise FamtuneError(
+                    f"{PROCESSES_ENV}={env!r} is not a number; set it to a process count, e.g. 2"
+                ) from None
         elif n_conversations < PARALLEL_MIN_CONVERSATIONS:
             requested = 1
         else:
@@ -169,8 +189,15 @@ def _processes(n_conversations: int, requested: int | None) -> int:
     return max(1, min(requested, n_conversations // 64 or 1))
 
 
-def encode_conversations(conversations: list, family, tokenizer, masking: str, system: str | None,
-                         max_length: int, processes: int | None = None):
+def encode_conversations(
+    conversations: list,
+    family,
+    tokenizer,
+    masking: str,
+    system: str | None,
+    max_length: int,
+    processes: int | None = None,
+):
     """Encode, truncate and filter conversations, over several processes for large inputs.
 
     Returns ``(ids, labels, lengths, lines, truncated, dropped_lines)`` with flat int32 ids and
@@ -180,8 +207,14 @@ def encode_conversations(conversations: list, family, tokenizer, masking: str, s
 
     n = len(conversations)
     procs = _processes(n, processes)
-    _JOB.update(family=family, tokenizer=tokenizer, masking=masking, system=system, max_length=max_length,
-                conversations=conversations)
+    _JOB.update(
+        family=family,
+        tokenizer=tokenizer,
+        masking=masking,
+        system=system,
+        max_length=max_length,
+        conversations=conversations,
+    )
     try:
         if procs <= 1:
             parts = [_encode_range(0, n)]
@@ -206,15 +239,21 @@ def encode_conversations(conversations: list, family, tokenizer, masking: str, s
     return ids, labels, lengths, lines, sum(p[4] for p in parts), [x for p in parts for x in p[5]]
 
 
-def _encode_file_arrays(path: str, recipe, family, tokenizer, masking: str, tokenizer_hash: str,
-                        report: SampleReport):
+def _encode_file_arrays(path: str, recipe, family, tokenizer, masking: str, tokenizer_hash: str, report: SampleReport):
     import numpy as np
 
     from famtune import prepcache
 
-    key = prepcache.cache_key(path, tokenizer_hash, family, masking=masking, system=recipe.system,
-                              max_length=recipe.max_length, data_format=recipe.data_format,
-                              skip_bad_records=recipe.skip_bad_records)
+    key = prepcache.cache_key(
+        path,
+        tokenizer_hash,
+        family,
+        masking=masking,
+        system=recipe.system,
+        max_length=recipe.max_length,
+        data_format=recipe.data_format,
+        skip_bad_records=recipe.skip_bad_records,
+    )
     cached = prepcache.load(key)
     if cached is not None:
         report.cache_lines.append(f"data: {path}: reused the cached encoding {prepcache.entry_path(key)}")
@@ -223,22 +262,33 @@ def _encode_file_arrays(path: str, recipe, family, tokenizer, masking: str, toke
     read = read_conversations(path, fmt=recipe.data_format, skip_bad_records=recipe.skip_bad_records)
     procs = _processes(len(read.conversations), None)
     ids, labels, lengths, lines, truncated, dropped = encode_conversations(
-        read.conversations, family, tokenizer, masking, recipe.system, recipe.max_length, procs)
+        read.conversations, family, tokenizer, masking, recipe.system, recipe.max_length, procs
+    )
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    enc = prepcache.EncodedFile(format=read.format, records=len(read.conversations) + len(read.skipped),
-                                skipped_bad=list(read.skipped), truncated=truncated, dropped_lines=dropped,
-                                ids=ids, labels=labels, offsets=offsets, lines=lines)
+    enc = prepcache.EncodedFile(
+        format=read.format,
+        records=len(read.conversations) + len(read.skipped),
+        skipped_bad=list(read.skipped),
+        truncated=truncated,
+        dropped_lines=dropped,
+        ids=ids,
+        labels=labels,
+        offsets=offsets,
+        lines=lines,
+    )
     where = prepcache.save(key, enc)
     report.cache_lines.append(
         f"data: {path}: encoded {len(read.conversations)} conversations in {time.perf_counter() - started:.1f}s "
         f"({procs} process{'es' if procs > 1 else ''}); "
-        + (f"cached as {where}" if where else f"could not write the cache under {prepcache.cache_root()}"))
+        + (f"cached as {where}" if where else f"could not write the cache under {prepcache.cache_root()}")
+    )
     return enc
 
 
-def _encode_file(path: str, recipe, family, tokenizer, masking: str, tokenizer_hash: str,
-                 report: SampleReport) -> list[Sample]:
+def _encode_file(
+    path: str, recipe, family, tokenizer, masking: str, tokenizer_hash: str, report: SampleReport
+) -> list[Sample]:
     enc = _encode_file_arrays(path, recipe, family, tokenizer, masking, tokenizer_hash, report)
     report.files.append(path)
     report.formats.append(enc.format)
@@ -252,8 +302,10 @@ def _encode_file(path: str, recipe, family, tokenizer, masking: str, tokenizer_h
     supervised = (enc.labels != IGNORE_INDEX).astype(np.int64)
     per_sample = np.add.reduceat(supervised, enc.offsets[:-1]).tolist() if len(offsets) > 1 else []
     ids, labels = enc.ids, enc.labels
-    return [Sample(ids[a:b], labels[a:b], path, line, n)
-            for a, b, line, n in zip(offsets[:-1], offsets[1:], enc.lines.tolist(), per_sample)]
+    return [
+        Sample(ids[a:b], labels[a:b], path, line, n)
+        for a, b, line, n in zip(offsets[:-1], offsets[1:], enc.lines.tolist(), per_sample)
+    ]
 
 
 def prepare_samples(recipe, family, tokenizer, masking: str) -> tuple[list[Sample], list[Sample], SampleReport]:

@@ -7,6 +7,7 @@ It installs, is discovered and passes ``famtune plugins check`` before its autho
 its author then replaces the chat format, the claim and the tiny model with the real family's.
 There is no second copy of the plugin to keep in step: the example is the template.
 """
+
 from __future__ import annotations
 
 import re
@@ -18,9 +19,15 @@ NAME_RE = re.compile(r"[a-z][a-z0-9]*(?:[-.][a-z0-9]+)*")
 EXAMPLE = Path(__file__).resolve().parent / "example_plugin"
 EXAMPLE_NAME = "llama3"
 #: Files of the example that are written, by their path in the example.
-EXAMPLE_FILES = ("pyproject.toml", "famtune_llama3/__init__.py", "famtune_llama3/plugin.py",
-                 "famtune_llama3/family.py", "famtune_llama3/template.py", "famtune_llama3/tiny.py",
-                 "tests/test_llama3.py")
+EXAMPLE_FILES = (
+    "pyproject.toml",
+    "famtune_llama3/__init__.py",
+    "famtune_llama3/plugin.py",
+    "famtune_llama3/family.py",
+    "famtune_llama3/template.py",
+    "famtune_llama3/tiny.py",
+    "tests/test_llama3.py",
+)
 
 README = """\
 # {dist}
@@ -51,8 +58,14 @@ def _renames(name: str) -> list[tuple[str, str]]:
     words = re.split(r"[-.]", name)
     camel = "".join(w[:1].upper() + w[1:] for w in words)
     # Longest first, so "famtune-llama3" is renamed as a whole before "llama3" alone.
-    return [("famtune-llama3", f"famtune-{name}"), ("famtune_llama3", module), ("test_llama3", "test_plugin"),
-            ("Llama3", camel), ("LLAMA3", module.removeprefix("famtune_").upper()), (EXAMPLE_NAME, name)]
+    return [
+        ("famtune-llama3", f"famtune-{name}"),
+        ("famtune_llama3", module),
+        ("test_llama3", "test_plugin"),
+        ("Llama3", camel),
+        ("LLAMA3", module.removeprefix("famtune_").upper()),
+        (EXAMPLE_NAME, name),
+    ]
 
 
 def _rename(text: str, renames: list[tuple[str, str]]) -> str:
@@ -64,8 +77,10 @@ def _rename(text: str, renames: list[tuple[str, str]]) -> str:
 def new_plugin(name: str, parent: str | None = None) -> Path:
     """Write ``famtune-NAME`` under ``parent`` (default: the current directory); return its path."""
     if not NAME_RE.fullmatch(name):
-        raise FamtuneError(f"plugin name {name!r} is not usable; use lowercase letters, digits, '-' or '.', "
-                           "starting with a letter, e.g. acme or acme-7b")
+        raise FamtuneError(
+            f"plugin name {name!r} is not usable; use lowercase letters, digits, '-' or '.', "
+            "starting with a letter, e.g. acme or acme-7b"
+        )
     if not all((EXAMPLE / f).is_file() for f in EXAMPLE_FILES):
         raise FamtuneError(f"famtune's example plugin is missing from {EXAMPLE}; reinstall famtune")
     renames = _renames(name)

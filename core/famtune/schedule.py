@@ -5,6 +5,7 @@ from the resume step the rate decays by the same cosine from its value there to 
 step. Each such change is a segment ``[start_step, start_factor, end_step]`` kept in the checkpoint,
 so a later resume rebuilds the exact schedule the run has followed.
 """
+
 from __future__ import annotations
 
 import math

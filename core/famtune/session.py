@@ -4,6 +4,7 @@ The terminal chat (``famtune chat``) and the IPython ``%%chat`` magic hold their
 through this class; the server answers stateless requests with the same
 :class:`famtune.chat.ChatSession` generation underneath.
 """
+
 from __future__ import annotations
 
 import sys
@@ -14,8 +15,9 @@ from famtune.chat import ChatSession, load_chat_model
 from famtune.errors import FamtuneError
 
 
-def load_chat(model: str, adapter: str | None = None, *, system: str | None = None,
-              trust_remote_code: bool = False, **sampling) -> Chat:
+def load_chat(
+    model: str, adapter: str | None = None, *, system: str | None = None, trust_remote_code: bool = False, **sampling
+) -> Chat:
     """Load ``model`` (a base or a ``famtune merge`` output; with ``adapter``, the directory
     ``famtune train`` wrote) and return a :class:`Chat` on it.
 
@@ -35,8 +37,16 @@ class Chat:
     longer fits the model's context, the oldest turns are left out of the prompt (with a warning).
     """
 
-    def __init__(self, session: ChatSession, *, system: str | None = None, greedy: bool = False,
-                 max_new_tokens: int = 256, warn: Callable[[str], Any] | None = None, **sampling: Any) -> None:
+    def __init__(
+        self,
+        session: ChatSession,
+        *,
+        system: str | None = None,
+        greedy: bool = False,
+        max_new_tokens: int = 256,
+        warn: Callable[[str], Any] | None = None,
+        **sampling: Any,
+    ) -> None:
         self.session = session
         self.system = system if system is not None else session.system
         self.greedy = greedy
@@ -83,8 +93,9 @@ class Chat:
 
         def work() -> None:
             try:
-                result["gen"] = self.session.generate(ids, settings, max_new_tokens=max_new_tokens,
-                                                      on_text=pieces.put, cancel=cancel)
+                result["gen"] = self.session.generate(
+                    ids, settings, max_new_tokens=max_new_tokens, on_text=pieces.put, cancel=cancel
+                )
             except BaseException as exc:  # handed to the consumer
                 result["error"] = exc
             finally:
@@ -119,15 +130,21 @@ class Chat:
                 dropped += 1
                 ids = self.session.prompt_ids(self.messages(message))
             if len(ids) >= limit:
-                raise FamtuneError(f"the message is {len(ids)} tokens with the system prompt, and the model's "
-                                   f"context is {limit}; shorten it")
+                raise FamtuneError(
+                    f"the message is {len(ids)} tokens with the system prompt, and the model's "
+                    f"context is {limit}; shorten it"
+                )
             if len(ids) + max_new_tokens > limit:
-                self.warn(f"the prompt is {len(ids)} tokens of the model's {limit}; the reply is cut to "
-                          f"{limit - len(ids)} tokens")
+                self.warn(
+                    f"the prompt is {len(ids)} tokens of the model's {limit}; the reply is cut to "
+                    f"{limit - len(ids)} tokens"
+                )
                 max_new_tokens = limit - len(ids)
         if dropped:
-            self.warn(f"the conversation is longer than the model's context ({limit} tokens); "
-                      f"left out the oldest {dropped} turn{'s' if dropped > 1 else ''}")
+            self.warn(
+                f"the conversation is longer than the model's context ({limit} tokens); "
+                f"left out the oldest {dropped} turn{'s' if dropped > 1 else ''}"
+            )
         self.dropped_turns = dropped
         return ids, max_new_tokens
 

@@ -6,6 +6,7 @@ asked, and only after a short reachability check of its host, so an offline mach
 line in a few seconds instead of the libraries' retry loops (ModelScope's take ~30 s) and their
 raw exception text.
 """
+
 from __future__ import annotations
 
 import os
@@ -58,8 +59,10 @@ def unreachable(endpoint: str, timeout: float = REACH_TIMEOUT) -> str | None:
 
 
 def _offline_error(spec: str, where: str, why: str) -> FamtuneError:
-    return FamtuneError(f"{spec}: not a local directory, not in the {where} cache, and {why}; "
-                        f"download it on a connected machine and pass its directory")
+    return FamtuneError(
+        f"{spec}: not a local directory, not in the {where} cache, and {why}; "
+        f"download it on a connected machine and pass its directory"
+    )
 
 
 def _from_huggingface(spec: str) -> str:
@@ -78,8 +81,10 @@ def _from_huggingface(spec: str) -> str:
         return snapshot_download(spec)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-        raise FamtuneError(f"{spec}: the Hugging Face hub could not provide it ({type(exc).__name__}: {first}); "
-                           "check the id (and HF_TOKEN for gated models), or pass a local directory") from None
+        raise FamtuneError(
+            f"{spec}: the Hugging Face hub could not provide it ({type(exc).__name__}: {first}); "
+            "check the id (and HF_TOKEN for gated models), or pass a local directory"
+        ) from None
 
 
 def _modelscope_api():
@@ -88,15 +93,17 @@ def _modelscope_api():
     try:
         from modelscope_hub.compat.snapshot_download import snapshot_download
         from modelscope_hub.constants import DEFAULT_ENDPOINT
+
         return snapshot_download, DEFAULT_ENDPOINT
     except ImportError:
         from modelscope import snapshot_download
         from modelscope.hub.utils.utils import get_endpoint
+
         return snapshot_download, get_endpoint()
 
 
 def _from_modelscope(spec: str) -> str:
-    model_id = spec[len(MODELSCOPE_PREFIX):]
+    model_id = spec[len(MODELSCOPE_PREFIX) :]
     try:
         snapshot_download, default_endpoint = _modelscope_api()
     except ImportError as exc:
@@ -116,8 +123,10 @@ def _from_modelscope(spec: str) -> str:
         return snapshot_download(model_id)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-        raise FamtuneError(f"{spec}: ModelScope could not provide it ({type(exc).__name__}: {first}); "
-                           "check the id, or pass a local directory") from None
+        raise FamtuneError(
+            f"{spec}: ModelScope could not provide it ({type(exc).__name__}: {first}); "
+            "check the id, or pass a local directory"
+        ) from None
 
 
 def resolve_source(spec: str) -> str:

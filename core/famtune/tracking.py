@@ -10,6 +10,7 @@ When the output is not a terminal (a log file, CI, ``famtune compare``'s per-mod
 recipe says ``progress: false``, a plain line is printed every ``logging_steps`` instead of a
 progress bar, whose carriage returns would make a log one endless line.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -21,8 +22,15 @@ from famtune.errors import FamtuneError
 
 # Tracker name -> the module that must be importable for accelerate to offer it.
 TRACKER_MODULES = {
-    "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio",
-    "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "trackio": "trackio",
+    "comet_ml": "comet_ml",
+    "aim": "aim",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "swanlab": "swanlab",
 }
 TENSORBOARD_DIR = "runs"
 
@@ -37,8 +45,10 @@ def check_trackers(names: list[str], where: str = "recipe") -> list[str]:
         if key not in TRACKER_MODULES:
             raise FamtuneError(f"{where}: report_to names {name!r}; known trackers: {', '.join(TRACKER_MODULES)}")
         if importlib.util.find_spec(TRACKER_MODULES[key]) is None:
-            raise FamtuneError(f"{where}: report_to names {key}, which is not installed; pip install {key} "
-                               f"(or remove it from report_to)")
+            raise FamtuneError(
+                f"{where}: report_to names {key}, which is not installed; pip install {key} "
+                f"(or remove it from report_to)"
+            )
         out.append(key)
     return out
 
@@ -91,8 +101,10 @@ def progress_bar_wanted(progress: bool, stream=None) -> bool:
 def progress_line(step: int, total: int, loss: float, lr: float, tokens_per_s: float, elapsed: float) -> str:
     """One log line per logging step, with an ETA from the mean step time so far."""
     eta = elapsed / step * (total - step) if step else 0.0
-    return (f"step {step}/{total} loss {loss:.4f} lr {lr:.2e} tokens/s {tokens_per_s:,.0f} "
-            f"elapsed {_clock(elapsed)} eta {_clock(eta)}")
+    return (
+        f"step {step}/{total} loss {loss:.4f} lr {lr:.2e} tokens/s {tokens_per_s:,.0f} "
+        f"elapsed {_clock(elapsed)} eta {_clock(eta)}"
+    )
 
 
 def _clock(seconds: float) -> str:

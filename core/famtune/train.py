@@ -4,6 +4,7 @@ family-specific decision (template, labels, targets, stop ids, loading).
 The batch order is a pure function of (seed, epoch), so a checkpoint's data position is two
 integers and ``--resume`` continues exactly where the run stopped.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from famtune import checkpoint as ckpt_mod
-from famtune import distributed, kernels, run_state, tracking
+from famtune import distributed, kernels, run_state, runlock, schedule, tracking
 from famtune import packing as packing_mod
-from famtune import runlock, schedule
 from famtune.adapters import AdapterRun, adapter_settings, rank_distribution
 from famtune.adapters import describe as describe_adapter
 from famtune.backends import training_policy
@@ -34,7 +34,7 @@ from famtune.samples import Sample, prepare_samples
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     order = list(range(n))
     random.Random(seed * 100003 + epoch).shuffle(order)
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
 def collate(samples: list[Sample], pad_id: int, device) -> dict[str, Any]:
@@ -59,8 +59,10 @@ def resolve_packing(setting: Any, family) -> bool:
     if family.supports_packing():
         return True
     if setting is True:
-        raise FamtuneError(f"packing: true, but {family.info.describe()} says family {family.name} cannot keep packed "
-                           "samples apart (its attention ignores restarting position ids); set packing: false or auto")
+        raise FamtuneError(
+            f"packing: true, but {family.info.describe()} says family {family.name} cannot keep packed "
+            "samples apart (its attention ignores restarting position ids); set packing: false or auto"
+        )
     return False
 
 
@@ -84,8 +86,9 @@ class Trainer:
         from accelerate.utils import set_seed
 
         r = self.recipe
-        self.accelerator = distributed.make_accelerator(r, **tracking.accelerator_kwargs(
-            r.report_to, str(Path(r.output_dir) / tracking.TENSORBOARD_DIR)))
+        self.accelerator = distributed.make_accelerator(
+            r, **tracking.accelerator_kwargs(r.report_to, str(Path(r.output_dir) / tracking.TENSORBOARD_DIR))
+        )
         self.dp = distributed.DataParallel.of(self.accelerator)
         if not self.dp.main:  # one voice: rank 0 speaks for the run
             self.log = lambda *args, **kwargs: None
@@ -97,17 +100,23 @@ class Trainer:
         policies = self.family.masking_policies()
         self.masking = r.masking or policies[0]
         if self.masking not in policies:
-            raise FamtuneError(f"masking {self.masking!r} is not offered by {self.family.info.describe()} for "
-                               f"{self.family.name}; choose one of {', '.join(policies)}")
+            raise FamtuneError(
+                f"masking {self.masking!r} is not offered by {self.family.info.describe()} for "
+                f"{self.family.name}; choose one of {', '.join(policies)}"
+            )
         self.conversation = self.family.conversation_template()
         self.generation = self.family.generation_defaults(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.generation.stop_ids[0]
-        self.log(f"model: {r.model} -> {self.family.info.describe()}, family {self.family.name}, "
-                 f"template {self.conversation.name}, masking {self.masking}")
+        self.log(
+            f"model: {r.model} -> {self.family.info.describe()}, family {self.family.name}, "
+            f"template {self.conversation.name}, masking {self.masking}"
+        )
 
-        self.train_samples, self.eval_samples, self.report = prepare_samples(r, self.family, self.tokenizer, self.masking)
+        self.train_samples, self.eval_samples, self.report = prepare_samples(
+            r, self.family, self.tokenizer, self.masking
+        )
         for line in self.report.lines():
             self.log(line)
 
@@ -115,16 +124,20 @@ class Trainer:
         self._lengths = [len(s) for s in self.train_samples]
         if self.packing:
             rows = len(packing_mod.best_fit_decreasing(self._lengths, r.max_length))
-            self.log(f"packing: {len(self.train_samples)} samples into {rows} rows of up to {r.max_length} tokens "
-                     f"({sum(self._lengths) / max(rows * r.max_length, 1):.0%} full)")
+            self.log(
+                f"packing: {len(self.train_samples)} samples into {rows} rows of up to {r.max_length} tokens "
+                f"({sum(self._lengths) / max(rows * r.max_length, 1):.0%} full)"
+            )
         else:
             rows = len(self.train_samples)
             self.log("packing: off" + (f" ({self.family.name} does not support it)" if r.packing == "auto" else ""))
 
         self.micro_per_epoch = self.dp.global_micro_batches(rows, r.batch_size)
         if self.dp.world > 1:
-            self.log(f"distributed: {self.dp.world} processes x batch {r.batch_size} "
-                     f"({self.accelerator.distributed_type.value}, {r.distributed}, {self.accelerator.device.type})")
+            self.log(
+                f"distributed: {self.dp.world} processes x batch {r.batch_size} "
+                f"({self.accelerator.distributed_type.value}, {r.distributed}, {self.accelerator.device.type})"
+            )
         self.steps_per_epoch = max(1, math.ceil(self.micro_per_epoch / r.grad_accum))
         self.total_steps = r.max_steps if r.max_steps > 0 else max(1, math.ceil(r.epochs * self.steps_per_epoch))
         # The adapter method needs the real step count (AdaLoRA's schedule) before it is built.
@@ -132,9 +145,12 @@ class Trainer:
         self.model = self._build_model()
         self.optimizer = self.adapters.optimizer(self.model)
         self._plan_schedule()
-        self.scheduler = schedule.build_scheduler(self.optimizer, self.warmup_steps, self.schedule_total,
-                                                  self.schedule_segments)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, self.optimizer, self.scheduler)
+        self.scheduler = schedule.build_scheduler(
+            self.optimizer, self.warmup_steps, self.schedule_total, self.schedule_segments
+        )
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(
+            self.model, self.optimizer, self.scheduler
+        )
 
     def epoch_units(self, epoch: int) -> list[Any]:
         """One epoch's training order: sample indices, or rows of sample indices when packing.
@@ -149,8 +165,10 @@ class Trainer:
         device = self.accelerator.device
         if self.packing:
             rows = [[self.train_samples[i] for i in row] for row in spec]
-            return (packing_mod.collate_packed(rows, self.pad_id, device),
-                    sum(self._lengths[i] for row in spec for i in row))
+            return (
+                packing_mod.collate_packed(rows, self.pad_id, device),
+                sum(self._lengths[i] for row in spec for i in row),
+            )
         return collate([self.train_samples[i] for i in spec], self.pad_id, device), sum(self._lengths[i] for i in spec)
 
     def _build_model(self):
@@ -160,14 +178,17 @@ class Trainer:
 
         r = self.recipe
         self.nf4_settings = distributed.quantization_settings(r)
-        model = self.ckpt.load_model(r.quantization, r.compute_dtype, device=self.accelerator.device,
-                                     quantization_config=self.nf4_settings)
+        model = self.ckpt.load_model(
+            r.quantization, r.compute_dtype, device=self.accelerator.device, quantization_config=self.nf4_settings
+        )
         self.ckpt.check_vocabulary(model)
         model.config.use_cache = False
         if r.quantization == "nf4":
             model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=r.gradient_checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+                model,
+                use_gradient_checkpointing=r.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
         elif r.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
@@ -177,22 +198,26 @@ class Trainer:
             targets = r.lora_targets if isinstance(r.lora_targets, list) else [r.lora_targets]
             validate_targets(targets, model, lambda why: FamtuneError(f"recipe lora_targets: {why}"))
         self.targets = targets
-        model = self.adapters.attach(model, targets, quantized=r.quantization == "nf4",
-                                     is_main=self.accelerator.is_main_process)
+        model = self.adapters.attach(
+            model, targets, quantized=r.quantization == "nf4", is_main=self.accelerator.is_main_process
+        )
         self.kernels = {"lora_dropout_replaced": kernels.use_fast_lora_dropout(model), "half_matmul_widened": 0}
         if r.quantization == "nf4":
             from famtune.checkpoint import resolve_dtype
 
-            widen, why = kernels.resolve_half_matmul(r.half_matmul, self.accelerator.device,
-                                                     resolve_dtype(r.compute_dtype))
+            widen, why = kernels.resolve_half_matmul(
+                r.half_matmul, self.accelerator.device, resolve_dtype(r.compute_dtype)
+            )
             if widen:
                 self.kernels["half_matmul_widened"] = kernels.widen_4bit_matmuls(model)
             self.log(why)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         self.param_counts = {"trainable": n_train, "total": n_all}
-        self.log(f"adapter: {describe_adapter(r)} on {', '.join(targets)}; "
-                 f"{n_train:,} trainable of {n_all:,} parameters ({r.quantization} base)")
+        self.log(
+            f"adapter: {describe_adapter(r)} on {', '.join(targets)}; "
+            f"{n_train:,} trainable of {n_all:,} parameters ({r.quantization} base)"
+        )
         return model
 
     # -- evaluation ----------------------------------------------------------------------------
@@ -207,7 +232,7 @@ class Trainer:
         with torch.no_grad():
             for k in self.dp.eval_batches(math.ceil(len(self.eval_samples) / size)):
                 i = (k or 0) * size
-                batch = collate(self.eval_samples[i:i + size], self.pad_id, self.accelerator.device)
+                batch = collate(self.eval_samples[i : i + size], self.pad_id, self.accelerator.device)
                 n = supervised_count(batch)
                 loss = float(causal_lm_loss(self.model, batch, max(n, 1)))
                 if k is not None:
@@ -233,10 +258,15 @@ class Trainer:
                     messages.insert(0, {"role": "system", "content": self.recipe.system})
                 enc = self.family.encode(self.tokenizer, messages, "all_assistant", add_generation_prompt=True)
                 ids = torch.tensor([enc.input_ids], device=self.accelerator.device)
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=self.recipe.max_new_tokens, eos_token_id=self.generation.stop_ids,
-                                     pad_token_id=self.pad_id)
-                new = [t for t in out[0, ids.shape[1]:].tolist() if t not in self.generation.stop_ids]
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=False,
+                    max_new_tokens=self.recipe.max_new_tokens,
+                    eos_token_id=self.generation.stop_ids,
+                    pad_token_id=self.pad_id,
+                )
+                new = [t for t in out[0, ids.shape[1] :].tolist() if t not in self.generation.stop_ids]
                 answers.append({"input": prompt, "output": self.tokenizer.decode(new, skip_special_tokens=True)})
         model.config.use_cache = False
         model.train()
@@ -261,15 +291,17 @@ class Trainer:
         self.setup()
         self.out.mkdir(parents=True, exist_ok=True)
         callbacks = Callbacks(r)  # plugins' trackers (famtune_training_callbacks)
-        callbacks.on_train_begin({"family": self.family.describe(), "total_steps": self.total_steps,
-                                  "output_dir": str(self.out)})
+        callbacks.on_train_begin(
+            {"family": self.family.describe(), "total_steps": self.total_steps, "output_dir": str(self.out)}
+        )
         metrics = run_state.MetricsLog(self.out / "metrics.jsonl", enabled=self.accelerator.is_main_process)
         step, epoch, pos = 0, 0, 0  # pos: units (samples or packed rows) of the epoch consumed so far
         if self.resume:
             state_dir = self.state_dir
             self.adapters.check_resume(state_dir)
             step, epoch, batch_in_epoch = run_state.load_checkpoint(
-                state_dir, self.model, self.optimizer, self.scheduler, self.accelerator)
+                state_dir, self.model, self.optimizer, self.scheduler, self.accelerator
+            )
             pos = distributed.data_position(state_dir, batch_in_epoch, r.batch_size)
             self.adapters.restore(state_dir, self.accelerator.unwrap_model(self.model))
             metrics.truncate_after(step)
@@ -287,8 +319,9 @@ class Trainer:
         # logging step, so log files get readable lines instead of one line of carriage returns.
         use_bar = self.accelerator.is_local_main_process and tracking.progress_bar_wanted(r.progress)
         print_lines = self.accelerator.is_main_process and not use_bar
-        bar = tqdm(total=self.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not use_bar)
+        bar = tqdm(
+            total=self.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not use_bar
+        )
         self.tracker = tracking.RunTracker(self.accelerator, r, run_name=self.out.resolve().name)
         t_start, tokens_seen, last_loss = time.perf_counter(), 0, float("nan")
         self.counts = {"tokens_total": 0, "tokens_supervised": 0}
@@ -306,15 +339,24 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / elapsed:.0f}")
                     if step % max(r.logging_steps, 1) == 0 or step == self.total_steps:
-                        record = {"step": step, "epoch": epoch, "loss": step_loss, "lr": lr,
-                                  "grad_norm": self.last_grad_norm, "tokens_per_s": tokens_seen / elapsed,
-                                  "elapsed_s": elapsed}
+                        record = {
+                            "step": step,
+                            "epoch": epoch,
+                            "loss": step_loss,
+                            "lr": lr,
+                            "grad_norm": self.last_grad_norm,
+                            "tokens_per_s": tokens_seen / elapsed,
+                            "elapsed_s": elapsed,
+                        }
                         metrics.write(record)
                         self.tracker.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step)
                         callbacks.on_log(step, record)
                         if print_lines:
-                            self.log(tracking.progress_line(step, self.total_steps, step_loss, lr,
-                                                            tokens_seen / elapsed, elapsed))
+                            self.log(
+                                tracking.progress_line(
+                                    step, self.total_steps, step_loss, lr, tokens_seen / elapsed, elapsed
+                                )
+                            )
                     if r.eval_steps and step % r.eval_steps == 0 and step < self.total_steps:
                         self._evaluate(step, metrics, bar)
                     if r.save_steps and step % r.save_steps == 0 and step < self.total_steps:
@@ -325,8 +367,10 @@ class Trainer:
             bar.close()
             self.tracker.finish()
             path = self._save_checkpoint(step, epoch, pos)
-            raise FamtuneError(f"interrupted at step {step}/{self.total_steps} ({stop.signal_name}); state saved in {path}; "
-                               f"continue with: famtune train RECIPE --resume")
+            raise FamtuneError(
+                f"interrupted at step {step}/{self.total_steps} ({stop.signal_name}); state saved in {path}; "
+                f"continue with: famtune train RECIPE --resume"
+            )
         bar.close()
         train_wall = time.perf_counter() - t_start
         final = self._evaluate(step, metrics, None)
@@ -334,13 +378,24 @@ class Trainer:
         self.tracker.finish()
         self._save_final_or_rescue(metrics, step, epoch, pos)
         self.counts = {k: int(v) for k, v in zip(self.counts, self.dp.sum(list(self.counts.values())))}
-        summary = {"steps": step, "final_loss": last_loss, "eval_loss": final.get("eval_loss"),
-                   "train_wall_s": train_wall, "tokens_per_s": tokens_seen / train_wall if train_wall else None,
-                   "tokens_nonpad": tokens_seen, **self.counts,
-                   "parameters": self.param_counts, "data": self.report.to_dict(), "output_dir": str(self.out),
-                   "peak_rss_mib": run_state.peak_rss_mib(), "peak_accelerator_mib": run_state.peak_accelerator_mib(),
-                   "family": self.family.describe(), "kernels": self.kernels,
-                   "device_policy": self.device_policy.as_dict(), "processes": self.dp.world}
+        summary = {
+            "steps": step,
+            "final_loss": last_loss,
+            "eval_loss": final.get("eval_loss"),
+            "train_wall_s": train_wall,
+            "tokens_per_s": tokens_seen / train_wall if train_wall else None,
+            "tokens_nonpad": tokens_seen,
+            **self.counts,
+            "parameters": self.param_counts,
+            "data": self.report.to_dict(),
+            "output_dir": str(self.out),
+            "peak_rss_mib": run_state.peak_rss_mib(),
+            "peak_accelerator_mib": run_state.peak_accelerator_mib(),
+            "family": self.family.describe(),
+            "kernels": self.kernels,
+            "device_policy": self.device_policy.as_dict(),
+            "processes": self.dp.world,
+        }
         if task_eval:
             summary["task_eval"] = task_eval
         summary["adapter"] = adapter_settings(r)
@@ -353,9 +408,11 @@ class Trainer:
             write_model_card(self.out)  # after summary.json: the card quotes its losses
         self.run_dir.finish()
         callbacks.on_train_end(summary)
-        self.log(f"done: {step} steps, final loss {last_loss:.4f}"
-                 + (f", eval loss {final['eval_loss']:.4f}" if final.get("eval_loss") is not None else "")
-                 + f"; adapter in {self.out}")
+        self.log(
+            f"done: {step} steps, final loss {last_loss:.4f}"
+            + (f", eval loss {final['eval_loss']:.4f}" if final.get("eval_loss") is not None else "")
+            + f"; adapter in {self.out}"
+        )
         return summary
 
     def _save_checkpoint(self, step: int, epoch: int, pos: int) -> Path:
@@ -364,9 +421,18 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.model)
         with self.adapters.saving_checkpoint(model):
             # the adapter's own state goes in before the manifest, so the checkpoint proves it too
-            return run_state.save_checkpoint(self.out, step, epoch, global_micro, self.model, self.optimizer,
-                                             self.scheduler, self.accelerator, self._checkpoint_fields(pos),
-                                             write_extra=lambda d: self.adapters.save_state(d, model))
+            return run_state.save_checkpoint(
+                self.out,
+                step,
+                epoch,
+                global_micro,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                self.accelerator,
+                self._checkpoint_fields(pos),
+                write_extra=lambda d: self.adapters.save_state(d, model),
+            )
 
     def _optimizer_step(self, group: list[distributed.MicroBatch], step_index: int) -> tuple[float, int]:
         import torch
@@ -399,8 +465,9 @@ class Trainer:
         if self.dp.world > 1:
             total_loss, tokens_all = self.dp.sum([total_loss / self.dp.world, tokens])
             tokens = int(tokens_all)
-        self.last_grad_norm = float(self.accelerator.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.requires_grad], r.max_grad_norm))
+        self.last_grad_norm = float(
+            self.accelerator.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], r.max_grad_norm)
+        )
         self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         if not (math.isfinite(total_loss) and math.isfinite(self.last_grad_norm)):
             self._skip_or_stop_non_finite(group, total_loss)  # raises under nan_policy: stop
@@ -441,10 +508,17 @@ class Trainer:
         else:
             run_state.save_adapter(self.out, lambda target: self.adapters.save_final(model, target))
         meta = build_metadata(
-            family=self.family, template_name=self.conversation.name, generation=self.generation,
-            base_model=self.recipe.model, base_path=self.ckpt.path, quantization=self.recipe.quantization,
-            compute_dtype=self.recipe.compute_dtype, masking=self.masking, max_length=self.recipe.max_length,
-            system=self.recipe.system)
+            family=self.family,
+            template_name=self.conversation.name,
+            generation=self.generation,
+            base_model=self.recipe.model,
+            base_path=self.ckpt.path,
+            quantization=self.recipe.quantization,
+            compute_dtype=self.recipe.compute_dtype,
+            masking=self.masking,
+            max_length=self.recipe.max_length,
+            system=self.recipe.system,
+        )
         meta["lora_targets"] = list(self.targets)
         if self.nf4_settings:  # the preset's 4-bit storage dtype, so merge rebuilds the same base
             meta["quantization_config"] = self.nf4_settings
@@ -453,9 +527,10 @@ class Trainer:
         if pattern is not None:
             meta["adapter"]["ranks"] = rank_distribution(pattern)
         write_metadata(self.out, meta)
-        (self.out / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False, allow_unicode=True))
+        (self.out / "recipe.yaml").write_text(
+            yaml.safe_dump(self.recipe.to_dict(), sort_keys=False, allow_unicode=True)
+        )
         run_state.plot_losses(metrics.path, self.out / "loss.png")
-
 
     # -- hardening: schedule, checkpoints' identity, non-finite steps, a final save that loses nothing
     def _plan_schedule(self) -> None:
@@ -470,26 +545,38 @@ class Trainer:
         old_end = self.schedule_segments[-1][2] if self.schedule_segments else self.schedule_total
         if self.total_steps != old_end:
             if self.total_steps <= state["step"]:
-                raise FamtuneError(f"--resume: the step budget is now {self.total_steps} steps but the checkpoint is "
-                                   f"at step {state['step']}; raise max_steps or epochs")
-            self.schedule_segments = schedule.extend(self.schedule_segments, state["step"], self.warmup_steps,
-                                                     self.schedule_total, self.total_steps)
-            self.log(f"step budget {old_end} -> {self.total_steps}: from step {state['step']} the learning rate "
-                     "decays by cosine from its current value to 0 at the new last step")
+                raise FamtuneError(
+                    f"--resume: the step budget is now {self.total_steps} steps but the checkpoint is "
+                    f"at step {state['step']}; raise max_steps or epochs"
+                )
+            self.schedule_segments = schedule.extend(
+                self.schedule_segments, state["step"], self.warmup_steps, self.schedule_total, self.total_steps
+            )
+            self.log(
+                f"step budget {old_end} -> {self.total_steps}: from step {state['step']} the learning rate "
+                "decays by cosine from its current value to 0 at the new last step"
+            )
 
     def _checkpoint_fields(self, pos: int) -> dict[str, Any]:
         # units_in_epoch: the data position, the same for any number of processes
-        return {**self.run_dir.checkpoint_fields(), "units_in_epoch": pos, "total_steps": self.schedule_total,
-                "warmup_steps": self.warmup_steps, "schedule": self.schedule_segments,
-                "skipped_steps": self.skipped_steps}
+        return {
+            **self.run_dir.checkpoint_fields(),
+            "units_in_epoch": pos,
+            "total_steps": self.schedule_total,
+            "warmup_steps": self.warmup_steps,
+            "schedule": self.schedule_segments,
+            "skipped_steps": self.skipped_steps,
+        }
 
     def _skip_or_stop_non_finite(self, group: list[Any], loss: float) -> None:
         """nan_policy on a non-finite loss or gradient norm: stop with the culprits, or skip the update."""
         step = getattr(self.scheduler, "scheduler", self.scheduler).last_epoch + 1  # accelerate wraps it
         flat = [i for spec in group for item in spec for i in (item if isinstance(item, list) else [item])]
         where = ", ".join(f"{self.train_samples[i].source}:{self.train_samples[i].line}" for i in flat[:5])
-        what = f"step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} " \
-               f"(loss {loss}, grad norm {self.last_grad_norm}) on samples {flat[:5]} ({where})"
+        what = (
+            f"step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+            f"(loss {loss}, grad norm {self.last_grad_norm}) on samples {flat[:5]} ({where})"
+        )
         self.optimizer.zero_grad(set_to_none=True)
         if self.recipe.nan_policy == "skip_step":
             self.skipped_steps.append(step)
@@ -497,9 +584,11 @@ class Trainer:
             self.scheduler.step()  # the schedule stays aligned with the step count
             return
         kept = run_state.checkpoint_dirs(self.out)
-        raise FamtuneError(f"{what}; nothing of this step was applied"
-                           + (f", the last good checkpoint is {kept[0]}" if kept else "")
-                           + "; lower learning_rate or check those records, or set nan_policy: skip_step")
+        raise FamtuneError(
+            f"{what}; nothing of this step was applied"
+            + (f", the last good checkpoint is {kept[0]}" if kept else "")
+            + "; lower learning_rate or check those records, or set nan_policy: skip_step"
+        )
 
     def _save_final_or_rescue(self, metrics, step: int, epoch: int, pos: int) -> None:
         """The final save; if it fails, the trained state goes to a checkpoint so nothing is lost."""
@@ -512,8 +601,14 @@ class Trainer:
                 raise
             why = "disk full" if durable.is_disk_full(exc) else f"{type(exc).__name__}: {exc}"
             rescue = self._rescue_checkpoint(step, epoch, pos)
-            kept = (f"the trained state is kept in {rescue}; free space, then finish with: famtune train RECIPE "
-                    f"--resume {rescue}") if rescue else "no checkpoint could be written either"
+            kept = (
+                (
+                    f"the trained state is kept in {rescue}; free space, then finish with: famtune train RECIPE "
+                    f"--resume {rescue}"
+                )
+                if rescue
+                else "no checkpoint could be written either"
+            )
             raise FamtuneError(f"final save to {self.out} failed ({why}); {kept}") from None
 
     def _rescue_checkpoint(self, step: int, epoch: int, pos: int):
@@ -522,8 +617,17 @@ class Trainer:
         global_micro = -(-pos // (self.recipe.batch_size * self.dp.world))
         for root in (self.out, Path(tempfile.gettempdir()) / f"famtune-rescue-{self.run_dir.run['run_id']}"):
             try:
-                return run_state.save_checkpoint(root, step, epoch, global_micro, self.model, self.optimizer,
-                                                 self.scheduler, self.accelerator, self._checkpoint_fields(pos))
+                return run_state.save_checkpoint(
+                    root,
+                    step,
+                    epoch,
+                    global_micro,
+                    self.model,
+                    self.optimizer,
+                    self.scheduler,
+                    self.accelerator,
+                    self._checkpoint_fields(pos),
+                )
             except (FamtuneError, OSError):
                 continue
         return None

@@ -1,4 +1,5 @@
 """Values that plugins hand to the core."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -4,6 +4,7 @@ Every check here runs when the recipe loads, before any model does, and fails wi
 ``KEY: what is wrong; what to do``. The same table gives ``famtune train --help`` its key list and
 the docs their reference, so the three cannot drift apart.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,20 +35,24 @@ RULES: dict[str, Rule] = {
     "data": _r("training data, a JSON or JSONL file"),
     "output_dir": _r("where the adapter, metrics and checkpoints go"),
     "family": _r("force a family instead of the plugin's claim (null: the claim)"),
-    "data_format": _r("auto, conversation, messages, alpaca or sharegpt",
-                      choices=("auto", "conversation", "messages", "alpaca", "sharegpt")),
+    "data_format": _r(
+        "auto, conversation, messages, alpaca or sharegpt",
+        choices=("auto", "conversation", "messages", "alpaca", "sharegpt"),
+    ),
     "eval_data": _r("evaluation data file (null: none, or eval_split)"),
-    "eval_split": _r("fraction of data held out for evaluation when eval_data is not given", low=0, high=1,
-                     high_open=True),
+    "eval_split": _r(
+        "fraction of data held out for evaluation when eval_data is not given", low=0, high=1, high_open=True
+    ),
     "skip_bad_records": _r("skip malformed records (each one reported) instead of stopping"),
     "max_length": _r("tokens per sample; longer samples are truncated and counted", low=2),
     "masking": _r("label masking policy (null: the family's default; famtune data check lists them)"),
     "system": _r("system prompt for samples without one (null: the family's default)"),
     "trust_remote_code": _r("allow the checkpoint's own Python code to run"),
-    "quantization": _r("nf4 (QLoRA, double quant) or none (LoRA on the full-precision base)",
-                       choices=("nf4", "none")),
-    "compute_dtype": _r("auto (bf16/fp16 on CUDA, fp32 on CPU), bf16, fp16 or fp32",
-                        choices=("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")),
+    "quantization": _r("nf4 (QLoRA, double quant) or none (LoRA on the full-precision base)", choices=("nf4", "none")),
+    "compute_dtype": _r(
+        "auto (bf16/fp16 on CUDA, fp32 on CPU), bf16, fp16 or fp32",
+        choices=("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"),
+    ),
     "half_matmul": _r("bf16/fp16 NF4 matmuls: auto, native or fp32"),
     "lora_r": _r("LoRA rank", low=1),
     "lora_alpha": _r("LoRA scaling numerator (scale = lora_alpha / lora_r)", low=0, low_open=True),
@@ -62,11 +67,13 @@ RULES: dict[str, Rule] = {
     "warmup_ratio": _r("fraction of steps of linear warmup before the cosine decay", low=0, high=1),
     "max_grad_norm": _r("gradient clipping norm", low=0, low_open=True),
     "gradient_checkpointing": _r("recompute activations in backward to save memory"),
-    "packing": _r("auto: pack where the family keeps samples apart; true: required; false: off",
-                  choices=("auto", True, False)),
+    "packing": _r(
+        "auto: pack where the family keeps samples apart; true: required; false: off", choices=("auto", True, False)
+    ),
     "seed": _r("seed of the batch order, LoRA init and dropout", low=0, high=2**32 - 1),
-    "nan_policy": _r("on a non-finite loss or gradient norm: stop, or skip_step (skip that update)",
-                     choices=("stop", "skip_step")),
+    "nan_policy": _r(
+        "on a non-finite loss or gradient norm: stop, or skip_step (skip that update)", choices=("stop", "skip_step")
+    ),
     "logging_steps": _r("write metrics every N steps", low=1),
     "eval_steps": _r("eval loss + generations every N steps (0: only at the end)", low=0),
     "save_steps": _r("resumable checkpoint every N steps (0: only interrupted runs save one)", low=0),
@@ -160,7 +167,9 @@ def check_ranges(recipe: Any) -> None:
         raise FamtuneError("epochs: 0 with max_steps: 0 trains nothing; set epochs > 0 or max_steps > 0")
     targets = getattr(recipe, "lora_targets", "default")
     if isinstance(targets, list) and (not targets or not all(isinstance(t, str) and t for t in targets)):
-        raise FamtuneError(f"lora_targets: {targets!r}; expected default, all-linear or a non-empty list of module names")
+        raise FamtuneError(
+            f"lora_targets: {targets!r}; expected default, all-linear or a non-empty list of module names"
+        )
     inputs = getattr(recipe, "evaluation_inputs", [])
     if not all(isinstance(t, str) for t in inputs):
         raise FamtuneError(f"evaluation_inputs: {inputs!r}; expected a list of prompt strings")
@@ -192,16 +201,19 @@ def check_paths(recipe: Any, where: str) -> None:
     model = recipe.model
     if _is_local_spec(model):
         if not os.path.exists(model):
-            raise FamtuneError(f"model: {model}: no such directory; give a local checkpoint directory, "
-                               "Org/Name or modelscope:Org/Name")
+            raise FamtuneError(
+                f"model: {model}: no such directory; give a local checkpoint directory, Org/Name or modelscope:Org/Name"
+            )
         if not os.path.isdir(model):
             raise FamtuneError(f"model: {model} is a file; give the checkpoint directory that holds config.json")
     out = recipe.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise FamtuneError(f"output_dir: {out} is a file; choose a directory")
     if os.path.isdir(model) and os.path.realpath(out) == os.path.realpath(model):
-        raise FamtuneError(f"output_dir: {out} is the base model's directory; choose a new directory "
-                           "(an adapter there would load on top of the base unasked)")
+        raise FamtuneError(
+            f"output_dir: {out} is the base model's directory; choose a new directory "
+            "(an adapter there would load on top of the base unasked)"
+        )
     probe = os.path.abspath(out)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
@@ -213,14 +225,19 @@ def check_paths(recipe: Any, where: str) -> None:
         with tempfile.TemporaryFile(dir=probe, prefix=".famtune-probe-"):
             pass
     except OSError as exc:
-        raise FamtuneError(f"output_dir: {out}: cannot write in {probe} ({exc.strerror}); "
-                           "choose a writable directory") from None
+        raise FamtuneError(
+            f"output_dir: {out}: cannot write in {probe} ({exc.strerror}); choose a writable directory"
+        ) from None
 
 
 def aliases_help(width: int = 100) -> str:
     """The other trainers' key names a recipe may use, for ``famtune train --help``."""
     import textwrap
 
-    return "\n".join(textwrap.wrap("other trainers' key names accepted: "
-                                   + ", ".join(f"{a}={k}" for a, k in ALIASES.items()), width,
-                                   subsequent_indent="  "))
+    return "\n".join(
+        textwrap.wrap(
+            "other trainers' key names accepted: " + ", ".join(f"{a}={k}" for a, k in ALIASES.items()),
+            width,
+            subsequent_indent="  ",
+        )
+    )

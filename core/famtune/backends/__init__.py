@@ -6,6 +6,7 @@ pay off on one kind of device live here (CPU: ``backends.cpu``); on CUDA none of
 matmul choice is a measured probe in ``famtune.kernels``. ``summary.json`` records the policy a run
 used (``device_policy``).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

@@ -1,5 +1,6 @@
 """CPU-only tuning of host memory: the glibc allocator between training steps and during a
 streaming merge. Nothing here is imported on a CUDA run's path."""
+
 from __future__ import annotations
 
 import ctypes
@@ -7,7 +8,8 @@ import ctypes.util
 import functools
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 @functools.cache

@@ -6,6 +6,7 @@ with the same options. The demo runs ``famtune compare`` on one tiny model with 
 ``eval:`` task (so the compare report shows base → tuned), then ``famtune eval`` on the base and
 on base + adapter, the way a user scores a model.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,10 @@ def demo_recipe(work: Path, family: str | None = None, steps: int | None = None)
     """The demo's comparison recipe in ``work``, with its training split converted to messages."""
     work.mkdir(parents=True, exist_ok=True)
     conversations = work / "mcq_train.messages.jsonl"
-    conversations.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n"
-                                     for c in mcq_conversations(read_eval_file(str(TRAIN), "mcq"))), encoding="utf-8")
+    conversations.write_text(
+        "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in mcq_conversations(read_eval_file(str(TRAIN), "mcq"))),
+        encoding="utf-8",
+    )
     recipe = yaml.safe_load(RECIPE.read_text(encoding="utf-8"))
     recipe["data"] = str(conversations)
     recipe["eval"]["data"] = str(TEST)
@@ -43,8 +46,9 @@ def demo_recipe(work: Path, family: str | None = None, steps: int | None = None)
     return path
 
 
-def run_eval_demo(workdir: str, family: str | None = None, steps: int | None = None,
-                  log: Callable[[str], Any] = print) -> int:
+def run_eval_demo(
+    workdir: str, family: str | None = None, steps: int | None = None, log: Callable[[str], Any] = print
+) -> int:
     from famtune.compare import compare
     from famtune.evaluate.runner import run_eval
 
@@ -61,8 +65,9 @@ def run_eval_demo(workdir: str, family: str | None = None, steps: int | None = N
     base, adapter = work / "compare" / "tiny-bases" / fam, work / "compare" / f"tiny-{fam}"
     settings = EvalSettings(batch_size=spec["eval"].get("batch_size", 8), progress=False)
     before = run_eval(str(base), str(TEST), "mcq", output=str(work / "eval-base"), settings=settings, log=log)
-    after = run_eval(str(base), str(TEST), "mcq", adapter=str(adapter), output=str(work / "eval-tuned"),
-                     settings=settings, log=log)
+    after = run_eval(
+        str(base), str(TEST), "mcq", adapter=str(adapter), output=str(work / "eval-tuned"), settings=settings, log=log
+    )
     n = before["questions"]
     chance = sum(1.0 / len(it.options) for it in read_eval_file(str(TEST), "mcq")) / n
     log(f"eval demo: {fam}, {n} held-out questions, chance {chance:.0%}")
@@ -70,6 +75,8 @@ def run_eval_demo(workdir: str, family: str | None = None, steps: int | None = N
     for label, key in (("option log-likelihood", "loglikelihood"), ("greedy answer", "generation")):
         log(f"  {label:<26}{before[key]['accuracy']:>8.1%}{after[key]['accuracy']:>8.1%}")
     ok = all(after[k]["ci95"][0] > chance for k in ("loglikelihood", "generation"))
-    log(f"eval demo: {'OK' if ok else 'FAILED'} (tuned accuracy {'above' if ok else 'not above'} chance with 95% "
-        f"confidence) in {time.perf_counter() - t0:.0f}s; report: {work / 'compare' / 'report' / 'report.html'}")
+    log(
+        f"eval demo: {'OK' if ok else 'FAILED'} (tuned accuracy {'above' if ok else 'not above'} chance with 95% "
+        f"confidence) in {time.perf_counter() - t0:.0f}s; report: {work / 'compare' / 'report' / 'report.html'}"
+    )
     return 0 if ok else 1

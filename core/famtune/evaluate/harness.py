@@ -13,6 +13,7 @@ it registered:
     python -m famtune.evaluate.harness run --model famtune \\
         --model_args pretrained=BASE,adapter=OUT --tasks TASK [--include_path DIR]
 """
+
 from __future__ import annotations
 
 import sys
@@ -35,13 +36,22 @@ def _flag(value: Any) -> bool:
 
 @register_model("famtune")
 class FamtuneLM(LM):
-    def __init__(self, pretrained: str, adapter: str | None = None, batch_size: Any = 8, system: str | None = None,
-                 trust_remote_code: Any = False, max_gen_toks: Any = 256, **_ignored: Any) -> None:
+    def __init__(
+        self,
+        pretrained: str,
+        adapter: str | None = None,
+        batch_size: Any = 8,
+        system: str | None = None,
+        trust_remote_code: Any = False,
+        max_gen_toks: Any = 256,
+        **_ignored: Any,
+    ) -> None:
         super().__init__()
         from famtune.chat import load_chat_model
 
-        session = load_chat_model(str(pretrained), str(adapter) if adapter else None,
-                                  trust_remote_code=_flag(trust_remote_code))
+        session = load_chat_model(
+            str(pretrained), str(adapter) if adapter else None, trust_remote_code=_flag(trust_remote_code)
+        )
         if system is not None:
             session.system = system
         self.sm = ScoringModel.from_session(session)
@@ -57,8 +67,10 @@ class FamtuneLM(LM):
         scorer = Scorer(self.sm, self.settings)
         # A continuation is the start of the assistant's reply; replies carry no leading space
         # (lm-eval's target delimiter), and the end-of-turn is not part of what is scored.
-        rows = [scorer.reply_tokens(context, None, continuation.lstrip(), end_of_turn=False)
-                for context, continuation in (r.args for r in requests)]
+        rows = [
+            scorer.reply_tokens(context, None, continuation.lstrip(), end_of_turn=False)
+            for context, continuation in (r.args for r in requests)
+        ]
         with inference(self.sm.model):
             return scorer.sequence_scores(rows)
 
@@ -74,13 +86,15 @@ class FamtuneLM(LM):
                 kwargs = dict(kwargs or {})
                 until = kwargs.get("until") or []
                 until = [until] if isinstance(until, str) else list(until)
-                scorer.settings = EvalSettings(batch_size=1, progress=False,
-                                               max_new_tokens=int(kwargs.get("max_gen_toks",
-                                                                             self.settings.max_new_tokens)))
+                scorer.settings = EvalSettings(
+                    batch_size=1,
+                    progress=False,
+                    max_new_tokens=int(kwargs.get("max_gen_toks", self.settings.max_new_tokens)),
+                )
                 text = scorer.generate([scorer.prompt_ids(context, None)])[0]
                 for stop in until:
                     if stop and stop in text:
-                        text = text[:text.index(stop)]
+                        text = text[: text.index(stop)]
                 out.append(text)
         return out
 

@@ -1,5 +1,6 @@
 """Scores: accuracy with its 95% interval, letter extraction, and open-QA metrics through
 maintained libraries (sacrebleu for BLEU, rouge-score for ROUGE-L, jieba to segment Chinese)."""
+
 from __future__ import annotations
 
 import math
@@ -27,13 +28,13 @@ def wilson_interval(correct: int, total: int, z: float = Z95) -> tuple[float, fl
 
 def accuracy(correct: int, total: int) -> dict[str, Any]:
     low, high = wilson_interval(correct, total)
-    return {"accuracy": correct / total if total else 0.0, "correct": correct, "total": total,
-            "ci95": [low, high]}
+    return {"accuracy": correct / total if total else 0.0, "correct": correct, "total": total, "ci95": [low, high]}
 
 
 # "The answer is (B)", "答案是：B", "Answer: B" ... then a letter standing alone at the start.
-_STATED = re.compile(r"(?:answer\s*(?:is|:)?|答案\s*(?:是|为)?)\s*[:：]?\s*[\(\[（【]?\s*([A-Za-z])(?![A-Za-z])",
-                     re.IGNORECASE)
+_STATED = re.compile(
+    r"(?:answer\s*(?:is|:)?|答案\s*(?:是|为)?)\s*[:：]?\s*[\(\[（【]?\s*([A-Za-z])(?![A-Za-z])", re.IGNORECASE
+)
 _LEADING = re.compile(r"^\W*([A-Za-z])(?:[\s\.\)\]）】:：,，、]|$)")
 _ALONE = re.compile(r"(?<![A-Za-z])([A-Z])(?![A-Za-z])")
 
@@ -93,8 +94,7 @@ def _require_qa_libraries() -> None:
         import rouge_score  # noqa: F401
         import sacrebleu  # noqa: F401
     except ImportError as exc:
-        raise FamtuneError(f"open-QA metrics need {exc.name}; install them with: pip install 'famtune[eval]'") \
-            from None
+        raise FamtuneError(f"open-QA metrics need {exc.name}; install them with: pip install 'famtune[eval]'") from None
 
 
 def qa_scores(predictions: list[str], references: list[str]) -> tuple[dict[str, Any], list[dict[str, float]]]:

@@ -13,6 +13,7 @@ Multiple choice, two layouts (detected per record):
 Open QA: ``{"question": str, "answer": str}``, or Alpaca's ``{"instruction", "input", "output"}``.
 Any record may carry a ``system`` prompt.
 """
+
 from __future__ import annotations
 
 import string
@@ -54,8 +55,9 @@ def read_eval_file(path: str, task: str) -> list[Any]:
                 raise record
             items.append(parse(record, line))
         except _BadRecord as bad:
-            raise DataError(path, line, bad.problem, _ADVICE if bad.advice.startswith("fix the line") else bad.advice) \
-                from None
+            raise DataError(
+                path, line, bad.problem, _ADVICE if bad.advice.startswith("fix the line") else bad.advice
+            ) from None
     return items
 
 
@@ -89,8 +91,11 @@ def _mcq(record: Any, line: int) -> MCQItem:
             raise _BadRecord(f'"options" has {len(raw)} entries; at most 26 (A-Z)', _ADVICE)
         raw = dict(zip(string.ascii_uppercase, raw))
     if not isinstance(raw, dict) or len(raw) < 2:
-        raise _BadRecord(f'"options" is {_kind(raw)} {_quote(raw)}; expected at least two options, '
-                         '{"A": "...", "B": "..."} or a list', _ADVICE)
+        raise _BadRecord(
+            f'"options" is {_kind(raw)} {_quote(raw)}; expected at least two options, '
+            '{"A": "...", "B": "..."} or a list',
+            _ADVICE,
+        )
     options: dict[str, str] = {}
     for key, text in raw.items():
         letter = key.strip().upper()

@@ -1,5 +1,6 @@
 """Before/after task scores for the ``famtune compare`` report: one row per model with each
 metric as base → tuned (delta), and the questions whose answer changed, side by side."""
+
 from __future__ import annotations
 
 import html
@@ -10,11 +11,15 @@ from typing import Any
 BEFORE_FILE = "eval-base.json"
 AFTER_FILE = "eval-tuned.json"
 # (label, how to read the figure from an eval result, is it a fraction)
-MCQ_METRICS = (("MCQ accuracy (log-likelihood)", lambda r: r["loglikelihood"]["accuracy"], True),
-               ("MCQ accuracy (greedy answer)", lambda r: r["generation"]["accuracy"], True))
-QA_METRICS = (("exact match", lambda r: r["exact_match"]["accuracy"], True),
-              ("BLEU", lambda r: r["bleu"], False),
-              ("ROUGE-L", lambda r: r["rougeL"], False))
+MCQ_METRICS = (
+    ("MCQ accuracy (log-likelihood)", lambda r: r["loglikelihood"]["accuracy"], True),
+    ("MCQ accuracy (greedy answer)", lambda r: r["generation"]["accuracy"], True),
+)
+QA_METRICS = (
+    ("exact match", lambda r: r["exact_match"]["accuracy"], True),
+    ("BLEU", lambda r: r["bleu"], False),
+    ("ROUGE-L", lambda r: r["rougeL"], False),
+)
 MAX_CHANGED = 20  # changed answers shown per model; results.json keeps them all
 
 
@@ -41,14 +46,28 @@ def read_task_eval(run_dir: str | Path) -> dict[str, Any] | None:
     for label, get, fraction in metrics:
         b = get(before) if before else None
         a = get(after) if after else None
-        figures.append({"metric": label, "base": b, "tuned": a, "fraction": fraction,
-                        "delta": a - b if a is not None and b is not None else None})
+        figures.append(
+            {
+                "metric": label,
+                "base": b,
+                "tuned": a,
+                "fraction": fraction,
+                "delta": a - b if a is not None and b is not None else None,
+            }
+        )
     extra = {}
     if task == "mcq":
-        extra["unparseable"] = {"base": (before or {}).get("generation", {}).get("unparseable"),
-                                "tuned": (after or {}).get("generation", {}).get("unparseable")}
-    return {"task": task, "data": latest["data"], "figures": figures,
-            "changed": changed_answers(before, after), **extra}
+        extra["unparseable"] = {
+            "base": (before or {}).get("generation", {}).get("unparseable"),
+            "tuned": (after or {}).get("generation", {}).get("unparseable"),
+        }
+    return {
+        "task": task,
+        "data": latest["data"],
+        "figures": figures,
+        "changed": changed_answers(before, after),
+        **extra,
+    }
 
 
 def changed_answers(before: dict[str, Any] | None, after: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -58,12 +77,19 @@ def changed_answers(before: dict[str, Any] | None, after: dict[str, Any] | None)
     out = []
     for b, a in zip(before["items"], after["items"]):
         if before["task"] == "mcq":
-            bt = f"{b['generation']['prediction'] or '?'} (log-lik {b['loglikelihood']['prediction']}): " \
-                 f"{b['generation']['text']}"
-            at = f"{a['generation']['prediction'] or '?'} (log-lik {a['loglikelihood']['prediction']}): " \
-                 f"{a['generation']['text']}"
-            if (b["generation"]["prediction"], b["loglikelihood"]["prediction"], b["generation"]["text"]) == \
-                    (a["generation"]["prediction"], a["loglikelihood"]["prediction"], a["generation"]["text"]):
+            bt = (
+                f"{b['generation']['prediction'] or '?'} (log-lik {b['loglikelihood']['prediction']}): "
+                f"{b['generation']['text']}"
+            )
+            at = (
+                f"{a['generation']['prediction'] or '?'} (log-lik {a['loglikelihood']['prediction']}): "
+                f"{a['generation']['text']}"
+            )
+            if (b["generation"]["prediction"], b["loglikelihood"]["prediction"], b["generation"]["text"]) == (
+                a["generation"]["prediction"],
+                a["loglikelihood"]["prediction"],
+                a["generation"]["text"],
+            ):
                 continue
         else:
             bt, at = b["prediction"], a["prediction"]
@@ -97,10 +123,20 @@ def tables(models: list[dict[str, Any]]) -> tuple[list[str], list[list[str]], li
         te = m["task_eval"]
         by = {f["metric"]: f for f in te["figures"]}
         un = te.get("unparseable")
-        rows.append([m["model"], Path(te["data"]).name] + [cell(by[lab]) if lab in by else "-" for lab in labels]
-                    + [f"{un['base']} → {un['tuned']}" if un else "-"])
-        changed.append((m["model"], [[str(c["line"]), c["question"], str(c["reference"]), c["base"], c["tuned"]]
-                                     for c in te["changed"][:MAX_CHANGED]]))
+        rows.append(
+            [m["model"], Path(te["data"]).name]
+            + [cell(by[lab]) if lab in by else "-" for lab in labels]
+            + [f"{un['base']} → {un['tuned']}" if un else "-"]
+        )
+        changed.append(
+            (
+                m["model"],
+                [
+                    [str(c["line"]), c["question"], str(c["reference"]), c["base"], c["tuned"]]
+                    for c in te["changed"][:MAX_CHANGED]
+                ],
+            )
+        )
     return header, rows, changed
 
 
@@ -111,8 +147,7 @@ def markdown_lines(models: list[dict[str, Any]]) -> list[str]:
     header, rows, changed = tables(models)
     if not rows:
         return []
-    lines = ["## Task evaluation: base → tuned", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["## Task evaluation: base → tuned", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(md_escape(c) for c in r) + " |" for r in rows] + [""]
     for model, items in changed:
         lines += [f"### Answers that changed: {model}", ""]

@@ -1,4 +1,5 @@
 """``famtune eval``: load a model the way chat does, score an eval file, write eval.json and eval.md."""
+
 from __future__ import annotations
 
 import json
@@ -54,21 +55,30 @@ def score_file(sm: ScoringModel, data: str, task: str, settings: EvalSettings, l
 
 def headline(result: dict[str, Any]) -> list[str]:
     """The figures of one eval result as short lines."""
+
     def acc(a: dict[str, Any]) -> str:
         lo, hi = a["ci95"]
         return f"{a['accuracy']:.1%} ({a['correct']}/{a['total']}, 95% CI {lo:.1%}-{hi:.1%})"
 
     if result["task"] == "mcq":
         g = result["generation"]
-        lines = [f"accuracy by option log-likelihood: {acc(result['loglikelihood'])}",
-                 f"accuracy by greedy answer:         {acc(g)}; unparseable answers: {g['unparseable']}"]
+        lines = [
+            f"accuracy by option log-likelihood: {acc(result['loglikelihood'])}",
+            f"accuracy by greedy answer:         {acc(g)}; unparseable answers: {g['unparseable']}",
+        ]
     else:
-        lines = [f"exact match: {acc(result['exact_match'])}", f"BLEU: {result['bleu']:.2f}",
-                 f"ROUGE-L F1: {result['rougeL']:.4f}"]
+        lines = [
+            f"exact match: {acc(result['exact_match'])}",
+            f"BLEU: {result['bleu']:.2f}",
+            f"ROUGE-L F1: {result['rougeL']:.4f}",
+        ]
     left = result.get("questions_in_file", result["questions"]) - result["questions"]
-    lines.append(f"{result['questions']} questions" + (f" (--limit: {left} more in the file not scored)" if left else "")
-                 + f" in {result['seconds']:.1f}s "
-                 f"({result['questions_per_s']:.2f} questions/s)")
+    lines.append(
+        f"{result['questions']} questions"
+        + (f" (--limit: {left} more in the file not scored)" if left else "")
+        + f" in {result['seconds']:.1f}s "
+        f"({result['questions_per_s']:.2f} questions/s)"
+    )
     return lines
 
 
@@ -80,13 +90,17 @@ def render_markdown(result: dict[str, Any], title: str) -> str:
     if result["task"] == "mcq":
         out += ["| line | answer | log-likelihood | greedy answer | generated text |", "|---|---|---|---|---|"]
         for it in result["items"]:
-            out.append(f"| {it['line']} | {it['answer']} | {it['loglikelihood']['prediction']} | "
-                       f"{it['generation']['prediction'] or '(unparseable)'} | {md_escape(it['generation']['text'])} |")
+            out.append(
+                f"| {it['line']} | {it['answer']} | {it['loglikelihood']['prediction']} | "
+                f"{it['generation']['prediction'] or '(unparseable)'} | {md_escape(it['generation']['text'])} |"
+            )
     else:
         out += ["| line | reference | answer | exact | ROUGE-L |", "|---|---|---|---|---|"]
         for it in result["items"]:
-            out.append(f"| {it['line']} | {md_escape(it['answer'])} | {md_escape(it['prediction'])} | "
-                       f"{int(it['exact_match'])} | {it['rougeL']:.3f} |")
+            out.append(
+                f"| {it['line']} | {md_escape(it['answer'])} | {md_escape(it['prediction'])} | "
+                f"{int(it['exact_match'])} | {it['rougeL']:.3f} |"
+            )
     return "\n".join(out) + "\n"
 
 
@@ -99,9 +113,18 @@ def write_result(result: dict[str, Any], out_dir: str | Path, title: str, stem: 
     return out
 
 
-def run_eval(model: str, data: str, task: str, *, adapter: str | None = None, output: str | None = None,
-             settings: EvalSettings | None = None, limit: int = 0, trust_remote_code: bool = False,
-             log: Callable[[str], Any] = print) -> dict[str, Any]:
+def run_eval(
+    model: str,
+    data: str,
+    task: str,
+    *,
+    adapter: str | None = None,
+    output: str | None = None,
+    settings: EvalSettings | None = None,
+    limit: int = 0,
+    trust_remote_code: bool = False,
+    log: Callable[[str], Any] = print,
+) -> dict[str, Any]:
     """Load ``model`` (+ ``adapter``) on chat's path, score ``data``, write the result to ``output``."""
     from famtune.chat import load_chat_model
 
@@ -109,8 +132,10 @@ def run_eval(model: str, data: str, task: str, *, adapter: str | None = None, ou
     read_eval_file(data, task)  # a bad file stops before minutes of model loading
     t0 = time.perf_counter()
     session = load_chat_model(model, adapter, trust_remote_code=trust_remote_code)
-    log(f"eval: {model}" + (f" + adapter {adapter}" if adapter else "") + f" ({session.family.name}), "
-        f"loaded in {time.perf_counter() - t0:.1f}s")
+    log(
+        f"eval: {model}" + (f" + adapter {adapter}" if adapter else "") + f" ({session.family.name}), "
+        f"loaded in {time.perf_counter() - t0:.1f}s"
+    )
     result = score_file(ScoringModel.from_session(session), data, task, settings, limit)
     result.update({"model": model, "adapter": adapter, "family": session.family.describe()})
     out = Path(output or (Path(adapter) / "eval" if adapter else "famtune-eval"))

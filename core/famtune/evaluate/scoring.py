@@ -5,6 +5,7 @@ training use), so a chat model is scored in the format it was tuned on. An optio
 log-likelihood of the assistant turn that gives it (the option's text as the family encodes an
 assistant reply, its end-of-turn token included) after that prompt.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,9 @@ class ScoringModel:
 
     @classmethod
     def from_session(cls, session: Any) -> ScoringModel:
-        return cls(session.model, session.tokenizer, session.family, list(session.stop_ids), session.pad_id,
-                   session.system)
+        return cls(
+            session.model, session.tokenizer, session.family, list(session.stop_ids), session.pad_id, session.system
+        )
 
     @property
     def device(self):
@@ -111,10 +113,13 @@ class Scorer:
 
     def prompt_ids(self, prompt: str, system: str | None) -> list[int]:
         msgs = messages_for(prompt, system if system is not None else self.sm.system)
-        return list(self.sm.family.encode(self.sm.tokenizer, msgs, "all_assistant", add_generation_prompt=True).input_ids)
+        return list(
+            self.sm.family.encode(self.sm.tokenizer, msgs, "all_assistant", add_generation_prompt=True).input_ids
+        )
 
-    def reply_tokens(self, prompt: str, system: str | None, reply: str, end_of_turn: bool = True
-                     ) -> tuple[list[int], list[int]]:
+    def reply_tokens(
+        self, prompt: str, system: str | None, reply: str, end_of_turn: bool = True
+    ) -> tuple[list[int], list[int]]:
         """(ids of prompt + reply, positions of the reply's tokens), checked against the prompt alone.
 
         With ``end_of_turn`` false the reply's closing stop token is not scored (a continuation
@@ -124,9 +129,11 @@ class Scorer:
         head = self.prompt_ids(prompt, system)
         enc = sm.family.encode(sm.tokenizer, msgs + [{"role": "assistant", "content": reply}], "all_assistant")
         ids = list(enc.input_ids)
-        if ids[:len(head)] != head:
-            raise FamtuneError(f"{sm.family.info.describe()}: the {sm.family.name} generation prompt is not a prefix "
-                               "of the same conversation with an answer; options cannot be scored after it")
+        if ids[: len(head)] != head:
+            raise FamtuneError(
+                f"{sm.family.info.describe()}: the {sm.family.name} generation prompt is not a prefix "
+                "of the same conversation with an answer; options cannot be scored after it"
+            )
         positions = [i for i in range(len(head), len(ids)) if enc.labels[i] != IGNORE_INDEX]
         if not end_of_turn:
             stops = set(sm.stop_ids)
@@ -137,13 +144,15 @@ class Scorer:
         return ids, positions
 
     # -- log-likelihood ------------------------------------------------------------------------
-    def sequence_logliks(self, rows: list[tuple[list[int], list[int]]], on_batch: Callable[[int], Any] | None = None
-                         ) -> list[float]:
+    def sequence_logliks(
+        self, rows: list[tuple[list[int], list[int]]], on_batch: Callable[[int], Any] | None = None
+    ) -> list[float]:
         """Sum of log p(token | everything before it) over each row's positions, right-padded batches."""
         return [s for s, _ in self.sequence_scores(rows, on_batch)]
 
-    def sequence_scores(self, rows: list[tuple[list[int], list[int]]], on_batch: Callable[[int], Any] | None = None
-                        ) -> list[tuple[float, bool]]:
+    def sequence_scores(
+        self, rows: list[tuple[list[int], list[int]]], on_batch: Callable[[int], Any] | None = None
+    ) -> list[tuple[float, bool]]:
         """(log-likelihood, whether greedy decoding would produce exactly these tokens) per row."""
         import torch
 
@@ -154,8 +163,8 @@ class Scorer:
             ids = torch.full((len(part), width), sm.pad_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for b, (row, _) in enumerate(part):
-                ids[b, :len(row)] = torch.tensor(row)
-                mask[b, :len(row)] = 1
+                ids[b, : len(row)] = torch.tensor(row)
+                mask[b, : len(row)] = 1
             logits = sm.model(input_ids=ids.to(sm.device), attention_mask=mask.to(sm.device)).logits
             for b, (row, positions) in enumerate(part):
                 pos = torch.tensor(positions, device=logits.device)
@@ -180,11 +189,16 @@ class Scorer:
             ids = torch.full((len(part), width), sm.pad_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for b, row in enumerate(part):
-                ids[b, width - len(row):] = torch.tensor(row)
-                mask[b, width - len(row):] = 1
-            gen = sm.model.generate(input_ids=ids.to(sm.device), attention_mask=mask.to(sm.device), do_sample=False,
-                                    max_new_tokens=self.settings.max_new_tokens, eos_token_id=list(sm.stop_ids),
-                                    pad_token_id=sm.pad_id)
+                ids[b, width - len(row) :] = torch.tensor(row)
+                mask[b, width - len(row) :] = 1
+            gen = sm.model.generate(
+                input_ids=ids.to(sm.device),
+                attention_mask=mask.to(sm.device),
+                do_sample=False,
+                max_new_tokens=self.settings.max_new_tokens,
+                eos_token_id=list(sm.stop_ids),
+                pad_token_id=sm.pad_id,
+            )
             for b in range(len(part)):
                 new = gen[b, width:].tolist()
                 cut = next((i for i, t in enumerate(new) if t in stops), len(new))
@@ -226,16 +240,32 @@ def evaluate_mcq(sm: ScoringModel, items: list[MCQItem], settings: EvalSettings)
         right_ll += ll_pred == it.answer
         right_gen += gen_pred == it.answer
         unparsed += gen_pred is None
-        details.append({"line": it.line, "question": it.question, "answer": it.answer,
-                        "loglikelihood": {"prediction": ll_pred, "scores": option_scores},
-                        "generation": {"prediction": gen_pred, "text": reply}})
+        details.append(
+            {
+                "line": it.line,
+                "question": it.question,
+                "answer": it.answer,
+                "loglikelihood": {"prediction": ll_pred, "scores": option_scores},
+                "generation": {"prediction": gen_pred, "text": reply},
+            }
+        )
     gen = accuracy(right_gen, len(items))
     gen["unparseable"] = unparsed
-    return {"task": "mcq", "questions": len(items), "loglikelihood": accuracy(right_ll, len(items)),
-            "generation": gen, "seconds": seconds, "questions_per_s": len(items) / seconds if seconds else None,
-            "settings": {"choice_format": settings.choice_format, "max_new_tokens": settings.max_new_tokens,
-                         "batch_size": settings.batch_size, "instruction": INSTRUCTION},
-            "items": details}
+    return {
+        "task": "mcq",
+        "questions": len(items),
+        "loglikelihood": accuracy(right_ll, len(items)),
+        "generation": gen,
+        "seconds": seconds,
+        "questions_per_s": len(items) / seconds if seconds else None,
+        "settings": {
+            "choice_format": settings.choice_format,
+            "max_new_tokens": settings.max_new_tokens,
+            "batch_size": settings.batch_size,
+            "instruction": INSTRUCTION,
+        },
+        "items": details,
+    }
 
 
 def evaluate_qa(sm: ScoringModel, items: list[QAItem], settings: EvalSettings) -> dict[str, Any]:
@@ -252,9 +282,16 @@ def evaluate_qa(sm: ScoringModel, items: list[QAItem], settings: EvalSettings) -
         bar.close()
     seconds = time.perf_counter() - t0
     figures, per_item = qa_scores([r.strip() for r in replies], [it.answer for it in items])
-    details = [{"line": it.line, "question": it.question, "answer": it.answer, "prediction": r, **s}
-               for it, r, s in zip(items, replies, per_item)]
-    return {"task": "qa", "questions": len(items), **figures, "seconds": seconds,
-            "questions_per_s": len(items) / seconds if seconds else None,
-            "settings": {"max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size},
-            "items": details}
+    details = [
+        {"line": it.line, "question": it.question, "answer": it.answer, "prediction": r, **s}
+        for it, r, s in zip(items, replies, per_item)
+    ]
+    return {
+        "task": "qa",
+        "questions": len(items),
+        **figures,
+        "seconds": seconds,
+        "questions_per_s": len(items) / seconds if seconds else None,
+        "settings": {"max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size},
+        "items": details,
+    }

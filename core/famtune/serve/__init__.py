@@ -1,5 +1,6 @@
 """``famtune serve``: an OpenAI-compatible server and a chat page for a base, a merged model, or a
 base with several adapters (see docs/users/serve.md)."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -8,9 +9,17 @@ import sys
 from famtune.errors import FamtuneError
 
 
-def serve(model: str, adapters: list[str] | None = None, *, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, name: str | None = None, trust_remote_code: bool = False,
-          log=print) -> int:
+def serve(
+    model: str,
+    adapters: list[str] | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    name: str | None = None,
+    trust_remote_code: bool = False,
+    log=print,
+) -> int:
     """Load the models, then answer HTTP requests until interrupted."""
     from urllib.parse import urlencode
 
@@ -26,8 +35,9 @@ def serve(model: str, adapters: list[str] | None = None, *, host: str = "127.0.0
             raise FamtuneError(f"{model} is a comparison: its runs are served as they are; drop --adapter/--name")
         models = load_comparison(model, trust_remote_code=trust_remote_code)
     else:
-        models = load_served(model, parse_adapter_specs(adapters or []), base_name=name,
-                             trust_remote_code=trust_remote_code)
+        models = load_served(
+            model, parse_adapter_specs(adapters or []), base_name=name, trust_remote_code=trust_remote_code
+        )
     app = create_app(models, api_key=api_key)
     shown = f"[{host}]" if ":" in host else host
     page = f"http://{shown}:{port}/"
@@ -42,8 +52,10 @@ def serve(model: str, adapters: list[str] | None = None, *, host: str = "127.0.0
     try:
         server.run()
     except (OSError, SystemExit) as exc:  # uvicorn exits when it cannot bind (and has logged why)
-        raise FamtuneError(f"cannot listen on {host}:{port} ({getattr(exc, 'strerror', None) or 'see above'}); "
-                           "pick another --port or --host") from None
+        raise FamtuneError(
+            f"cannot listen on {host}:{port} ({getattr(exc, 'strerror', None) or 'see above'}); "
+            "pick another --port or --host"
+        ) from None
     return 0
 
 

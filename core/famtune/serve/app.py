@@ -6,6 +6,7 @@ and a generation is never interleaved with another (the served models share one 
 and switch adapters per request). A streaming client that goes away cancels its generation at
 the next token; a waiting one is dropped before it starts.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -66,16 +67,23 @@ def create_app(models: dict[str, ServedModel], *, api_key: str | None = None) ->
     app.state.finished = collections.deque(maxlen=256)
 
     def record(name: str, gen: Generation) -> None:
-        app.state.finished.append({"model": name, "finish_reason": gen.finish_reason,
-                                   "completion_tokens": len(gen.new_ids)})
+        app.state.finished.append(
+            {"model": name, "finish_reason": gen.finish_reason, "completion_tokens": len(gen.new_ids)}
+        )
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
         if api_key and request.url.path.startswith("/v1/"):
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return _error(ApiError(401, "Incorrect API key provided; pass it as 'Authorization: Bearer KEY'",
-                                       type="invalid_request_error", code="invalid_api_key"))
+                return _error(
+                    ApiError(
+                        401,
+                        "Incorrect API key provided; pass it as 'Authorization: Bearer KEY'",
+                        type="invalid_request_error",
+                        code="invalid_api_key",
+                    )
+                )
         return await call_next(request)
 
     @app.exception_handler(ApiError)
@@ -88,8 +96,9 @@ def create_app(models: dict[str, ServedModel], *, api_key: str | None = None) ->
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        message = (f"Unknown request URL: {request.method} {request.url.path}" if exc.status_code == 404
-                   else str(exc.detail))
+        message = (
+            f"Unknown request URL: {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
+        )
         return _error(ApiError(exc.status_code, message, code="unknown_url" if exc.status_code == 404 else None))
 
     @app.exception_handler(Exception)
@@ -109,8 +118,12 @@ def create_app(models: dict[str, ServedModel], *, api_key: str | None = None) ->
 
     def pick(name: str) -> ServedModel:
         if name not in models:
-            raise ApiError(404, f"The model {name!r} does not exist; this server has: {', '.join(models)}",
-                           param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"The model {name!r} does not exist; this server has: {', '.join(models)}",
+                param="model",
+                code="model_not_found",
+            )
         return models[name]
 
     @app.get("/", include_in_schema=False)
@@ -121,10 +134,19 @@ def create_app(models: dict[str, ServedModel], *, api_key: str | None = None) ->
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [
-            {"id": m.name, "object": "model", "created": 0, "owned_by": "famtune",
-             "famtune": {"kind": m.kind, "family": m.session.family.name, "source": m.source}}
-            for m in models.values()]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": m.name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "famtune",
+                    "famtune": {"kind": m.kind, "family": m.session.family.name, "source": m.source},
+                }
+                for m in models.values()
+            ],
+        }
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str):
@@ -153,17 +175,33 @@ def create_app(models: dict[str, ServedModel], *, api_key: str | None = None) ->
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def head(**fields) -> dict:
-            return {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": served.name, **fields}
+            return {
+                "id": reply_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": served.name,
+                **fields,
+            }
 
         if body.stream:
+
             def chunk(i: int, delta: dict, finish: str | None = None) -> dict:
                 return head(choices=[{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}])
 
-            return _stream(body, served, ids, settings, max_tokens, stops, cancel, record,
-                           start=lambda i: chunk(i, {"role": "assistant", "content": ""}),
-                           piece=lambda i, text: chunk(i, {"content": text}),
-                           finish=lambda i, gen: chunk(i, {}, _finish(gen)),
-                           usage_only=lambda usage: head(choices=[], usage=usage))
+            return _stream(
+                body,
+                served,
+                ids,
+                settings,
+                max_tokens,
+                stops,
+                cancel,
+                record,
+                start=lambda i: chunk(i, {"role": "assistant", "content": ""}),
+                piece=lambda i, text: chunk(i, {"content": text}),
+                finish=lambda i, gen: chunk(i, {}, _finish(gen)),
+                usage_only=lambda usage: head(choices=[], usage=usage),
+            )
 
         def work() -> list[Generation]:
             return _generate_n(session, served.name, ids, settings, max_tokens, stops, body, cancel, record)
@@ -171,11 +209,23 @@ def create_app(models: dict[str, ServedModel], *, api_key: str | None = None) ->
         gens = await on_worker(request, work, cancel)
         if gens is None:
             return None
-        return {"id": reply_id, "object": "chat.completion", "created": created, "model": served.name,
-                "system_fingerprint": None,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": g.text}, "logprobs": None,
-                             "finish_reason": _finish(g)} for i, g in enumerate(gens)],
-                "usage": _usage(len(ids), gens)}
+        return {
+            "id": reply_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": served.name,
+            "system_fingerprint": None,
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": g.text},
+                    "logprobs": None,
+                    "finish_reason": _finish(g),
+                }
+                for i, g in enumerate(gens)
+            ],
+            "usage": _usage(len(ids), gens),
+        }
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
@@ -184,8 +234,9 @@ def create_app(models: dict[str, ServedModel], *, api_key: str | None = None) ->
         stops = body.stop_strings()
         cancel = threading.Event()
         if body.stream and (body.logprobs is not None or _prompt_count(body.prompt) > 1):
-            raise ApiError(400, "stream: streaming supports one prompt without logprobs; send stream=false",
-                           param="stream")
+            raise ApiError(
+                400, "stream: streaming supports one prompt without logprobs; send stream=false", param="stream"
+            )
 
         def prepare() -> list[list[int]]:
             return _prompt_ids(session, body.prompt)
@@ -207,11 +258,20 @@ def create_app(models: dict[str, ServedModel], *, api_key: str | None = None) ->
             def chunk(i: int, text: str, finish: str | None = None) -> dict:
                 return head(choices=[{"index": i, "text": text, "logprobs": None, "finish_reason": finish}])
 
-            return _stream(body, served, ids, settings, body.max_tokens, stops, cancel, record,
-                           start=lambda i: chunk(i, session.tokenizer.decode(ids) if body.echo else ""),
-                           piece=lambda i, text: chunk(i, text),
-                           finish=lambda i, gen: chunk(i, "", _finish(gen)),
-                           usage_only=lambda usage: head(choices=[], usage=usage))
+            return _stream(
+                body,
+                served,
+                ids,
+                settings,
+                body.max_tokens,
+                stops,
+                cancel,
+                record,
+                start=lambda i: chunk(i, session.tokenizer.decode(ids) if body.echo else ""),
+                piece=lambda i, text: chunk(i, text),
+                finish=lambda i, gen: chunk(i, "", _finish(gen)),
+                usage_only=lambda usage: head(choices=[], usage=usage),
+            )
 
         def work() -> list[dict]:
             choices: list[dict] = []
@@ -224,14 +284,36 @@ def create_app(models: dict[str, ServedModel], *, api_key: str | None = None) ->
         choices = await on_worker(request, work, cancel)
         if choices is None:
             return None
-        usage = {"prompt_tokens": sum(len(p) for p in prompts),
-                 "completion_tokens": sum(c.pop("_new_tokens") for c in choices)}
+        usage = {
+            "prompt_tokens": sum(len(p) for p in prompts),
+            "completion_tokens": sum(c.pop("_new_tokens") for c in choices),
+        }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return {"id": reply_id, "object": "text_completion", "created": created, "model": served.name,
-                "system_fingerprint": None, "choices": choices, "usage": usage}
+        return {
+            "id": reply_id,
+            "object": "text_completion",
+            "created": created,
+            "model": served.name,
+            "system_fingerprint": None,
+            "choices": choices,
+            "usage": usage,
+        }
 
-    def _stream(body: Sampling, served: ServedModel, ids, settings, max_tokens, stops, cancel, on_done,
-                *, start, piece, finish, usage_only) -> EventStream:
+    def _stream(
+        body: Sampling,
+        served: ServedModel,
+        ids,
+        settings,
+        max_tokens,
+        stops,
+        cancel,
+        on_done,
+        *,
+        start,
+        piece,
+        finish,
+        usage_only,
+    ) -> EventStream:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -252,8 +334,14 @@ def create_app(models: dict[str, ServedModel], *, api_key: str | None = None) ->
                     torch.manual_seed(body.seed)
                 for i in range(body.n):
                     put(("start", i, None))
-                    gen = served.session.generate(ids, settings, max_new_tokens=max_tokens, stop=stops,
-                                                  on_text=functools.partial(put_piece, i), cancel=cancel)
+                    gen = served.session.generate(
+                        ids,
+                        settings,
+                        max_new_tokens=max_tokens,
+                        stop=stops,
+                        on_text=functools.partial(put_piece, i),
+                        cancel=cancel,
+                    )
                     on_done(served.name, gen)
                     put(("done", i, gen))
                     if cancel.is_set():
@@ -280,8 +368,11 @@ def create_app(models: dict[str, ServedModel], *, api_key: str | None = None) ->
                             last["usage"] = _usage(len(ids), gens)
                         yield _sse(last)
                     elif kind == "error":
-                        yield _sse(ApiError(500, f"generation failed ({type(value).__name__}: {value})",
-                                            type="server_error").body())
+                        yield _sse(
+                            ApiError(
+                                500, f"generation failed ({type(value).__name__}: {value})", type="server_error"
+                            ).body()
+                        )
                     else:
                         break
                 if body.stream_options is not None and body.stream_options.include_usage:
@@ -307,15 +398,21 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     errors = exc.errors()
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
-        return ApiError(400, f"We could not parse the JSON body of your request ({first.get('msg')}); "
-                             "send a JSON object", code="invalid_json")
+        return ApiError(
+            400,
+            f"We could not parse the JSON body of your request ({first.get('msg')}); send a JSON object",
+            code="invalid_json",
+        )
     param = _param(first.get("loc", ()))
     if first.get("type") == "missing":
         return ApiError(400, f"{param}: required field missing", param=param)
     value = first.get("input")
     shown = json.dumps(value, ensure_ascii=False)[:80] if isinstance(value, (str, int, float, bool, list)) else ""
-    return ApiError(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}" + (f" (got {shown})" if shown else ""),
-                    param=param)
+    return ApiError(
+        400,
+        f"{param or 'body'}: {first.get('msg', 'invalid value')}" + (f" (got {shown})" if shown else ""),
+        param=param,
+    )
 
 
 def _param(loc) -> str | None:
@@ -341,12 +438,18 @@ def _messages(messages: list[Message]) -> list[dict[str, str]]:
     for i, m in enumerate(messages):
         role = "system" if m.role == "developer" else m.role  # OpenAI's newer name for the system role
         if role not in ROLES:
-            raise ApiError(400, f"messages[{i}].role: {m.role!r} is not supported; use system, user or assistant",
-                           param=f"messages[{i}].role")
+            raise ApiError(
+                400,
+                f"messages[{i}].role: {m.role!r} is not supported; use system, user or assistant",
+                param=f"messages[{i}].role",
+            )
         out.append({"role": role, "content": m.text()})
     if out[-1]["role"] != "user":
-        raise ApiError(400, f"messages[{len(out) - 1}]: the last message must be the user's (got "
-                            f"{out[-1]['role']!r})", param="messages")
+        raise ApiError(
+            400,
+            f"messages[{len(out) - 1}]: the last message must be the user's (got {out[-1]['role']!r})",
+            param="messages",
+        )
     return out
 
 
@@ -357,15 +460,23 @@ def _fit(session: ChatSession, n_prompt: int, requested: int | None, what: str) 
         return requested if requested is not None else DEFAULT_MAX_TOKENS
     if requested is None:
         if n_prompt >= limit:
-            raise ApiError(400, f"This model's maximum context length is {limit} tokens; your {what} resulted "
-                                f"in {n_prompt} tokens. Please reduce the length of the {what}.",
-                           param=what, code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {limit} tokens; your {what} resulted "
+                f"in {n_prompt} tokens. Please reduce the length of the {what}.",
+                param=what,
+                code="context_length_exceeded",
+            )
         return min(DEFAULT_MAX_TOKENS, limit - n_prompt)
     if n_prompt + requested > limit:
-        raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                            f"{n_prompt + requested} tokens ({n_prompt} in the {what}, {requested} in the "
-                            f"completion). Please reduce the length of the {what} or completion.",
-                       param=what, code="context_length_exceeded")
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{n_prompt + requested} tokens ({n_prompt} in the {what}, {requested} in the "
+            f"completion). Please reduce the length of the {what} or completion.",
+            param=what,
+            code="context_length_exceeded",
+        )
     return requested
 
 
@@ -380,8 +491,9 @@ def _settings(session: ChatSession, body: Sampling) -> dict[str, Any]:
     return session.settings(**overrides)
 
 
-def _generate_n(session: ChatSession, name: str, ids, settings, max_tokens, stops, body: Sampling, cancel,
-                record) -> list[Generation]:
+def _generate_n(
+    session: ChatSession, name: str, ids, settings, max_tokens, stops, body: Sampling, cancel, record
+) -> list[Generation]:
     if body.seed is not None:
         import torch
 
@@ -426,16 +538,18 @@ def _prompt_ids(session: ChatSession, prompt) -> list[list[int]]:
         ids = tok(p, add_special_tokens=True)["input_ids"] if isinstance(p, str) else list(p)
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise ApiError(400, f"prompt[{i}]: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
-                           param="prompt")
+            raise ApiError(
+                400, f"prompt[{i}]: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt"
+            )
         if not ids:
             raise ApiError(400, f"prompt[{i}]: the prompt is empty; give at least one token", param="prompt")
         out.append(ids)
     return out
 
 
-def _completion_choice(session: ChatSession, ids: list[int], gen: Generation, body: CompletionRequest,
-                       index: int) -> dict:
+def _completion_choice(
+    session: ChatSession, ids: list[int], gen: Generation, body: CompletionRequest, index: int
+) -> dict:
     tok = session.tokenizer
     stops = set(session.stop_ids)
     shown = []
@@ -444,8 +558,13 @@ def _completion_choice(session: ChatSession, ids: list[int], gen: Generation, bo
             break
         shown.append(t)
     prefix = tok.decode(ids) if body.echo else ""
-    choice = {"index": index, "text": prefix + gen.text, "logprobs": None, "finish_reason": _finish(gen),
-              "_new_tokens": len(gen.new_ids)}
+    choice = {
+        "index": index,
+        "text": prefix + gen.text,
+        "logprobs": None,
+        "finish_reason": _finish(gen),
+        "_new_tokens": len(gen.new_ids),
+    }
     if body.logprobs is not None:
         full = list(ids) + shown
         chosen, tops = session.token_logprobs(full, top=body.logprobs)
@@ -458,8 +577,9 @@ def _completion_choice(session: ChatSession, ids: list[int], gen: Generation, bo
         choice["logprobs"] = {
             "tokens": tokens,
             "token_logprobs": chosen[first:],
-            "top_logprobs": [None if i == 0 else {tok.decode([t]): lp for t, lp in tops[i].items()}
-                             for i in range(first, len(full))],
+            "top_logprobs": [
+                None if i == 0 else {tok.decode([t]): lp for t, lp in tops[i].items()} for i in range(first, len(full))
+            ],
             "text_offset": offsets,
         }
     return choice

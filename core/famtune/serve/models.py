@@ -4,6 +4,7 @@ number of adapters trained on it, sharing one copy of the base weights.
 Each served name is a :class:`famtune.chat.ChatSession` with its own stop ids, sampling defaults
 and system prompt from its ``famtune.json``; requests select one by the OpenAI ``model`` field.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,9 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
     return adapters
 
 
-def load_served(model: str, adapters: dict[str, str] | None = None, *, base_name: str | None = None,
-                trust_remote_code: bool = False) -> dict[str, ServedModel]:
+def load_served(
+    model: str, adapters: dict[str, str] | None = None, *, base_name: str | None = None, trust_remote_code: bool = False
+) -> dict[str, ServedModel]:
     """Load ``model`` once and attach every adapter of ``adapters`` ({name: dir}) to it.
 
     When ``model`` is itself an adapter directory, its recorded base is loaded and the adapter is
@@ -52,8 +54,10 @@ def load_served(model: str, adapters: dict[str, str] | None = None, *, base_name
     metas: dict[str, dict] = {}
     for name, path in adapters.items():
         if not Path(path, "adapter_config.json").is_file():
-            raise FamtuneError(f"--adapter {name}={path}: no adapter_config.json there; pass an adapter "
-                               "directory written by famtune train")
+            raise FamtuneError(
+                f"--adapter {name}={path}: no adapter_config.json there; pass an adapter "
+                "directory written by famtune train"
+            )
         metas[name] = read_metadata(path) or {}
     ckpt, own, loaded = load_base(model, list(metas.values()), trust_remote_code=trust_remote_code)
     tokenizer = ckpt.load_tokenizer()
@@ -72,8 +76,9 @@ def load_served(model: str, adapters: dict[str, str] | None = None, *, base_name
         loaded.eval()
     served = {}
     stop_ids, sampling, system = profile(own, ckpt.family, tokenizer)
-    served[base_name] = ServedModel(base_name, ChatSession(loaded, tokenizer, ckpt.family, stop_ids, sampling, system),
-                                    str(model), "base")
+    served[base_name] = ServedModel(
+        base_name, ChatSession(loaded, tokenizer, ckpt.family, stop_ids, sampling, system), str(model), "base"
+    )
     for i, (name, path) in enumerate(adapters.items()):
         stop_ids, sampling, system = profile(metas[name], ckpt.family, tokenizer)
         session = ChatSession(loaded, tokenizer, ckpt.family, stop_ids, sampling, system, adapter=f"a{i}")
@@ -103,5 +108,7 @@ def load_comparison(directory: str, *, trust_remote_code: bool = False) -> dict[
             continue
         served.update(load_served(str(run_dir), base_name=f"{run['name']}/base", trust_remote_code=trust_remote_code))
     if not served:
-        raise FamtuneError(f"{directory}: no finished run with an adapter in this comparison; run famtune compare first")
+        raise FamtuneError(
+            f"{directory}: no finished run with an adapter in this comparison; run famtune compare first"
+        )
     return served

@@ -3,6 +3,7 @@
 Fields famtune does not act on (``user``, ``frequency_penalty``, ``logit_bias`` ...) are accepted
 and ignored, as OpenAI-compatible servers commonly do, so unchanged clients keep working.
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -16,8 +17,15 @@ MAX_LOGPROBS = 20
 class ApiError(Exception):
     """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with ``status``."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 

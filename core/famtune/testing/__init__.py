@@ -9,6 +9,7 @@ In a plugin's tests::
 
 ``famtune plugins check NAME`` runs the same suite from the command line.
 """
+
 from __future__ import annotations
 
 from famtune.testing.conformance import CONVERSATIONS, CheckResult, Report, check_plugin

@@ -6,14 +6,16 @@ the stop ids, the LoRA targets, a QLoRA step, the merge and declared packing sup
 the same ``Family`` facade and the same train/merge code a real run uses. Every check runs even
 when an earlier one failed, so one report lists everything to fix.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from famtune.encoding import GENERIC_POLICIES, IGNORE_INDEX
 from famtune.errors import FamtuneError
@@ -24,17 +26,23 @@ PASS, FAIL, SKIPPED = "pass", "fail", "skipped"
 #: Conversations every family must render, label and stop correctly. Contents carry no
 #: surrounding whitespace, so families whose official template trims them render them unchanged.
 CONVERSATIONS: list[list[dict[str, str]]] = [
-    [{"role": "user", "content": "Who are you?"},
-     {"role": "assistant", "content": "I am a tiny model trained by famtune."}],
-    [{"role": "system", "content": "You answer in one short sentence."},
-     {"role": "user", "content": "What is 2 + 3?"},
-     {"role": "assistant", "content": "It is 5."},
-     {"role": "user", "content": "请介绍一下你自己"},
-     {"role": "assistant", "content": "我是一个小模型。"}],
-    [{"role": "user", "content": "Name a colour."},
-     {"role": "assistant", "content": "Blue."},
-     {"role": "user", "content": "Another one?"},
-     {"role": "assistant", "content": "Green, like grass."}],
+    [
+        {"role": "user", "content": "Who are you?"},
+        {"role": "assistant", "content": "I am a tiny model trained by famtune."},
+    ],
+    [
+        {"role": "system", "content": "You answer in one short sentence."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "It is 5."},
+        {"role": "user", "content": "请介绍一下你自己"},
+        {"role": "assistant", "content": "我是一个小模型。"},
+    ],
+    [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another one?"},
+        {"role": "assistant", "content": "Green, like grass."},
+    ],
 ]
 # Merged logits are compared in fp32; the merge folds B@A into W, so only rounding differs.
 MERGE_ATOL = 1e-4
@@ -78,13 +86,22 @@ class Report:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"plugin": self.plugin.name, "distribution": self.plugin.distribution,
-                "version": self.plugin.version, "ok": self.ok, "seconds": round(self.seconds, 1),
-                "results": [r.__dict__ for r in self.results]}
+        return {
+            "plugin": self.plugin.name,
+            "distribution": self.plugin.distribution,
+            "version": self.plugin.version,
+            "ok": self.ok,
+            "seconds": round(self.seconds, 1),
+            "results": [r.__dict__ for r in self.results],
+        }
 
 
-def check_plugin(plugin_name: str, workdir: str | Path, families: list[str] | None = None,
-                 log: Callable[[str], Any] = lambda line: None) -> Report:
+def check_plugin(
+    plugin_name: str,
+    workdir: str | Path,
+    families: list[str] | None = None,
+    log: Callable[[str], Any] = lambda line: None,
+) -> Report:
     """Run the suite on every family (or the given ones) of the installed plugin ``plugin_name``."""
     from famtune.plugins import Family, get_plugins
 
@@ -94,13 +111,17 @@ def check_plugin(plugin_name: str, workdir: str | Path, families: list[str] | No
             if b.info.name == plugin_name:
                 raise FamtuneError(f"{b.info.describe()} is disabled: {b.error}")
         installed = ", ".join(plugins.infos) or "none"
-        raise FamtuneError(f"no plugin named {plugin_name!r} is loaded (loaded: {installed}); "
-                           "pass the entry-point name that `famtune plugins` lists")
+        raise FamtuneError(
+            f"no plugin named {plugin_name!r} is loaded (loaded: {installed}); "
+            "pass the entry-point name that `famtune plugins` lists"
+        )
     provided = plugins.families_of(plugin_name)
     unknown = [f for f in families or [] if f not in provided]
     if unknown:
-        raise FamtuneError(f"{plugins.infos[plugin_name].describe()} provides no family {unknown[0]!r}; "
-                           f"it provides {', '.join(provided)}")
+        raise FamtuneError(
+            f"{plugins.infos[plugin_name].describe()} provides no family {unknown[0]!r}; "
+            f"it provides {', '.join(provided)}"
+        )
     report = Report(plugins.infos[plugin_name])
     t0 = time.perf_counter()
     for name in families or provided:
@@ -129,14 +150,25 @@ def check_family(family, workdir: Path) -> list[CheckResult]:
     if not built:
         return [CheckResult(family.name, "tiny", SKIPPED, "no tiny checkpoint: skipped")]
     state = _State(family, tiny, workdir)
-    for check in (state.claim, state.template, state.supervision, state.stop_ids, state.targets,
-                  state.qlora_step, state.merge, state.packing):
+    for check in (
+        state.claim,
+        state.template,
+        state.supervision,
+        state.stop_ids,
+        state.targets,
+        state.qlora_step,
+        state.merge,
+        state.packing,
+    ):
         name = check.__name__.replace("_", " ")
         try:
             status, detail = check()
         except Exception as exc:  # the report must list every problem, not stop at the first
             message = str(exc).splitlines()[0] if str(exc) else ""
-            status, detail = FAIL, f"{type(exc).__name__}: {message}" if not isinstance(exc, (FamtuneError, AssertionError)) else message
+            status, detail = (
+                FAIL,
+                f"{type(exc).__name__}: {message}" if not isinstance(exc, (FamtuneError, AssertionError)) else message,
+            )
         results.append(CheckResult(family.name, name, status, detail))
     return results
 
@@ -164,7 +196,8 @@ class _State:
 
         got = open_checkpoint(str(self.tiny)).family
         assert (got.plugin_name, got.name) == (self.family.plugin_name, self.family.name), (
-            f"its own tiny checkpoint is claimed by {got.info.describe()} as {got.name!r}")
+            f"its own tiny checkpoint is claimed by {got.info.describe()} as {got.name!r}"
+        )
         return PASS, "claims its own tiny checkpoint"
 
     def template(self):
@@ -179,11 +212,15 @@ class _State:
                 msgs = messages[:-1] if prompt else messages
                 ours = self._encode(msgs, add_generation_prompt=prompt).input_ids
                 for what, tpl in templates.items():
-                    theirs = list(tok.apply_chat_template(msgs, chat_template=tpl, tokenize=True,
-                                                          add_generation_prompt=prompt, return_dict=False))
+                    theirs = list(
+                        tok.apply_chat_template(
+                            msgs, chat_template=tpl, tokenize=True, add_generation_prompt=prompt, return_dict=False
+                        )
+                    )
                     assert theirs == ours, (
                         f"{what} renders {tok.decode(theirs)!r} but famtune_encode_conversation gives "
-                        f"{tok.decode(ours)!r} (add_generation_prompt={prompt})")
+                        f"{tok.decode(ours)!r} (add_generation_prompt={prompt})"
+                    )
                     n += 1
         return PASS, f"{n} renderings equal ({' and '.join(templates)})"
 
@@ -197,7 +234,8 @@ class _State:
                 spans = _supervised_spans(enc.labels)
                 assert len(spans) == len(expected), (
                     f"{masking}: {len(spans)} supervised span(s) for {len(expected)} assistant turn(s) "
-                    f"in {[m['role'] for m in messages]}")
+                    f"in {[m['role'] for m in messages]}"
+                )
                 for (start, end), answer in zip(spans, expected):
                     ids = enc.input_ids[start:end]
                     assert enc.labels[start:end] == ids, f"{masking}: labels differ from the ids they supervise"
@@ -206,17 +244,23 @@ class _State:
                     assert ids[-1] in gen.stop_ids, (
                         f"{masking}: the supervised turn {text!r} does not end with a stop id "
                         f"(ends with {self.tokenizer.convert_ids_to_tokens(ids[-1])!r}, stop ids {gen.stop_ids}); "
-                        "the end-of-turn token must be supervised and be a stop id")
+                        "the end-of-turn token must be supervised and be a stop id"
+                    )
             enc = self._encode(messages, "train_on_prompt")
             assert enc.num_supervised == len(enc.input_ids), "train_on_prompt leaves tokens unsupervised"
         extra = [p for p in self.policies if p not in GENERIC_POLICIES]
-        return PASS, (f"every assistant turn and its end-of-turn token; policies {', '.join(self.policies)}"
-                      + (f" ({len(extra)} family variant(s))" if extra else ""))
+        return PASS, (
+            f"every assistant turn and its end-of-turn token; policies {', '.join(self.policies)}"
+            + (f" ({len(extra)} family variant(s))" if extra else "")
+        )
 
     def stop_ids(self):
         gen = self.family.generation_defaults(self.tokenizer)  # the facade checks they exist
-        eot = {self._encode(m).input_ids[e - 1] for m in CONVERSATIONS for _, e in
-               _supervised_spans(self._encode(m).labels)}
+        eot = {
+            self._encode(m).input_ids[e - 1]
+            for m in CONVERSATIONS
+            for _, e in _supervised_spans(self._encode(m).labels)
+        }
         missing = eot - set(gen.stop_ids)
         assert not missing, f"end-of-turn token(s) {sorted(missing)} the template emits are not stop ids {gen.stop_ids}"
         names = [self.tokenizer.convert_ids_to_tokens(i) for i in gen.stop_ids]
@@ -238,15 +282,33 @@ class _State:
         from famtune.train import train
 
         data = self.workdir / "data.jsonl"
-        data.write_text("".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in CONVERSATIONS),
-                        encoding="utf-8")
+        data.write_text(
+            "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in CONVERSATIONS), encoding="utf-8"
+        )
         out = self.workdir / "adapter"
-        recipe = load_recipe(None, {
-            "model": str(self.tiny), "family": self.family.name, "data": str(data), "output_dir": str(out),
-            "quantization": "nf4", "compute_dtype": "fp32", "max_length": 256, "lora_r": 4, "lora_alpha": 8,
-            "lora_dropout": 0.0, "learning_rate": 0.01, "warmup_ratio": 0.0, "batch_size": 3, "max_steps": 1,
-            "gradient_checkpointing": False, "packing": False, "progress": False, "logging_steps": 1,
-        })
+        recipe = load_recipe(
+            None,
+            {
+                "model": str(self.tiny),
+                "family": self.family.name,
+                "data": str(data),
+                "output_dir": str(out),
+                "quantization": "nf4",
+                "compute_dtype": "fp32",
+                "max_length": 256,
+                "lora_r": 4,
+                "lora_alpha": 8,
+                "lora_dropout": 0.0,
+                "learning_rate": 0.01,
+                "warmup_ratio": 0.0,
+                "batch_size": 3,
+                "max_steps": 1,
+                "gradient_checkpointing": False,
+                "packing": False,
+                "progress": False,
+                "logging_steps": 1,
+            },
+        )
         summary = train(recipe, log=lambda *a, **k: None, overwrite=True)  # a reused --workdir is ours
         loss = summary["final_loss"]
         assert isinstance(loss, float) and math.isfinite(loss), f"QLoRA step loss is {loss!r}"
@@ -274,7 +336,8 @@ class _State:
                 plain = adapted(input_ids=ids).logits
             reopened = open_checkpoint(str(merged_dir))
             assert reopened.family.name == self.family.name, (
-                f"the merged model is claimed as {reopened.family.name!r}, not {self.family.name!r}")
+                f"the merged model is claimed as {reopened.family.name!r}, not {self.family.name!r}"
+            )
             got = reopened.load_model(quantization="none", compute_dtype="fp32")(input_ids=ids).logits
         moved = (want - plain).abs().max().item()
         assert moved > 0, "the adapter does not change the logits, so the merge cannot be checked"
@@ -322,23 +385,30 @@ class _State:
                 for enc in row:
                     n = len(enc.input_ids)
                     alone = model(input_ids=torch.tensor([enc.input_ids]), use_cache=False).logits[0]
-                    diff = (packed[r, at:at + n] - alone).abs()
+                    diff = (packed[r, at : at + n] - alone).abs()
                     worst = max(worst, diff.max().item())
                     excess = max(excess, (diff - PACKING_ATOL - PACKING_RTOL * alone.abs()).max().item())
-                    lone = {"input_ids": torch.tensor([enc.input_ids]), "labels": torch.tensor([enc.labels]),
-                            "position_ids": torch.arange(n)[None]}
+                    lone = {
+                        "input_ids": torch.tensor([enc.input_ids]),
+                        "labels": torch.tensor([enc.labels]),
+                        "position_ids": torch.arange(n)[None],
+                    }
                     alone_loss = alone_loss + causal_lm_loss(model, lone, 1)
                     at += n
             packed_loss = causal_lm_loss(model, batch, 1)
         assert excess <= 0, (
             f"supports_packing is True, but a packed sample's logits differ from the sample alone by {worst:.3g} "
-            f"(max abs, fp32, rows of {[len(r) for r in rows]} samples); declare False for this family")
+            f"(max abs, fp32, rows of {[len(r) for r in rows]} samples); declare False for this family"
+        )
         loss_gap = abs(packed_loss.item() - alone_loss.item())
         assert loss_gap <= 1e-4 + 1e-5 * abs(alone_loss.item()), (
             f"the packed rows' summed loss {packed_loss.item():.6g} differs from the samples' own losses "
-            f"{alone_loss.item():.6g}; declare supports_packing False for this family")
-        return PASS, (f"{len(samples)} samples in {len(rows)} rows (longest row {batch['input_ids'].shape[1]} tokens): "
-                      f"max |packed - alone| = {worst:.2g}, loss gap {loss_gap:.2g}")
+            f"{alone_loss.item():.6g}; declare supports_packing False for this family"
+        )
+        return PASS, (
+            f"{len(samples)} samples in {len(rows)} rows (longest row {batch['input_ids'].shape[1]} tokens): "
+            f"max |packed - alone| = {worst:.2g}, loss gap {loss_gap:.2g}"
+        )
 
 
 def _supervised_spans(labels: list[int]) -> list[tuple[int, int]]:

@@ -16,16 +16,26 @@ head still equals its normalisation bit for bit (an unmodified head: LoRA never 
 makes original -> native -> original exact; otherwise the normalised rows are written, which is a
 valid NormHead checkpoint too (the model normalises them again at run time).
 """
+
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from famtune.convert import (
-    MARKER_KEY, TensorReader, cache_key, cached_copy, copy_generation_config, native_copy, read_json, weight_files,
-    write_json, write_shards,
+    MARKER_KEY,
+    TensorReader,
+    cache_key,
+    cached_copy,
+    copy_generation_config,
+    native_copy,
+    read_json,
+    weight_files,
+    write_json,
+    write_shards,
 )
 from famtune.errors import FamtuneError
 
@@ -68,9 +78,20 @@ def native_config(original: dict[str, Any]) -> dict[str, Any]:
     family = original_variant(original)
     common = {
         key: original[key]
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "hidden_act", "rms_norm_eps", "initializer_range", "bos_token_id", "eos_token_id",
-                    "pad_token_id", "use_cache")
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "hidden_act",
+            "rms_norm_eps",
+            "initializer_range",
+            "bos_token_id",
+            "eos_token_id",
+            "pad_token_id",
+            "use_cache",
+        )
         if key in original
     }
     common["tie_word_embeddings"] = False
@@ -136,8 +157,12 @@ class ToOriginal:
                 return []
             del self.pending[m.group(1)]
             return [(f"{m.group(1)}W_pack.weight", torch.cat([parts["q"], parts["k"], parts["v"]], dim=0))]
-        if name == HEAD and self.raw_head is not None and self.raw_head.dtype == tensor.dtype \
-                and torch.equal(normalise_head(self.raw_head), tensor):
+        if (
+            name == HEAD
+            and self.raw_head is not None
+            and self.raw_head.dtype == tensor.dtype
+            and torch.equal(normalise_head(self.raw_head), tensor)
+        ):
             return [(name, self.raw_head)]
         return [(name, tensor)]
 
@@ -173,8 +198,9 @@ def _mapped(src: str | Path, mapper) -> Iterator[tuple[str, Any]]:
         yield from mapper(name, reader.get(name))
 
 
-def write_native(original_dir: str | Path, out_dir: str | Path, original: dict[str, Any],
-                 head_source: str | None = None) -> None:
+def write_native(
+    original_dir: str | Path, out_dir: str | Path, original: dict[str, Any], head_source: str | None = None
+) -> None:
     """Writes the native layout of the original checkpoint in ``original_dir`` to ``out_dir``;
     ``head_source`` names that copy for a later ``write_original`` (see ``HEAD_SOURCE_KEY``)."""
     from safetensors.torch import save_file
@@ -192,8 +218,9 @@ def write_native(original_dir: str | Path, out_dir: str | Path, original: dict[s
     copy_generation_config(original_dir, out_dir)
 
 
-def write_original(native_dir: str | Path, out_dir: str | Path, original_config: dict[str, Any],
-                   head_file: str | None = None) -> bool:
+def write_original(
+    native_dir: str | Path, out_dir: str | Path, original_config: dict[str, Any], head_file: str | None = None
+) -> bool:
     """Writes the original layout (``original_config`` and original names) of a native checkpoint;
     ``head_file`` holds the un-normalised head it was converted from, if known."""
     from safetensors.torch import load_file
@@ -210,8 +237,11 @@ def write_original(native_dir: str | Path, out_dir: str | Path, original_config:
 def native_dir(path: str, original: dict[str, Any]) -> str:
     """The cached native-layout copy of the original checkpoint at ``path``, made if missing."""
     key = cache_key(path, CACHE_NAME, CONVERTER_VERSION)
-    return str(native_copy(path, CACHE_NAME, CONVERTER_VERSION,
-                           lambda src, out: write_native(src, out, original, head_source=key)))
+    return str(
+        native_copy(
+            path, CACHE_NAME, CONVERTER_VERSION, lambda src, out: write_native(src, out, original, head_source=key)
+        )
+    )
 
 
 def raw_head_file(native: str) -> str | None:

@@ -5,6 +5,7 @@ Both share the chat format and tokenizer; they differ in position encoding (7B R
 checkpoints are converted once into a cached native copy (``famtune.convert.native_copy``), which
 also keeps the un-normalised heads for writing the original layout back.
 """
+
 from __future__ import annotations
 
 import os

@@ -10,6 +10,7 @@ ALiBi adds ``slope[h] * (key position - query position)`` to the attention score
 code adds ``slope[h] * key position``, which differs by a constant per query row and so gives the
 same softmax; the relative form keeps the bias small near the diagonal in half precision.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,15 +57,15 @@ def alibi_slopes(num_heads: int) -> list[float]:
     return slopes
 
 
-def alibi_bias(slopes: torch.Tensor, attention_mask: torch.Tensor | None, q_len: int, past_len: int,
-               dtype: torch.dtype) -> torch.Tensor:
+def alibi_bias(
+    slopes: torch.Tensor, attention_mask: torch.Tensor | None, q_len: int, past_len: int, dtype: torch.dtype
+) -> torch.Tensor:
     """The additive attention bias [batch or 1, heads, q_len, past_len + q_len]: ALiBi where a
     query may attend, the dtype's minimum where it may not (future or padded keys). The minimum
     rather than -inf keeps fully padded query rows finite."""
     kv_len = past_len + q_len
     device = slopes.device
-    distance = (torch.arange(kv_len, device=device)[None, :]
-                - torch.arange(past_len, kv_len, device=device)[:, None])
+    distance = torch.arange(kv_len, device=device)[None, :] - torch.arange(past_len, kv_len, device=device)[:, None]
     visible = (distance <= 0)[None]
     if attention_mask is not None:
         if attention_mask.dim() != 2 or attention_mask.shape[-1] != kv_len:
@@ -125,8 +126,7 @@ class BaichuanAlibiAttention(nn.Module):
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
-                                                         scale=self.head_dim ** -0.5)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.head_dim**-0.5)
         return self.o_proj(out.transpose(1, 2).reshape(batch, q_len, -1))
 
 
@@ -138,8 +138,9 @@ class BaichuanAlibiDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = BaichuanAlibiRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = BaichuanAlibiRMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden_states: torch.Tensor, bias: torch.Tensor | None = None,
-                cache: Cache | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, bias: torch.Tensor | None = None, cache: Cache | None = None
+    ) -> torch.Tensor:
         # hidden_states stays positional: reentrant checkpointing only tracks positional inputs.
         hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), bias, cache)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -162,18 +163,26 @@ class BaichuanAlibiModel(BaichuanAlibiPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                cache: Cache | None = None, inputs_embeds: torch.Tensor | None = None,
-                use_cache: bool | None = None, past_key_values: Cache | None = None,
-                **kwargs) -> BaseModelOutputWithPast:
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         position_ids = kwargs.get("position_ids")
         if position_ids is not None and bool((position_ids.diff(dim=-1) < 0).any()):
             # Positions restarting inside a row mean packed sequences; the 2-D mask cannot keep
             # them apart, so attention would cross from one sequence into the next.
-            raise ValueError("position_ids restart inside a row (packed sequences); this model takes one "
-                             "sequence per row with a 2-D attention_mask: pad instead of packing")
+            raise ValueError(
+                "position_ids restart inside a row (packed sequences); this model takes one "
+                "sequence per row with a 2-D attention_mask: pad instead of packing"
+            )
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
@@ -201,14 +210,26 @@ class BaichuanAlibiForCausalLM(BaichuanAlibiPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                cache: Cache | None = None, inputs_embeds: torch.Tensor | None = None,
-                labels: torch.LongTensor | None = None, use_cache: bool | None = None,
-                logits_to_keep: int | torch.Tensor = 0, past_key_values: Cache | None = None,
-                **kwargs) -> CausalLMOutputWithPast:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                         cache=cache if cache is not None else past_key_values, use_cache=use_cache,
-                         position_ids=kwargs.pop("position_ids", None))
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            cache=cache if cache is not None else past_key_values,
+            use_cache=use_cache,
+            position_ids=kwargs.pop("position_ids", None),
+        )
         hidden_states = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])

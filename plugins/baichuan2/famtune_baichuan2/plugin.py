@@ -1,4 +1,5 @@
 """famtune's entry point for the Baichuan2 plugin: registration only."""
+
 from __future__ import annotations
 
 import os

@@ -23,6 +23,7 @@ but with a system text in front it would teach eos after the system prompt).
 User text is tokenized as the original tokenizer does it: text that spells ``<reserved_106>`` or
 ``</s>`` becomes that token (see ``tokenizer.py``).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -72,8 +73,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def encode(tokenizer: Any, messages: list[dict[str, str]], masking: str,
-           add_generation_prompt: bool) -> EncodedConversation:
+def encode(
+    tokenizer: Any, messages: list[dict[str, str]], masking: str, add_generation_prompt: bool
+) -> EncodedConversation:
     if masking not in POLICIES:
         raise ValueError(f"unknown masking policy {masking!r}; expected one of {', '.join(POLICIES)}")
     b = ConversationBuilder(tokenizer)
@@ -125,7 +127,6 @@ def generation_defaults(tokenizer: Any) -> GenerationDefaults:
     # all_assistant learns to emit after earlier replies.
     b = ConversationBuilder(tokenizer)
     return GenerationDefaults([b.token_id(EOS_TOKEN), b.token_id(USER_TOKEN)], dict(SAMPLING))
-
 
 
 class Baichuan2Format:

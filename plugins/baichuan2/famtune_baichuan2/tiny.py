@@ -6,6 +6,7 @@ conversion path as a real checkpoint. The SentencePiece model is trained on the 
 Baichuan2's settings: ``<unk>``/``<s>``/``</s>`` at 0/1/2, the turn markers as user-defined pieces,
 byte fallback, no dummy prefix and no whitespace folding.
 """
+
 from __future__ import annotations
 
 import io
@@ -23,11 +24,24 @@ def train_sentencepiece(corpus: list[str]) -> bytes:
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_writer=model, model_type="bpe", vocab_size=1200,
-        hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        user_defined_symbols=[template.USER_TOKEN, template.ASSISTANT_TOKEN], byte_fallback=True,
-        add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
-        character_coverage=1.0, split_digits=True, num_threads=1, minloglevel=2,
+        sentence_iterator=iter(corpus),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=1200,
+        hard_vocab_limit=False,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        user_defined_symbols=[template.USER_TOKEN, template.ASSISTANT_TOKEN],
+        byte_fallback=True,
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        character_coverage=1.0,
+        split_digits=True,
+        num_threads=1,
+        minloglevel=2,
     )
     return model.getvalue()
 
@@ -35,13 +49,24 @@ def train_sentencepiece(corpus: list[str]) -> bytes:
 def original_config(family: str, vocab_size: int) -> dict:
     config = {
         "architectures": [convert.ORIGINAL_CLASS],
-        "auto_map": {"AutoConfig": "configuration_baichuan.BaichuanConfig",
-                     "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"},
+        "auto_map": {
+            "AutoConfig": "configuration_baichuan.BaichuanConfig",
+            "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM",
+        },
         "model_type": convert.ORIGINAL_MODEL_TYPE,
         "tokenizer_class": "BaichuanTokenizer",
-        "vocab_size": vocab_size, **SIZES, "hidden_act": "silu", "initializer_range": 0.02,
-        "model_max_length": 4096, "rms_norm_eps": 1e-6, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
-        "tie_word_embeddings": False, "torch_dtype": "float32", "use_cache": True,
+        "vocab_size": vocab_size,
+        **SIZES,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "model_max_length": 4096,
+        "rms_norm_eps": 1e-6,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "use_cache": True,
     }
     if family == convert.FAMILY_7B:
         config["max_position_embeddings"] = 4096  # the 7B marker: RoPE
@@ -50,15 +75,24 @@ def original_config(family: str, vocab_size: int) -> dict:
 
 def write_tiny_checkpoint(family: str, out_dir: str, corpus: list[str], seed: int = 0) -> bool:
     import torch
-    from transformers import AutoModelForCausalLM, CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, tokenizer.MODEL_FILE), "wb") as f:
         f.write(train_sentencepiece(corpus))
     tok = tokenizer.load_tokenizer(out_dir)
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"add_bos_token": False, "add_eos_token": False, "model_max_length": 4096,
-                   "tokenizer_class": "BaichuanTokenizer", **tokenizer.SPECIAL_TOKENS}, f, indent=2)
+        json.dump(
+            {
+                "add_bos_token": False,
+                "add_eos_token": False,
+                "model_max_length": 4096,
+                "tokenizer_class": "BaichuanTokenizer",
+                **tokenizer.SPECIAL_TOKENS,
+            },
+            f,
+            indent=2,
+        )
     config = original_config(family, len(tok))
     native = convert.native_config(config)
     if native["model_type"] == convert.ALIBI_MODEL_TYPE:
@@ -73,8 +107,10 @@ def write_tiny_checkpoint(family: str, out_dir: str, corpus: list[str], seed: in
         # The random head goes out as it is: as raw rows, which the model normalises at load.
         convert.write_original(tmp, out_dir, config)
     # Baichuan2's chat generation_config.json, with this tokenizer's marker ids.
-    ids = {name: tok.convert_tokens_to_ids(token) for name, token in
-           (("user_token_id", template.USER_TOKEN), ("assistant_token_id", template.ASSISTANT_TOKEN))}
+    ids = {
+        name: tok.convert_tokens_to_ids(token)
+        for name, token in (("user_token_id", template.USER_TOKEN), ("assistant_token_id", template.ASSISTANT_TOKEN))
+    }
     with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump({"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **ids, **template.SAMPLING}, f, indent=2)
     return True

@@ -14,6 +14,7 @@ transformers SentencePiece tokenizer that reproduces the original's ids:
   pieces of the SentencePiece model itself, so text that spells them becomes 195/196 in the
   original and here alike.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,9 @@ class Baichuan2Tokenizer(SentencePieceBackend):
 
     def __init__(self, vocab_file: str, **kwargs: Any) -> None:
         for key, content in SPECIAL_TOKENS.items():
-            kwargs.setdefault(key, AddedToken(content, lstrip=False, rstrip=False, single_word=False,
-                                              normalized=False, special=True))
+            kwargs.setdefault(
+                key, AddedToken(content, lstrip=False, rstrip=False, single_word=False, normalized=False, special=True)
+            )
         kwargs.setdefault("clean_up_tokenization_spaces", False)
         super().__init__(vocab_file=vocab_file, legacy=True, **kwargs)
 

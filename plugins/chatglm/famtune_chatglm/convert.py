@@ -12,16 +12,22 @@ ChatGLM3 reference checkpoint):
 
 The name and tensor maps are this family's part; the file work at the end is famtune.convert's.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
-
-from famtune.errors import FamtuneError
+from typing import TYPE_CHECKING, Any
 
 from famtune.convert import (
-    MARKER_KEY, TensorReader, copy_generation_config, native_copy, read_json, write_json, write_shards,
+    MARKER_KEY,
+    TensorReader,
+    copy_generation_config,
+    native_copy,
+    write_json,
+    write_shards,
 )
+from famtune.errors import FamtuneError
 
 NATIVE_MODEL_TYPE = "glm"
 
@@ -137,7 +143,7 @@ def native_config(config: dict[str, Any], family: str) -> dict[str, Any]:
 def _split_layer(name: str, prefix: str) -> tuple[str, str] | None:
     if not name.startswith(prefix):
         return None
-    index, _, rest = name[len(prefix):].partition(".")
+    index, _, rest = name[len(prefix) :].partition(".")
     return index, rest
 
 
@@ -158,7 +164,7 @@ def native_tensors(names: Iterable[str], load: Load, config: dict[str, Any], whe
         index, rest = parts
         base = f"{_NATIVE_LAYER}{index}."
         if rest.startswith(_QKV):
-            kind = rest[len(_QKV):]
+            kind = rest[len(_QKV) :]
             fused = load(name)
             if fused.shape[0] != sum(sizes):
                 raise FamtuneError(

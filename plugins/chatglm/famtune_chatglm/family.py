@@ -6,6 +6,7 @@ plugin never runs the remote code: checkpoints are mapped onto transformers' nat
 ``GlmForCausalLM`` (a cached copy, carrying famtune's family marker) and the tokenizers are
 rebuilt from the original vocabulary files.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,9 @@ class ChatGLM(ModelFamily):
             return None
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(str(convert.native_cache_dir(path, self.name, config)),
-                                                    **load_kwargs)
+        return AutoModelForCausalLM.from_pretrained(
+            str(convert.native_cache_dir(path, self.name, config)), **load_kwargs
+        )
 
     def write_original_layout(self, native_dir: str, out_dir: str, original_config: dict[str, Any]) -> bool | None:
         if not is_original_layout(original_config):

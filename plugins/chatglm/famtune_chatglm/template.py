@@ -24,6 +24,7 @@ original ``build_single_message`` (SentencePiece / ``disallowed_special=()``). R
 template and tokenizing the text cannot make that distinction, so only for such content do the
 two differ.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -157,12 +158,14 @@ def _message_ids(family: str, b: ConversationBuilder, content: str) -> tuple[lis
         return header, b.tokenize(content)
     joint = b.tokenize("\n" + content)
     if joint[: len(header)] == header:
-        return header, joint[len(header):]
+        return header, joint[len(header) :]
     # the newline merged with the content's first token; that token carries content, so keep it
     return [], joint
 
 
-def _segments(family: str, tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[_Segment]:
+def _segments(
+    family: str, tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool
+) -> list[_Segment]:
     spec = SPECS[family]
     b = ConversationBuilder(tokenizer, split_special_tokens=True)
     segments = [_Segment([b.token_id(t) for t in spec.prefix], None, False)]
@@ -204,7 +207,9 @@ def encode_conversation(
     family: str, tokenizer: Any, messages: list[dict[str, str]], masking: str, add_generation_prompt: bool
 ) -> EncodedConversation:
     if masking not in masking_policies(family):
-        raise ValueError(f"unknown masking policy {masking!r} for {family}; expected one of {', '.join(masking_policies(family))}")
+        raise ValueError(
+            f"unknown masking policy {masking!r} for {family}; expected one of {', '.join(masking_policies(family))}"
+        )
     _check(messages, add_generation_prompt)
     segments = _segments(family, tokenizer, messages, add_generation_prompt)
     if masking == official_policy(family):
@@ -229,8 +234,9 @@ class ChatGLMFormat:
         self.family = family
         self.name = f"famtune-{family}"
 
-    def encode(self, tokenizer: Any, messages: list[dict[str, str]], masking: str,
-               add_generation_prompt: bool) -> EncodedConversation:
+    def encode(
+        self, tokenizer: Any, messages: list[dict[str, str]], masking: str, add_generation_prompt: bool
+    ) -> EncodedConversation:
         return encode_conversation(self.family, tokenizer, messages, masking, add_generation_prompt)
 
     def jinja(self) -> str:
@@ -246,6 +252,8 @@ class ChatGLMFormat:
             if tid is not None and tid != getattr(tokenizer, "unk_token_id", None):
                 stop_ids.append(tid)
         if not stop_ids:
-            raise ValueError(f"the tokenizer knows none of {', '.join(SPECS[self.family].stop_tokens)}; "
-                             f"it is not a {self.family} tokenizer")
+            raise ValueError(
+                f"the tokenizer knows none of {', '.join(SPECS[self.family].stop_tokens)}; "
+                f"it is not a {self.family} tokenizer"
+            )
         return stop_ids

@@ -12,6 +12,7 @@ tokens only right after a ``[gMASK]``-style token. Conversation content is never
 control tokens (``split_special_tokens=True`` in template.py), as in the original
 ``build_chat_input``, which hands message text straight to SentencePiece.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,15 @@ from transformers.tokenization_utils_base import AddedToken
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
 COMMAND_TOKENS = (
-    "[MASK]", "[gMASK]", "[sMASK]", "sop", "eop",
-    "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "sop",
+    "eop",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
 )
 _CONTROL = re.compile(r"\[[gs]?MASK\](?:sop|eop)?|<\|(?:system|user|assistant|observation)\|>|</s>")
 
@@ -34,7 +42,7 @@ def split_on_control(text: str, pattern: re.Pattern[str]) -> list[tuple[str, boo
     pos = 0
     for m in pattern.finditer(text):
         if m.start() > pos:
-            out.append((text[pos:m.start()], False))
+            out.append((text[pos : m.start()], False))
         token = m.group(0)
         if token.startswith("[") and not token.endswith("]"):
             out += [(token[:-3], True), (token[-3:], True)]
@@ -125,7 +133,9 @@ def load_tokenizer(family: str, path: str, chat_template: str) -> Any:
         return None
     if family == "chatglm3":
         if not _is_sentencepiece(vocab):
-            raise ValueError(f"{vocab}: not a SentencePiece model; a ChatGLM3 checkpoint needs ChatGLM3's tokenizer.model")
+            raise ValueError(
+                f"{vocab}: not a SentencePiece model; a ChatGLM3 checkpoint needs ChatGLM3's tokenizer.model"
+            )
         tok = ChatGLM3Tokenizer(vocab_file=vocab)
     else:
         from famtune_chatglm.tokenizer_glm4 import GLM4Tokenizer

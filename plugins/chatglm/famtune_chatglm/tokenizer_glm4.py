@@ -6,12 +6,13 @@ the split pattern below and appends 14 special tokens after the last rank (``<|e
 encoded with special strings disallowed-as-specials, i.e. as plain text. Tokens are exposed as
 strings through the usual byte-to-unicode table so that transformers can handle them.
 """
+
 from __future__ import annotations
 
 import base64
+import os
 import re
 import shutil
-import os
 from typing import Any
 
 from transformers.tokenization_python import PreTrainedTokenizer
@@ -20,8 +21,19 @@ from transformers.tokenization_utils_base import AddedToken
 from famtune_chatglm.tokenizer import split_on_control
 
 SPECIAL_TOKENS = (
-    "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
-    "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+    "<|endoftext|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|begin_of_video|>",
     "<|end_of_video|>",
 )
 SPLIT_PATTERN = (
@@ -41,7 +53,9 @@ def read_ranks(path: str) -> dict[bytes, int]:
                 token, rank = line.split()
                 ranks[base64.b64decode(token)] = int(rank)
             except ValueError:
-                raise ValueError(f"{path}:{lineno}: expected '<base64 token> <rank>'; not a GLM-4 tokenizer.model") from None
+                raise ValueError(
+                    f"{path}:{lineno}: expected '<base64 token> <rank>'; not a GLM-4 tokenizer.model"
+                ) from None
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise ValueError(f"{path}: ranks are not 0..{len(ranks) - 1}; not a GLM-4 tokenizer.model")
     return ranks

@@ -5,6 +5,7 @@ transformers' native ``LlamaForCausalLM`` and their SentencePiece tokenizer as a
 tokenizer; no remote code ever runs. Modules: ``plugin`` (registration), ``family`` (the family),
 ``template`` (chat format, labels), ``convert`` (layouts), ``tokenizer``, ``tiny``.
 """
+
 from __future__ import annotations
 
 __version__ = "0.1.0"

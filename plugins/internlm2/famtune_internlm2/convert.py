@@ -9,6 +9,7 @@ query heads, then its key head, then its value head (``head_dim`` rows each). Sp
 contiguous ``[Q; K; V]`` is a known wrong conversion that only shows when kv heads < heads.
 RoPE is Llama's rotate-half on the full head, so q and k need no permutation.
 """
+
 from __future__ import annotations
 
 import re
@@ -16,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from famtune.convert import (
-    MARKER_KEY, TensorReader, copy_generation_config, native_copy, read_json, weight_files, write_json, write_shards,
+    MARKER_KEY,
+    TensorReader,
+    copy_generation_config,
+    native_copy,
+    read_json,
+    weight_files,
+    write_json,
+    write_shards,
 )
 
 FAMILY = "internlm2"
@@ -53,6 +61,7 @@ class ConversionError(ValueError):
 
 
 # -- config -----------------------------------------------------------------------------------
+
 
 def _geometry(config: dict[str, Any]) -> tuple[int, int, int]:
     """(heads, kv heads, head_dim) from either layout's config."""
@@ -124,8 +133,15 @@ def to_original_config(native: dict[str, Any], original: dict[str, Any] | None =
     heads, kv_heads, head_dim = _geometry(native)
     if original is not None:
         expected = to_native_config(original)
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "num_key_value_heads", "head_dim"):
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+        ):
             if native.get(key, expected[key]) != expected[key]:
                 raise ConversionError(
                     f"native config has {key} {native.get(key)} but the original config has {expected[key]}; "
@@ -166,6 +182,7 @@ def to_original_config(native: dict[str, Any], original: dict[str, Any] | None =
 
 # -- weights ------------------------------------------------------------------------------------
 
+
 def split_wqkv(wqkv, config: dict[str, Any]):
     """(q, k, v) from a grouped ``wqkv`` weight or bias (rows are dimension 0)."""
     heads, kv_heads, head_dim = _geometry(config)
@@ -190,11 +207,14 @@ def fuse_wqkv(q, k, v, config: dict[str, Any]):
     heads, kv_heads, head_dim = _geometry(config)
     groups = heads // kv_heads
     rest = tuple(q.shape[1:])
-    blocks = torch.cat([
-        q.reshape(kv_heads, groups, head_dim, *rest),
-        k.reshape(kv_heads, 1, head_dim, *rest),
-        v.reshape(kv_heads, 1, head_dim, *rest),
-    ], dim=1)
+    blocks = torch.cat(
+        [
+            q.reshape(kv_heads, groups, head_dim, *rest),
+            k.reshape(kv_heads, 1, head_dim, *rest),
+            v.reshape(kv_heads, 1, head_dim, *rest),
+        ],
+        dim=1,
+    )
     return blocks.reshape((heads + 2 * kv_heads) * head_dim, *rest).contiguous()
 
 

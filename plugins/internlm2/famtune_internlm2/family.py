@@ -4,6 +4,7 @@ Original checkpoints always load natively (as ``LlamaForCausalLM``), even when t
 remote code: the published remote code was written for transformers 4.x and breaks on newer
 releases, while the native model gives the same logits.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """famtune's entry point for the InternLM2 plugin: registration only."""
+
 from __future__ import annotations
 
 import os

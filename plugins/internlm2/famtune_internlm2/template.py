@@ -15,6 +15,7 @@
 - **Labels** (``all_assistant``): each assistant content plus its ``<|im_end|>``; the ``\\n``
   after it and every prompt token are -100 (as in xtuner, InternLM's own fine-tuning tool).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -77,7 +78,9 @@ def check_messages(messages: list[dict[str, str]], add_generation_prompt: bool) 
         if role == "system" and i != 1:
             raise ValueError(f"message {i} is a system message; only the first message may be one")
     if add_generation_prompt and messages[-1]["role"] == "assistant":
-        raise ValueError("add_generation_prompt needs the conversation to end with a user message, not an assistant one")
+        raise ValueError(
+            "add_generation_prompt needs the conversation to end with a user message, not an assistant one"
+        )
 
 
 def _split_after_head(builder: ConversationBuilder, head: str, body: str) -> tuple[list[int], list[int]]:
@@ -91,7 +94,7 @@ def _split_after_head(builder: ConversationBuilder, head: str, body: str) -> tup
     ids = builder.tokenize(text)
     head_ids = builder.tokenize(head)
     if ids[: len(head_ids)] == head_ids:
-        return head_ids, ids[len(head_ids):]
+        return head_ids, ids[len(head_ids) :]
     try:
         enc = builder.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         offsets = enc["offset_mapping"]
@@ -103,8 +106,9 @@ def _split_after_head(builder: ConversationBuilder, head: str, body: str) -> tup
     return ids[:cut], ids[cut:]
 
 
-def encode_conversation(tokenizer: Any, messages: list[dict[str, str]], masking: str,
-                        add_generation_prompt: bool) -> EncodedConversation:
+def encode_conversation(
+    tokenizer: Any, messages: list[dict[str, str]], masking: str, add_generation_prompt: bool
+) -> EncodedConversation:
     check_messages(messages, add_generation_prompt)
     if masking not in GENERIC_POLICIES:
         raise ValueError(f"unknown masking policy {masking!r}; expected one of {', '.join(GENERIC_POLICIES)}")

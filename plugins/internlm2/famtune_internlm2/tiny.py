@@ -8,6 +8,7 @@ fallback, identity normalizer, no dummy prefix, no whitespace folding. The chat 
 are user-defined pieces that ``tokenizer_config.json`` lists in ``added_tokens_decoder``, as the
 released tokenizer does for its renamed ``[UNUSED_TOKEN_n]`` pieces.
 """
+
 from __future__ import annotations
 
 import io
@@ -19,8 +20,13 @@ from famtune.convert import MARKER_KEY, write_json
 from famtune_internlm2 import convert, template
 
 CONTROL_TOKENS = ["<|im_start|>", "<|im_end|>"]
-SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 2}
+SIZES = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 
 
 def train_sentencepiece(corpus: list[str]) -> bytes:
@@ -28,41 +34,82 @@ def train_sentencepiece(corpus: list[str]) -> bytes:
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_writer=model, model_type="bpe", vocab_size=1200,
-        hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        user_defined_symbols=CONTROL_TOKENS, byte_fallback=True,
-        add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
-        character_coverage=1.0, split_digits=True, num_threads=1, minloglevel=2,
+        sentence_iterator=iter(corpus),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=1200,
+        hard_vocab_limit=False,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        user_defined_symbols=CONTROL_TOKENS,
+        byte_fallback=True,
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        character_coverage=1.0,
+        split_digits=True,
+        num_threads=1,
+        minloglevel=2,
     )
     return model.getvalue()
 
 
 def tokenizer_config(control_ids: dict[str, int]) -> dict:
     def entry(content: str) -> dict:
-        return {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
-                "single_word": False, "special": True}
+        return {
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
 
     added = {"0": entry("<unk>"), "1": entry("<s>"), "2": entry("</s>")}
     added.update({str(i): entry(t) for t, i in control_ids.items()})
     return {
-        "add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": added,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "added_tokens_decoder": added,
         "additional_special_tokens": list(control_ids),
-        "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer",
-                                       "tokenization_internlm2_fast.InternLM2TokenizerFast"]},
-        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>",
-        "chat_template": template.CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
+        "auto_map": {
+            "AutoTokenizer": [
+                "tokenization_internlm2.InternLM2Tokenizer",
+                "tokenization_internlm2_fast.InternLM2TokenizerFast",
+            ]
+        },
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "</s>",
+        "unk_token": "<unk>",
+        "chat_template": template.CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
         "tokenizer_class": "InternLM2Tokenizer",
     }
 
 
 def original_config(vocab_size: int) -> dict:
     return {
-        "architectures": [convert.ARCHITECTURE], "auto_map": dict(convert.AUTO_MAP),
-        "model_type": convert.MODEL_TYPE, "vocab_size": vocab_size, **SIZES,
-        "hidden_act": "silu", "initializer_range": 0.02, "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5, "rope_theta": 1000000, "rope_scaling": None, "bias": False,
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "tie_word_embeddings": False,
-        "torch_dtype": "float32", "use_cache": True,
+        "architectures": [convert.ARCHITECTURE],
+        "auto_map": dict(convert.AUTO_MAP),
+        "model_type": convert.MODEL_TYPE,
+        "vocab_size": vocab_size,
+        **SIZES,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000,
+        "rope_scaling": None,
+        "bias": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "use_cache": True,
     }
 
 

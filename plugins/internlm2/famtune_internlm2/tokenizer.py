@@ -17,14 +17,16 @@ file with a small protobuf reader (the ``protobuf`` package is not a famtune dep
   character encodes as the byte ``<0x00>``, not as that piece; the piece gets a name no text
   can produce.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 # SentencePiece piece types (sentencepiece_model.proto)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -68,12 +70,12 @@ def _fields(buf: bytes) -> Iterator[tuple[int, Any]]:
         if wire == 0:
             value, i = _varint(buf, i)
         elif wire == 1:
-            value, i = buf[i:i + 8], i + 8
+            value, i = buf[i : i + 8], i + 8
         elif wire == 2:
             n, i = _varint(buf, i)
-            value, i = buf[i:i + n], i + n
+            value, i = buf[i : i + n], i + n
         elif wire == 5:
-            value, i = buf[i:i + 4], i + 4
+            value, i = buf[i : i + 4], i + 4
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
         yield number, value
@@ -119,7 +121,9 @@ def read_spm_model(path: str | os.PathLike) -> SpmModel:
                     elif n == 5:
                         model.escape_whitespaces = bool(v)
     except (IndexError, ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not a readable SentencePiece model ({exc}); check the file is not an LFS pointer") from None
+        raise ValueError(
+            f"{path}: not a readable SentencePiece model ({exc}); check the file is not an LFS pointer"
+        ) from None
     if not model.pieces:
         raise ValueError(f"{path}: holds no SentencePiece pieces; check the file is not a Git LFS pointer")
     return model
@@ -157,10 +161,15 @@ def build_backend(model: SpmModel, added: dict[int, dict[str, Any]]):
 
     beyond = sorted(i for i in added if i >= len(model.pieces))
     if beyond:
-        raise ValueError(f"tokenizer_config.json adds token ids {beyond} beyond the {len(model.pieces)} pieces "
-                         "of tokenizer.model; these files do not belong together")
-    unused = {i for i, (piece, _, ptype) in enumerate(model.pieces)
-              if ptype == UNUSED or (ptype == NORMAL and piece == "\0" and model.byte_fallback)}
+        raise ValueError(
+            f"tokenizer_config.json adds token ids {beyond} beyond the {len(model.pieces)} pieces "
+            "of tokenizer.model; these files do not belong together"
+        )
+    unused = {
+        i
+        for i, (piece, _, ptype) in enumerate(model.pieces)
+        if ptype == UNUSED or (ptype == NORMAL and piece == "\0" and model.byte_fallback)
+    }
     names: list[str] = []
     for i, (piece, _, _) in enumerate(model.pieces):
         if i in added:
@@ -175,8 +184,11 @@ def build_backend(model: SpmModel, added: dict[int, dict[str, Any]]):
 
     # SentencePiece merges two symbols when their concatenation is a piece, highest score
     # first; only normal pieces take part (user-defined ones are frozen whole).
-    normal = {piece: (score, i) for i, (piece, score, ptype) in enumerate(model.pieces)
-              if ptype == NORMAL and i not in unused and i not in added}
+    normal = {
+        piece: (score, i)
+        for i, (piece, score, ptype) in enumerate(model.pieces)
+        if ptype == NORMAL and i not in unused and i not in added
+    }
     ranked = []
     for piece, (score, i) in normal.items():
         for cut in range(1, len(piece)):
@@ -185,28 +197,44 @@ def build_backend(model: SpmModel, added: dict[int, dict[str, Any]]):
                 ranked.append((-score, i, cut, left, right))
     merges = [(left, right) for *_, left, right in sorted(ranked)]
 
-    backend = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=model.unk_piece, fuse_unk=True,
-                            byte_fallback=model.byte_fallback))
+    backend = Tokenizer(
+        BPE(vocab=vocab, merges=merges, unk_token=model.unk_piece, fuse_unk=True, byte_fallback=model.byte_fallback)
+    )
     # SentencePiece still emits a renamed user-defined piece for its old spelling (the remote
     # tokenizer maps the text "[UNUSED_TOKEN_145]" to 92542 too), so the old spelling is
     # rewritten to the new one before the renamed tokens are matched.
-    renamed = {i: added[i]["content"] for i, (piece, _, ptype) in enumerate(model.pieces)
-               if i in added and ptype == USER_DEFINED and added[i]["content"] != piece}
+    renamed = {
+        i: added[i]["content"]
+        for i, (piece, _, ptype) in enumerate(model.pieces)
+        if i in added and ptype == USER_DEFINED and added[i]["content"] != piece
+    }
     backend.normalizer = normalizers.Sequence(
-        [normalizers.Replace(model.pieces[i][0], new) for i, new in renamed.items()]
-        + [normalizers.Replace(" ", "▁")]
+        [normalizers.Replace(model.pieces[i][0], new) for i, new in renamed.items()] + [normalizers.Replace(" ", "▁")]
     )
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
 
-    user_defined = [AddedToken(names[i], special=False, normalized=False)
-                    for i, (_, _, ptype) in enumerate(model.pieces) if ptype == USER_DEFINED and i not in added]
+    user_defined = [
+        AddedToken(names[i], special=False, normalized=False)
+        for i, (_, _, ptype) in enumerate(model.pieces)
+        if ptype == USER_DEFINED and i not in added
+    ]
     backend.add_tokens(user_defined)
-    specials = [AddedToken(tok["content"], special=bool(tok.get("special", True)), normalized=i in renamed,
-                           lstrip=bool(tok.get("lstrip")), rstrip=bool(tok.get("rstrip")),
-                           single_word=bool(tok.get("single_word")))
-                for i, tok in sorted(added.items())]
-    control = [AddedToken(names[i], special=True, normalized=False)
-               for i, (_, _, ptype) in enumerate(model.pieces) if ptype == CONTROL and i not in added]
+    specials = [
+        AddedToken(
+            tok["content"],
+            special=bool(tok.get("special", True)),
+            normalized=i in renamed,
+            lstrip=bool(tok.get("lstrip")),
+            rstrip=bool(tok.get("rstrip")),
+            single_word=bool(tok.get("single_word")),
+        )
+        for i, tok in sorted(added.items())
+    ]
+    control = [
+        AddedToken(names[i], special=True, normalized=False)
+        for i, (_, _, ptype) in enumerate(model.pieces)
+        if ptype == CONTROL and i not in added
+    ]
     backend.add_special_tokens(control + specials)
     return backend
 

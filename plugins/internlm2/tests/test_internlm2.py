@@ -1,5 +1,6 @@
 """The plugin's own tests: famtune discovers it, and every family with a tiny model passes famtune's
 conformance suite. Run with ``pytest plugins/internlm2/tests`` after installing the plugin."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,9 @@ pytest_plugins = ["famtune.testing"]
 
 
 def test_famtune_discovers_the_plugin():
-    out = subprocess.run([sys.executable, "-m", "famtune.cli", "plugins", "--json"], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "famtune.cli", "plugins", "--json"], capture_output=True, text=True, check=True
+    )
     [me] = [p for p in json.loads(out.stdout)["plugins"] if p["name"] == "internlm2"]
     assert me["distribution"] == "famtune-internlm2" and me["families"] == ["internlm2"]
     assert me["hooks"] == ["famtune_recipe_dirs", "famtune_register_families"]

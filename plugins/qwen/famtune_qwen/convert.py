@@ -10,15 +10,24 @@ attention, which no native class has.
 This module holds the rename table and the tensor plans; ``famtune.convert`` reads and writes the
 safetensors shards (one output shard in memory at a time) and keeps the cached native copy.
 """
+
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from famtune.convert import (
-    MARKER_KEY, MAX_SHARD_BYTES, TensorReader, copy_generation_config, native_copy, read_json, write_json, write_shards,
+    MARKER_KEY,
+    MAX_SHARD_BYTES,
+    TensorReader,
+    copy_generation_config,
+    native_copy,
+    read_json,
+    write_json,
+    write_shards,
 )
 from famtune.errors import FamtuneError
 
@@ -60,6 +69,7 @@ def is_original(config: dict[str, Any]) -> bool:
 
 # -- config -------------------------------------------------------------------------------------
 
+
 def _require(config: dict[str, Any], key: str) -> Any:
     if config.get(key) is None:
         raise FamtuneError(f"Qwen1 config.json has no {key!r}; this is not a Qwen-7B-style checkpoint")
@@ -73,10 +83,25 @@ def native_config(config: dict[str, Any], dtype: str | None = None) -> dict[str,
     kv_channels = config.get("kv_channels", hidden // heads)
     checks = [
         (config.get("rotary_pct", 1.0) == 1.0, "rotary_pct", config.get("rotary_pct"), "1.0"),
-        (kv_channels * heads == hidden, "kv_channels", kv_channels, f"hidden_size/num_attention_heads={hidden // heads}"),
+        (
+            kv_channels * heads == hidden,
+            "kv_channels",
+            kv_channels,
+            f"hidden_size/num_attention_heads={hidden // heads}",
+        ),
         (config.get("no_bias", True) is True, "no_bias", config.get("no_bias"), "true"),
-        (config.get("scale_attn_weights", True) is True, "scale_attn_weights", config.get("scale_attn_weights"), "true"),
-        (not config.get("tie_word_embeddings", False), "tie_word_embeddings", config.get("tie_word_embeddings"), "false"),
+        (
+            config.get("scale_attn_weights", True) is True,
+            "scale_attn_weights",
+            config.get("scale_attn_weights"),
+            "true",
+        ),
+        (
+            not config.get("tie_word_embeddings", False),
+            "tie_word_embeddings",
+            config.get("tie_word_embeddings"),
+            "false",
+        ),
         (inter % 2 == 0, "intermediate_size", inter, "an even number (it counts w1 and w2)"),
     ]
     for ok, key, value, want in checks:
@@ -155,7 +180,9 @@ def native_plan(keys: list[str]) -> Plan:
             for j, proj in enumerate(_QKV):
                 plan.append((f"model.layers.{m.group(1)}.self_attn.{proj}.{kind}", (key,), ("split", j)))
         else:
-            raise FamtuneError(f"unexpected tensor {key!r} in a Qwen1 checkpoint; famtune knows the Qwen-7B layout only")
+            raise FamtuneError(
+                f"unexpected tensor {key!r} in a Qwen1 checkpoint; famtune knows the Qwen-7B layout only"
+            )
     return plan
 
 
@@ -227,8 +254,9 @@ def to_native(config: dict[str, Any], state_dict: dict[str, Any]) -> tuple[dict[
     return cfg, dict(_apply(native_plan(list(state_dict)), state_dict.__getitem__))
 
 
-def to_original(native_config: dict[str, Any], native_state_dict: dict[str, Any],
-                original_config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def to_original(
+    native_config: dict[str, Any], native_state_dict: dict[str, Any], original_config: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Native Qwen2 (config, state dict) -> original Qwen1 (config, state dict)."""
     cfg = restore_original_config(native_config, original_config)
     sd = dict(_apply(original_plan(list(native_state_dict)), native_state_dict.__getitem__))
@@ -237,6 +265,7 @@ def to_original(native_config: dict[str, Any], native_state_dict: dict[str, Any]
 
 
 # -- files (famtune.convert does the reading, sharding and caching) ---------------------------------
+
 
 def _write_native(src: Path, dst: Path) -> None:
     config = read_json(src / "config.json")
@@ -247,8 +276,9 @@ def _write_native(src: Path, dst: Path) -> None:
     copy_generation_config(src, dst)
 
 
-def write_original_layout(native_dir: str, out_dir: str, original_config: dict[str, Any],
-                          max_shard_bytes: int = MAX_SHARD_BYTES) -> bool:
+def write_original_layout(
+    native_dir: str, out_dir: str, original_config: dict[str, Any], max_shard_bytes: int = MAX_SHARD_BYTES
+) -> bool:
     """Write ``native_dir`` (a native Qwen2 model of a Qwen1 checkpoint) in the original layout.
 
     Only config.json and the weights are written; the remote-code ``*.py`` and tokenizer files
@@ -278,7 +308,9 @@ def load_model(path: str, load_kwargs: dict[str, Any]) -> Any:
     if config.get("use_dynamic_ntk") or config.get("use_logn_attn"):
         log.warning(
             "%s: Qwen1 runs as native Qwen2 here; it matches the original up to seq_length=%s tokens only "
-            "(use_dynamic_ntk/use_logn_attn are not reproduced beyond it)", path, config.get("seq_length"),
+            "(use_dynamic_ntk/use_logn_attn are not reproduced beyond it)",
+            path,
+            config.get("seq_length"),
         )
     kwargs = dict(load_kwargs)
     kwargs["trust_remote_code"] = False  # the converted directory is native; nothing to trust

@@ -4,6 +4,7 @@
 Every Qwen family loads as native Qwen2/Qwen3, whose mask builder turns restarting position ids
 into a per-sample block-diagonal mask and whose RoPE takes the same position ids: all pack.
 """
+
 from __future__ import annotations
 
 import os
@@ -72,7 +73,9 @@ class Qwen1(ModelFamily):
     def load_model(self, path: str, load_kwargs: dict[str, Any]) -> Any:
         from famtune_qwen import convert
 
-        if load_kwargs.get("trust_remote_code") or not convert.is_original(convert.read_json(os.path.join(path, "config.json"))):
+        if load_kwargs.get("trust_remote_code") or not convert.is_original(
+            convert.read_json(os.path.join(path, "config.json"))
+        ):
             return None
         return convert.load_model(path, load_kwargs)
 
@@ -83,9 +86,10 @@ class Qwen1(ModelFamily):
 
 
 def families() -> list[ModelFamily]:
-    return [Qwen1(),
-            QwenChatML("qwen2", template.QWEN2, dict(CHATML_SAMPLING)),
-            QwenChatML("qwen2.5", template.QWEN25, dict(CHATML_SAMPLING)),
-            # Qwen3's recommended non-thinking settings (famtune trains and chats with thinking off).
-            QwenChatML("qwen3", template.QWEN3, {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20})]
-
+    return [
+        Qwen1(),
+        QwenChatML("qwen2", template.QWEN2, dict(CHATML_SAMPLING)),
+        QwenChatML("qwen2.5", template.QWEN25, dict(CHATML_SAMPLING)),
+        # Qwen3's recommended non-thinking settings (famtune trains and chats with thinking off).
+        QwenChatML("qwen3", template.QWEN3, {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20}),
+    ]

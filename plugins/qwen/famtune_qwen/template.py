@@ -17,6 +17,7 @@ plus ``qwen1_official``, the labels of Qwen's own ``finetune.py``: besides assis
 trains ``<|im_start|>``, ``<|im_end|>`` and the newline after it in *every* turn, masking only role
 names and prompt text.
 """
+
 from __future__ import annotations
 
 from famtune.chatformat import ChatFormat
@@ -31,9 +32,13 @@ def _chatml(family: str, default_system: str | None, final_assistant_prefix: str
     return ChatFormat(
         name=f"famtune-{family}",
         special_tokens=(IM_START, IM_END, ENDOFTEXT),
-        system_prefix=IM_START + "system\n", system_suffix=IM_END + "\n",
-        user_prefix=IM_START + "user\n", user_suffix=IM_END + "\n",
-        assistant_prefix=IM_START + "assistant\n", assistant_suffix=IM_END, assistant_trailer="\n",
+        system_prefix=IM_START + "system\n",
+        system_suffix=IM_END + "\n",
+        user_prefix=IM_START + "user\n",
+        user_suffix=IM_END + "\n",
+        assistant_prefix=IM_START + "assistant\n",
+        assistant_suffix=IM_END,
+        assistant_trailer="\n",
         default_system=default_system,
         final_assistant_prefix=final_assistant_prefix,
         # <|im_end|> ends a chat turn; <|endoftext|> ends a document (what base models emit).
@@ -82,8 +87,12 @@ QWEN1_CHAT_TEMPLATE = (
 START, HEAD, TEXT, END, JOIN = "start", "head", "text", "end", "join"
 GENERATION = "generation"  # the trailing assistant prefix of a generation prompt
 # Parts qwen1_official supervises, by role (finetune.py's `target` lists).
-_OFFICIAL = {"system": {START, END, JOIN}, "user": {START, END, JOIN}, "assistant": {START, TEXT, END, JOIN},
-             GENERATION: set()}
+_OFFICIAL = {
+    "system": {START, END, JOIN},
+    "user": {START, END, JOIN},
+    "assistant": {START, TEXT, END, JOIN},
+    GENERATION: set(),
+}
 
 
 def _check(messages: list[dict[str, str]], add_generation_prompt: bool) -> None:
@@ -123,15 +132,22 @@ def _parts(b: ConversationBuilder, messages: list[dict[str, str]], add_generatio
     for m in messages:
         role = m["role"]
         idx = turn if role == "assistant" else None
-        out += [([start], role, START, idx), (b.tokenize(role) + newline, role, HEAD, idx),
-                (b.tokenize(m["content"]), role, TEXT, idx), ([end], role, END, idx), (newline, role, JOIN, idx)]
+        out += [
+            ([start], role, START, idx),
+            (b.tokenize(role) + newline, role, HEAD, idx),
+            (b.tokenize(m["content"]), role, TEXT, idx),
+            ([end], role, END, idx),
+            (newline, role, JOIN, idx),
+        ]
         turn += role == "assistant"
     if add_generation_prompt:
         out += [([start], GENERATION, START, None), (b.tokenize("assistant") + newline, GENERATION, HEAD, None)]
     return out
 
 
-def encode_qwen1(tokenizer, messages: list[dict[str, str]], masking: str, add_generation_prompt: bool) -> EncodedConversation:
+def encode_qwen1(
+    tokenizer, messages: list[dict[str, str]], masking: str, add_generation_prompt: bool
+) -> EncodedConversation:
     """Qwen1 ids (``make_context``'s, plus ``<|im_end|>\\n`` after a final assistant turn) and labels."""
     if masking not in QWEN1_POLICIES:
         raise FamtuneError(f"unknown masking policy {masking!r} for Qwen1; expected one of {', '.join(QWEN1_POLICIES)}")
@@ -145,7 +161,7 @@ def encode_qwen1(tokenizer, messages: list[dict[str, str]], masking: str, add_ge
             ids += piece
             labels += piece if part in _OFFICIAL[role] else [IGNORE_INDEX] * len(piece)
         return EncodedConversation(ids, labels)
-    for piece, role, part, turn in parts:
+    for piece, _role, part, turn in parts:
         if turn is not None and part in (TEXT, END):
             b.assistant_ids(piece, turn)
         else:

@@ -1,4 +1,5 @@
 """Tiny random-weight Qwen checkpoints (native layout, small local tokenizer) for demos and tests."""
+
 from __future__ import annotations
 
 from famtune_qwen import template

@@ -11,6 +11,7 @@ at the two parts the final merge joins.
 Building the merges takes a second or two, so the result is kept as ``tokenizer.json`` under
 ``$FAMTUNE_CACHE``, keyed by the file's hash.
 """
+
 from __future__ import annotations
 
 import base64
@@ -26,9 +27,7 @@ from famtune.errors import FamtuneError
 
 VOCAB_FILE = "qwen.tiktoken"
 # The original tokenization_qwen.py's PAT_STR.
-PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END] + [f"<|extra_{i}|>" for i in range(205)]
 SPECIAL_START_ID = 151643  # the original hard-codes this; the ranks must end right before it
@@ -45,7 +44,9 @@ def read_ranks(path: str | Path) -> dict[bytes, int]:
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except ValueError:
-                raise FamtuneError(f"{path}:{lineno}: not a '<base64 token> <rank>' line; is this Qwen1's qwen.tiktoken?") from None
+                raise FamtuneError(
+                    f"{path}:{lineno}: not a '<base64 token> <rank>' line; is this Qwen1's qwen.tiktoken?"
+                ) from None
     if sorted(ranks.values()) != list(range(SPECIAL_START_ID)):
         raise FamtuneError(
             f"{path}: ranks are not exactly 0..{SPECIAL_START_ID - 1} ({len(ranks)} tokens); "
@@ -55,7 +56,7 @@ def read_ranks(path: str | Path) -> dict[bytes, int]:
 
 
 def _merge_parts(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
-    parts = [token[i:i + 1] for i in range(len(token))]
+    parts = [token[i : i + 1] for i in range(len(token))]
     while len(parts) > 2:
         best, at = None, -1
         for i in range(len(parts) - 1):
@@ -64,15 +65,19 @@ def _merge_parts(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[byte
                 best, at = r, i
         if best is None:
             break
-        parts[at:at + 2] = [parts[at] + parts[at + 1]]
+        parts[at : at + 2] = [parts[at] + parts[at + 1]]
     if len(parts) != 2:
-        raise FamtuneError(f"token rank {rank} cannot be built from lower-ranked tokens; the qwen.tiktoken file is corrupt")
+        raise FamtuneError(
+            f"token rank {rank} cannot be built from lower-ranked tokens; the qwen.tiktoken file is corrupt"
+        )
     return parts[0], parts[1]
 
 
 def _byte_chars() -> dict[int, str]:
     # Byte-level BPE's printable stand-in for each byte (the GPT-2 table).
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -100,10 +105,12 @@ def build_backend(ranks: dict[bytes, int]):
     )
     tok = Tokenizer(model)
     tok.normalizer = normalizers.NFC()  # QWenTokenizer.tokenize NFC-normalizes its input
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
     if tok.token_to_id(ENDOFTEXT) != SPECIAL_START_ID:
