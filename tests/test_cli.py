@@ -103,3 +103,20 @@ def test_offline_hub_id_fails_clearly_and_modelscope_prefix_is_recognised(tmp_pa
     assert len(res.stderr.strip().splitlines()) == 1
     res = famtune_cli("data", "check", data, "--model", str(tmp_path / "missing"), check=False)
     assert "no such model directory" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["chat", "m", "--max-new-tokens", "0"], "famtune chat: error: argument --max-new-tokens: 0 is out of range"),
+        (["chat", "m", "--max-new-tokens", "many"], "famtune chat: error: argument --max-new-tokens: 'many' is not"),
+        (["estimate", "r.yaml", "--nproc", "-1"], "famtune estimate: error: argument --nproc: -1 is out of range"),
+        (["train"], "famtune train: error: the following arguments are required: recipe"),
+        (["trian"], "famtune: error: argument COMMAND: invalid choice: 'trian'"),
+    ],
+)
+def test_usage_mistakes_are_one_line(args, expected):
+    res = famtune_cli(*args, check=False)
+    assert res.returncode == 2
+    assert res.stderr.startswith(expected) and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "--help" in res.stderr

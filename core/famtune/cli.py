@@ -279,8 +279,26 @@ def _cmd_eval(args, extra: list[str]) -> int:
     return run_eval_command(args)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage mistakes are one line, like every other famtune error; --help has the full usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (tokens, processes, steps)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; expected >= 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="famtune",
         description="QLoRA fine-tuning of chat LLMs; every model family is a plugin.",
         formatter_class=_HelpFormatter,
@@ -351,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prompt", help="answer this once and exit")
     c.add_argument("--system", help="system prompt (default: the family's)")
     c.add_argument("--greedy", action="store_true", help="greedy decoding instead of the family's sampling")
-    c.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")
+    c.add_argument("--max-new-tokens", type=positive_int, default=256, help="longest reply, in tokens")
     c.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code to run")
     c.set_defaults(func=_cmd_chat)
 
@@ -421,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--format", default="auto", help="data format: auto, conversation, messages, alpaca or sharegpt")
     dc.add_argument("--masking", help="masking policy (default: the family's first)")
     dc.add_argument("--family", help="force a family instead of the plugin's claim")
-    dc.add_argument("--max-length", type=int, default=1024, help="truncate samples to this many tokens")
+    dc.add_argument("--max-length", type=positive_int, default=1024, help="truncate samples to this many tokens")
     dc.add_argument(
         "--skip-bad-records", action="store_true", help="skip and report malformed records instead of stopping"
     )
@@ -473,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cp.add_argument("--models", nargs="+", metavar="MODEL", help="models to compare (instead of the recipe's list)")
     cp.add_argument("--output", help="comparison directory (default: the recipe's output_dir, else famtune-compare)")
-    cp.add_argument("--nproc", type=int, metavar="N", help="train each model in N processes (famtune train --nproc N)")
+    cp.add_argument("--nproc", type=positive_int, metavar="N", help="train each model in N processes (famtune train --nproc N)")
     cp.add_argument(
         "--adapters",
         metavar="M1,M2",
@@ -503,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     es.add_argument("recipe", help="recipe YAML file")
     es.add_argument("--budget", help="memory to fit in, e.g. 8GB")
-    es.add_argument("--nproc", type=int, help="processes the run is split over (with the recipe's distributed preset)")
+    es.add_argument("--nproc", type=positive_int, help="processes the run is split over (with the recipe's distributed preset)")
     es.set_defaults(func=_cmd_estimate, extra_ok=True)
 
     from famtune.evaluate.cli import add_eval_parser
@@ -513,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     de = command(sub, "demo", help="build a tiny model, fine-tune it on a self-identity set, merge and chat")
     de.add_argument("--workdir", default="famtune-demo", help="where the tiny model, adapter and merged model go")
     de.add_argument("--family", help="family of the tiny model (default: the bundled demo recipe's)")
-    de.add_argument("--steps", type=int, help="optimizer steps (default: the demo recipe's)")
+    de.add_argument("--steps", type=positive_int, help="optimizer steps (default: the demo recipe's)")
     de.set_defaults(func=_cmd_demo)
 
     ev = command(
