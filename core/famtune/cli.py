@@ -491,7 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cp.add_argument("--models", nargs="+", metavar="MODEL", help="models to compare (instead of the recipe's list)")
     cp.add_argument("--output", help="comparison directory (default: the recipe's output_dir, else famtune-compare)")
-    cp.add_argument("--nproc", type=positive_int, metavar="N", help="train each model in N processes (famtune train --nproc N)")
+    cp.add_argument(
+        "--nproc", type=positive_int, metavar="N", help="train each model in N processes (famtune train --nproc N)"
+    )
     cp.add_argument(
         "--adapters",
         metavar="M1,M2",
@@ -521,7 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     es.add_argument("recipe", help="recipe YAML file")
     es.add_argument("--budget", help="memory to fit in, e.g. 8GB")
-    es.add_argument("--nproc", type=positive_int, help="processes the run is split over (with the recipe's distributed preset)")
+    es.add_argument(
+        "--nproc", type=positive_int, help="processes the run is split over (with the recipe's distributed preset)"
+    )
     es.set_defaults(func=_cmd_estimate, extra_ok=True)
 
     from famtune.evaluate.cli import add_eval_parser
