@@ -82,17 +82,21 @@ def test_encoder_jinja_and_fastchat_agree_id_for_id(family, tmp_path):
 def test_the_example_llama3_format_agrees_id_for_id(tmp_path):
     from transformers import AutoTokenizer
 
+    from famtune.demo import demo_corpus
+
     sys.path.insert(0, str(EXAMPLE))
     try:
         from famtune_llama3 import tiny
         from famtune_llama3.template import LLAMA3
-    finally:
-        sys.path.remove(str(EXAMPLE))
-    from famtune.demo import demo_corpus
 
-    tiny.write_tiny_checkpoint(str(tmp_path), demo_corpus())
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
-    assert check_agreement(LLAMA3, tokenizer) == 4 * len(CONVERSATIONS + EDGE_CASES)
+        tiny.write_tiny_checkpoint(str(tmp_path), demo_corpus())
+        tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+        assert check_agreement(LLAMA3, tokenizer) == 4 * len(CONVERSATIONS + EDGE_CASES)
+    finally:
+        # the example is out of tree: leave no trace of it in this process (test_example_plugin checks)
+        sys.path.remove(str(EXAMPLE))
+        for name in [m for m in sys.modules if m == "famtune_llama3" or m.startswith("famtune_llama3.")]:
+            del sys.modules[name]
     # Meta's rendering, as a string, so the derived template is also checked against the published one.
     text = LLAMA3.render([{"role": "user", "content": " Hi "}], add_generation_prompt=True)
     assert text == (

@@ -571,7 +571,14 @@ class Trainer:
     def _skip_or_stop_non_finite(self, group: list[Any], loss: float) -> None:
         """nan_policy on a non-finite loss or gradient norm: stop with the culprits, or skip the update."""
         step = getattr(self.scheduler, "scheduler", self.scheduler).last_epoch + 1  # accelerate wraps it
-        flat = [i for spec in group for item in spec for i in (item if isinstance(item, list) else [item])]
+        # this rank's samples (a packed row is a list of sample indices; stand-in batches hold no real ones)
+        flat = [
+            i
+            for micro in group
+            if micro.real
+            for item in micro.units
+            for i in (item if isinstance(item, list) else [item])
+        ]
         where = ", ".join(f"{self.train_samples[i].source}:{self.train_samples[i].line}" for i in flat[:5])
         what = (
             f"step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "

@@ -52,9 +52,10 @@ class ChatGLM(ModelFamily):
         return tokenizer.load_tokenizer(self.name, path, self.chat_format.jinja())
 
     def load_model(self, path: str, load_kwargs: dict[str, Any]) -> Any:
+        from famtune.convert import read_json
         from famtune_chatglm import convert
 
-        config = convert.read_json(os.path.join(path, "config.json"))
+        config = read_json(os.path.join(path, "config.json"))
         if not is_original_layout(config):
             return None
         from transformers import AutoModelForCausalLM
