@@ -332,4 +332,4 @@ def test_compare_trains_each_model_in_several_processes(tmp_path):
     assert summary["processes"] == 2 and summary["steps"] == 2
     assert "distributed: 2 processes x batch 2" in (out / "tiny-qwen2.5" / "train.log").read_text()
     res = famtune_cli("compare", recipe, "--output", out, "--nproc", "0", check=False)
-    assert res.returncode == 2 and "famtune: error: --nproc 0: expected at least 1 process" in res.stderr
+    assert res.returncode == 2 and "famtune compare: error: argument --nproc: 0 is out of range" in res.stderr
