@@ -39,3 +39,36 @@ def train_tokenizer(corpus: list[str], special_tokens: list[str], vocab_size: in
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **special_roles)
     fast.add_special_tokens({"additional_special_tokens": list(special_tokens)})
     return fast
+
+
+def train_sentencepiece(
+    corpus: list[str], *, user_defined_symbols: list[str] | None = None, add_dummy_prefix: bool = False
+) -> bytes:
+    """A small byte-fallback SentencePiece BPE model (``tokenizer.model`` bytes) trained on ``corpus``,
+    for the families whose original tokenizers are SentencePiece. Deterministic for a given corpus."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=1200,
+        hard_vocab_limit=False,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        user_defined_symbols=user_defined_symbols or [],
+        byte_fallback=True,
+        add_dummy_prefix=add_dummy_prefix,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        character_coverage=1.0,
+        split_digits=True,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return model.getvalue()

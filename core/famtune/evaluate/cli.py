@@ -49,7 +49,7 @@ def add_eval_parser(sub, **parser_kwargs) -> argparse.ArgumentParser:
     ev.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code to run")
     ev.add_argument("--demo", action="store_true", help="the bundled before/after demo on a tiny model (offline)")
     ev.add_argument("--workdir", default="famtune-eval-demo", help="with --demo: where its models and reports go")
-    ev.add_argument("--family", help="with --demo: family of the tiny model (default qwen2.5)")
+    ev.add_argument("--family", help="with --demo: family of the tiny model (default: the one the demo recipe names)")
     ev.add_argument("--steps", type=int, help="with --demo: optimizer steps of the fine-tune")
     return ev
 

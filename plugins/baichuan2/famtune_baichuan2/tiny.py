@@ -9,41 +9,18 @@ byte fallback, no dummy prefix and no whitespace folding.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
 
+from famtune.tiny import train_sentencepiece as train_sentencepiece_model
 from famtune_baichuan2 import convert, template, tokenizer
 
 SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
 
 
 def train_sentencepiece(corpus: list[str]) -> bytes:
-    import sentencepiece as spm
-
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=1200,
-        hard_vocab_limit=False,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        user_defined_symbols=[template.USER_TOKEN, template.ASSISTANT_TOKEN],
-        byte_fallback=True,
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        character_coverage=1.0,
-        split_digits=True,
-        num_threads=1,
-        minloglevel=2,
-    )
-    return model.getvalue()
+    return train_sentencepiece_model(corpus, user_defined_symbols=[template.USER_TOKEN, template.ASSISTANT_TOKEN])
 
 
 def original_config(family: str, vocab_size: int) -> dict:

@@ -15,11 +15,11 @@ family's own file format:
 from __future__ import annotations
 
 import base64
-import io
 import json
 import tempfile
 from pathlib import Path
 
+from famtune.tiny import train_sentencepiece as train_sentencepiece_model
 from famtune_chatglm import convert
 from famtune_chatglm.template import SPECS
 
@@ -35,30 +35,8 @@ _AUTO = "modeling_chatglm.ChatGLMForConditionalGeneration"
 
 
 def _train_sentencepiece(corpus: list[str]) -> bytes:
-    import sentencepiece as spm
-
-    model = io.BytesIO()
     # No newline may become a piece: the chat template relies on "\n" being a byte-fallback piece.
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([t.replace("\n", " ") for t in corpus]),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=1200,
-        hard_vocab_limit=False,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        byte_fallback=True,
-        add_dummy_prefix=True,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        character_coverage=1.0,
-        split_digits=True,
-        num_threads=1,
-        minloglevel=2,
-    )
-    return model.getvalue()
+    return train_sentencepiece_model([t.replace("\n", " ") for t in corpus], add_dummy_prefix=True)
 
 
 def _tiktoken_lines(corpus: list[str]) -> str:

@@ -11,12 +11,12 @@ released tokenizer does for its renamed ``[UNUSED_TOKEN_n]`` pieces.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
 
 from famtune.convert import MARKER_KEY, write_json
+from famtune.tiny import train_sentencepiece as train_sentencepiece_model
 from famtune_internlm2 import convert, template
 
 CONTROL_TOKENS = ["<|im_start|>", "<|im_end|>"]
@@ -30,30 +30,7 @@ SIZES = {
 
 
 def train_sentencepiece(corpus: list[str]) -> bytes:
-    import sentencepiece as spm
-
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=1200,
-        hard_vocab_limit=False,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        user_defined_symbols=CONTROL_TOKENS,
-        byte_fallback=True,
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        character_coverage=1.0,
-        split_digits=True,
-        num_threads=1,
-        minloglevel=2,
-    )
-    return model.getvalue()
+    return train_sentencepiece_model(corpus, user_defined_symbols=CONTROL_TOKENS)
 
 
 def tokenizer_config(control_ids: dict[str, int]) -> dict:
