@@ -9,8 +9,14 @@ prints one line ``RESULT {json}`` with the baseline's fields.
 
 ``--mode pack`` (the default, as in a plain famtune run) packs samples into rows of 512 tokens
 that never attend to each other; ``--mode nopack`` pads each batch of 8 samples to its longest.
+``--shape`` picks the fixture's model (make_fixture.py --shape: ``tiny``, or ``wide`` with a
+Qwen2.5-sized 151,936-row embedding and head); ``--max-length`` and ``--batch`` change the row
+length and rows per step (e.g. ``--max-length 4096 --batch 1`` for long packed rows, whose
+throughput should match 512 x 8 when attention skips the blocks between packed samples). The
+RESULT line names the attention path the run used (summary.json's ``attention``).
 
-    python bench/train_throughput.py [--mode pack|nopack] [--workdir /tmp/famtune-bench] [--steps 30]
+    python bench/train_throughput.py [--mode pack|nopack] [--shape tiny|wide] [--max-length 512]
+        [--batch 8] [--workdir /tmp/famtune-bench] [--steps 30]
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="/tmp/famtune-bench")
     ap.add_argument("--mode", choices=["pack", "nopack"], default="pack")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--shape", choices=["tiny", "wide"], default="tiny", help="the fixture's model shape")
+    ap.add_argument("--max-length", type=int, default=512, help="tokens per (packed) row")
+    ap.add_argument("--batch", type=int, default=8, help="rows (or samples) per step")
     ap.add_argument("--compute-dtype", default="bf16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
@@ -46,11 +55,15 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     work = Path(args.workdir)
-    fixture = work / "fixture"
+    # The tiny fixture keeps its historical folder, so earlier caches stay valid.
+    fixture = work / ("fixture" if args.shape == "tiny" else f"fixture-{args.shape}")
     if not (fixture / "model" / "model.safetensors").exists():
         subprocess.run(
-            [sys.executable, str(SHARED_BENCH / "make_fixture.py"), str(fixture)], check=True, stdout=subprocess.DEVNULL
+            [sys.executable, str(SHARED_BENCH / "make_fixture.py"), str(fixture), "--shape", args.shape],
+            check=True,
+            stdout=subprocess.DEVNULL,
         )
+    out_dir = work / f"out-{args.mode}-{args.shape}-{args.max_length}x{args.batch}"
 
     import torch
 
@@ -63,15 +76,15 @@ def main(argv=None) -> int:
         {
             "model": str(fixture / "model"),
             "data": str(fixture / "data" / "train.jsonl"),
-            "output_dir": str(work / f"out-{args.mode}"),
+            "output_dir": str(out_dir),
             "quantization": "nf4",
             "compute_dtype": args.compute_dtype,
             "lora_r": 16,
             "lora_alpha": 32,
             "lora_dropout": 0.05,
             "lora_targets": "all-linear",
-            "max_length": 512,
-            "batch_size": 8,
+            "max_length": args.max_length,
+            "batch_size": args.batch,
             "grad_accum": 1,
             "learning_rate": 2e-4,
             "warmup_ratio": 0.03,
@@ -89,11 +102,15 @@ def main(argv=None) -> int:
     summary = train(recipe, log=lambda *a: print(*a, file=sys.stderr))
     total_s = time.perf_counter() - t0
     wall = summary["train_wall_s"]
-    losses = [json.loads(line) for line in (work / f"out-{args.mode}" / "metrics.jsonl").read_text().splitlines()]
+    losses = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in losses if "loss" in r]
     res = {
         "framework": "famtune",
         "mode": args.mode,
+        "shape": args.shape,
+        "max_length": args.max_length,
+        "batch": args.batch,
+        "attention": (summary.get("attention") or {}).get("path"),
         "steps": summary["steps"],
         "wall_s": round(wall, 3),
         "tokens_total": summary["tokens_total"],

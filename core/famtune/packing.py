@@ -4,9 +4,11 @@ Padding a batch to its longest sample wastes about half the compute on chat data
 each row with whole samples (best-fit decreasing) and tells the model where each one starts with
 position ids that restart at 0. transformers turns restarting position ids into a per-row
 block-diagonal causal mask (``masking_utils.find_packed_sequence_indices``) when no 2-D attention
-mask is given, so no token attends across a sample boundary and attention cost stays per row
-(one ``max_length`` x ``max_length`` block per row, never one mask over the flattened batch).
-Whether a family's model honours this is the plugin's answer to ``famtune_supports_packing``.
+mask is given, so no token attends across a sample boundary. That mask still costs one
+``max_length`` x ``max_length`` block per row; with ``boundaries=True`` the collator also passes the
+sample boundaries (transformers' varlen kwargs, computed once per batch) so the attention chosen
+by ``famtune.attention`` runs per sample and skips the blocks between samples.
+Whether a family's model honours packing at all is the plugin's answer to ``famtune_supports_packing``.
 """
 
 from __future__ import annotations
@@ -63,13 +65,14 @@ def epoch_rows(lengths: Sequence[int], capacity: int, seed: int, epoch: int) -> 
     return rows
 
 
-def collate_packed(rows: list[list[Any]], pad_id: int, device) -> dict[str, Any]:
+def collate_packed(rows: list[list[Any]], pad_id: int, device, boundaries: bool = False) -> dict[str, Any]:
     """Rows of samples (each with ``input_ids`` and ``labels``) into one right-padded batch.
 
     No attention mask: the restarting ``position_ids`` carry the sample boundaries, and padding
     at a row's end is a block of its own that no real token attends to. The label of each
     sample's first token is ignored so the loss never asks the previous sample's last token to
-    predict it.
+    predict it. With ``boundaries``, the batch also carries the varlen attention kwargs
+    (``famtune.attention.sample_boundaries``).
     """
     import torch
 
@@ -87,4 +90,10 @@ def collate_packed(rows: list[list[Any]], pad_id: int, device) -> dict[str, Any]
             positions[r, at : at + n] = torch.arange(n)
             at += n
         positions[r, at:] = torch.arange(width - at)
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "position_ids": positions.to(device)}
+    batch = {"input_ids": ids.to(device), "labels": labels.to(device), "position_ids": positions.to(device)}
+    if boundaries:
+        from famtune.attention import sample_boundaries
+
+        cuts = sample_boundaries([[len(s.input_ids) for s in row] for row in rows], width)
+        batch.update({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in cuts.items()})
+    return batch

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from famtune import checkpoint as ckpt_mod
-from famtune import distributed, kernels, run_state, runlock, schedule, tracking
+from famtune import attention, distributed, kernels, run_state, runlock, schedule, tracking
 from famtune import packing as packing_mod
 from famtune.adapters import AdapterRun, adapter_settings, rank_distribution
 from famtune.adapters import describe as describe_adapter
@@ -166,7 +166,7 @@ class Trainer:
         if self.packing:
             rows = [[self.train_samples[i] for i in row] for row in spec]
             return (
-                packing_mod.collate_packed(rows, self.pad_id, device),
+                packing_mod.collate_packed(rows, self.pad_id, device, self.attention.wants_boundaries),
                 sum(self._lengths[i] for row in spec for i in row),
             )
         return collate([self.train_samples[i] for i in spec], self.pad_id, device), sum(self._lengths[i] for i in spec)
@@ -183,6 +183,8 @@ class Trainer:
         )
         self.ckpt.check_vocabulary(model)
         model.config.use_cache = False
+        self.attention = attention.choose(model, self.packing, self.accelerator.device, r.compute_dtype)
+        self.log(f"attention: {self.attention.path} ({self.attention.why})")
         if r.quantization == "nf4":
             model = prepare_model_for_kbit_training(
                 model,
@@ -393,6 +395,7 @@ class Trainer:
             "peak_accelerator_mib": run_state.peak_accelerator_mib(),
             "family": self.family.describe(),
             "kernels": self.kernels,
+            "attention": self.attention.as_dict(),
             "device_policy": self.device_policy.as_dict(),
             "processes": self.dp.world,
         }
