@@ -219,3 +219,6 @@ def test_packing_is_on_by_default_and_a_packed_run_learns(tiny_qwen25, tmp_path)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     # packed rows of 256 hold several samples each: far fewer pad tokens than samples x longest
     assert summary["tokens_nonpad"] / summary["tokens_total"] > 0.8
+    # ... and each packed sample attended on its own (no dense block-diagonal mask)
+    assert summary["attention"]["path"] == "varlen-sdpa"
+    assert "attention: varlen-sdpa" in res.stdout + res.stderr

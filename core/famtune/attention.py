@@ -136,7 +136,7 @@ def varlen_sdpa_attention(
         raise FamtuneError("famtune's varlen attention is causal only")
     # The same call as transformers' SDPA path on a lone sample (grouped-query heads included),
     # so a packed sample computes exactly what it computes alone.
-    gqa = {"enable_gqa": True} if getattr(module, "num_key_value_groups", 1) > 1 else {}
+    gqa = getattr(module, "num_key_value_groups", 1) > 1
     batch, heads, width, dim = query.shape
     window = kwargs.get("sliding_window")
     offsets = _offsets(cu)
@@ -151,9 +151,9 @@ def varlen_sdpa_attention(
         if window is not None and n > window:
             i = torch.arange(n, device=query.device)
             band = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
-            out = sdpa(q, k, v, attn_mask=band, dropout_p=p, scale=scaling, **gqa)
+            out = sdpa(q, k, v, attn_mask=band, dropout_p=p, scale=scaling, enable_gqa=gqa)
         else:
-            out = sdpa(q, k, v, dropout_p=p, is_causal=True, scale=scaling, **gqa)
+            out = sdpa(q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa)
         rows[r].append(out)
     out = torch.cat([torch.cat(parts, dim=2) if len(parts) > 1 else parts[0] for parts in rows])
     return out.transpose(1, 2).contiguous(), None

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from famtune import checkpoint as ckpt_mod
 from famtune import attention, distributed, kernels, run_state, runlock, schedule, tracking
+from famtune import checkpoint as ckpt_mod
 from famtune import packing as packing_mod
 from famtune.adapters import AdapterRun, adapter_settings, rank_distribution
 from famtune.adapters import describe as describe_adapter
