@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -98,12 +99,33 @@ def main(argv=None) -> int:
             "half_matmul": args.half_matmul,
         },
     )
+    # Process CPU seconds when each "step N/M" line is logged: on a shared machine, tokens per CPU
+    # second from step 1 to the last (the first step's warm-up left out) move less with other load
+    # than wall-clock tokens/s.
+    cpu_at: dict[int, float] = {}
+
+    def log(*a):
+        print(*a, file=sys.stderr)
+        m = re.match(r"step (\d+)/", str(a[0])) if a else None
+        if m:
+            cpu_at[int(m.group(1))] = time.process_time()
+
     t0 = time.perf_counter()
-    summary = train(recipe, log=lambda *a: print(*a, file=sys.stderr))
+    summary = train(recipe, log=log, overwrite=True)  # a rerun replaces the previous one
     total_s = time.perf_counter() - t0
     wall = summary["train_wall_s"]
-    losses = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in losses if "loss" in r]
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    # tokens_per_s in metrics.jsonl is cumulative: times elapsed_s it gives the tokens seen so far
+    seen = {r["step"]: (r["tokens_per_s"] * r["elapsed_s"], r["elapsed_s"]) for r in records if "tokens_per_s" in r}
+    steady = None
+    if 1 in seen and 1 in cpu_at and len(seen) > 1:
+        last = max(seen)
+        tokens = seen[last][0] - seen[1][0]
+        steady = {
+            "steady_nonpad_tok_per_s": round(tokens / (seen[last][1] - seen[1][1]), 1),
+            "cpu_nonpad_tok_per_s": round(tokens / (cpu_at[last] - cpu_at[1]), 1),
+        }
     res = {
         "framework": "famtune",
         "mode": args.mode,
@@ -119,6 +141,7 @@ def main(argv=None) -> int:
         "nonpad_tok_per_s": round(summary["tokens_nonpad"] / wall, 1),
         "total_tok_per_s": round(summary["tokens_total"] / wall, 1),
         "supervised_tok_per_s": round(summary["tokens_supervised"] / wall, 1),
+        **(steady or {}),
         "pad_fraction": round(1 - summary["tokens_nonpad"] / max(1, summary["tokens_total"]), 4),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "final_loss": losses[-1] if losses else None,
