@@ -15,6 +15,7 @@ from famtune.checkpoint import open_checkpoint
 from famtune.errors import FamtuneError
 from famtune.loss import causal_lm_loss
 from famtune.packing import collate_packed
+from famtune.plugins import Family, get_plugins
 from famtune.train import collate
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference"
@@ -182,3 +183,35 @@ def test_boundaries_that_do_not_reach_attention_are_an_error():
 def test_flash_attention_is_chosen_only_where_it_can_run():
     assert not attention.flash_attn_usable(CPU, "bf16")
     assert not attention.flash_attn_usable(torch.device("cuda"), "fp32")
+
+
+def _tiny_packing_checkpoint(plugin: str, root: Path) -> Path:
+    """A tiny checkpoint of the plugin's first packing family that can build one."""
+    from famtune.demo import demo_corpus
+
+    plugins = get_plugins()
+    for name in plugins.families_of(plugin):
+        family = Family(plugins, plugin, name)
+        if family.supports_packing() and family.tiny_checkpoint(str(root / name), demo_corpus()):
+            return root / name
+    raise AssertionError(f"plugin {plugin} builds no tiny checkpoint of a packing family")
+
+
+@pytest.mark.parametrize("plugin", ["qwen", "baichuan2", "internlm2", "chatglm"])
+def test_builtin_family_checkpoint_trains_packed_rows_per_sample(plugin, tmp_path, monkeypatch):
+    """The model each built-in plugin loads (converted to its native architecture) takes the
+    varlen path, and its packed samples keep their logits alone."""
+    monkeypatch.setenv("FAMTUNE_CACHE", str(tmp_path / "cache"))
+    tiny = _tiny_packing_checkpoint(plugin, tmp_path)
+    model = open_checkpoint(str(tiny)).load_model(quantization="none", compute_dtype="fp32")
+    assert attention.choose(model, True, CPU, "fp32").path == "varlen-sdpa", tiny.name
+    samples = random_samples([7, 12, 1, 9], vocab=min(97, model.config.vocab_size))
+    batch = collate_packed([samples[:3], samples[3:]], pad_id=0, device=CPU, boundaries=True)
+    with torch.no_grad():
+        packed = model(**inputs_of(batch), use_cache=False).logits
+        at = 0
+        for s in samples[:3]:
+            n = len(s.input_ids)
+            alone = model(input_ids=torch.tensor([s.input_ids]), use_cache=False).logits[0]
+            torch.testing.assert_close(packed[0, at : at + n], alone, rtol=1e-5, atol=1e-5)
+            at += n
