@@ -137,7 +137,7 @@ def varlen_sdpa_attention(
     # The same call as transformers' SDPA path on a lone sample (grouped-query heads included),
     # so a packed sample computes exactly what it computes alone.
     gqa = getattr(module, "num_key_value_groups", 1) > 1
-    batch, heads, width, dim = query.shape
+    batch, width = query.shape[0], query.shape[2]
     window = kwargs.get("sliding_window")
     offsets = _offsets(cu)
     if offsets[-1] != batch * width:
@@ -146,6 +146,8 @@ def varlen_sdpa_attention(
     rows: list[list[Any]] = [[] for _ in range(batch)]
     for a, b in zip(offsets, offsets[1:]):
         r, s, e = a // width, a % width, a % width + (b - a)
+        if e > width:
+            raise FamtuneError(f"a packed sample spans rows {r} and {r + 1}: boundaries must cut at every row's end")
         q, k, v = query[r : r + 1, :, s:e], key[r : r + 1, :, s:e], value[r : r + 1, :, s:e]
         n = e - s
         if window is not None and n > window:
