@@ -109,7 +109,8 @@ def unique_file(fixture: Path, n: int) -> Path:
 
                 record = {
                     "messages": [
-                        {"role": m["role"], "content": word.sub(vary, m["content"])} for m in base[i % len(base)]["messages"]
+                        {"role": m["role"], "content": word.sub(vary, m["content"])}
+                        for m in base[i % len(base)]["messages"]
                     ]
                 }
                 line = json.dumps(record, ensure_ascii=False)
