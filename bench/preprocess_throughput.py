@@ -10,10 +10,19 @@ with its default (one process) and with ``dataset_num_proc`` set to famtune's pr
 famtune tokenizes each distinct piece of text once (see famtune.encoding.TokenCache), and a
 repeated file repeats every piece. ``--unique`` measures a file of distinct conversations instead,
 made from the fixture's by replacing about a third of the words (see ``unique_file``), where
-only role headers, newlines and the odd short message repeat.
+only role headers, newlines and the odd short message repeat. The cache is cold for the first
+famtune run (a fresh FAMTUNE_CACHE), warm for the second.
+
+``tokenizer_only`` is the Rust tokenizer alone over the same text in one process: every
+preparation pays it, so ``ceiling_ratio_vs_trl_num_proc`` is the most any preparation with this
+tokenizer could gain over TRL with ``dataset_num_proc``.
+
+TRL runs in its own interpreter (``TRL_PYTHON``, default /tmp/trlvenv/bin/python), made with
+``python -m venv /tmp/trlvenv && /tmp/trlvenv/bin/pip install torch==2.13.0 transformers trl datasets``;
+without it the result says TRL was not measured.
 
 Usage: python bench/preprocess_throughput.py [--fixture DIR] [--conversations 100000] [--unique]
-Prints one line ``RESULT {json}``.
+[--no-trl-single].  Prints one line ``RESULT {json}``.
 """
 
 from __future__ import annotations
@@ -162,12 +171,38 @@ def trl_prepare(data: Path, model: Path, max_length: int, procs: int) -> dict | 
     return None
 
 
+def tokenizer_floor(data: Path, model: Path) -> float:
+    """Seconds the Rust tokenizer alone takes, in one process, to tokenize every message of
+    ``data`` (role header and content, batched, no offsets): the part of any preparation's time
+    that batching or fewer Python calls cannot remove."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process, like each worker
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
+    texts = [
+        m["role"] + "\n" + m["content"]
+        for line in data.read_text(encoding="utf-8").splitlines()
+        for m in json.loads(line)["messages"]
+    ]
+    t0 = time.perf_counter()
+    for start in range(0, len(texts), 10_000):
+        tok.encode_batch_fast(texts[start : start + 10_000], add_special_tokens=False)
+    elapsed = time.perf_counter() - t0
+    if before is None:
+        del os.environ["TOKENIZERS_PARALLELISM"]
+    else:
+        os.environ["TOKENIZERS_PARALLELISM"] = before
+    return elapsed
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fixture", default="/tmp/famtune-bench-fixture")
     ap.add_argument("--conversations", type=int, default=100_000)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--unique", action="store_true", help="distinct conversations instead of a repeated fixture")
+    ap.add_argument("--no-trl-single", action="store_true", help="measure TRL with dataset_num_proc only")
     args = ap.parse_args()
     fixture = ensure_fixture(Path(args.fixture))
     data = unique_file(fixture, args.conversations) if args.unique else repeated_file(fixture, args.conversations)
@@ -196,7 +231,14 @@ def main() -> int:
         "famtune_cold_conv_per_s": round(n / cold_s),
         "famtune_warm_conv_per_s": round(n / warm_s),
     }
-    trl = trl_prepare(data, model, args.max_length, 0)
+    floor_s = tokenizer_floor(data, model)
+    result.update(
+        tokenizer_only_s=round(floor_s, 2),
+        tokenizer_only_conv_per_s=round(n / floor_s),
+    )
+    if not TRL_PYTHON.exists():
+        result["trl"] = f"not measured: no TRL interpreter at {TRL_PYTHON} (set TRL_PYTHON; see the module docstring)"
+    trl = trl_prepare(data, model, args.max_length, 0) if TRL_PYTHON.exists() and not args.no_trl_single else None
     if trl:
         result.update(
             trl_s=round(trl["seconds"], 2),
@@ -211,6 +253,8 @@ def main() -> int:
             trl_num_proc_s=round(trl_par["seconds"], 2),
             trl_num_proc_conv_per_s=round(n / trl_par["seconds"]),
             ratio_cold_vs_trl_num_proc=round(trl_par["seconds"] / cold_s, 2),
+            # What no preparation that tokenizes every text with this tokenizer can beat.
+            ceiling_ratio_vs_trl_num_proc=round(trl_par["seconds"] / (floor_s / procs), 2),
         )
     print("RESULT " + json.dumps(result))
     return 0
