@@ -21,8 +21,12 @@ TRL runs in its own interpreter (``TRL_PYTHON``, default /tmp/trlvenv/bin/python
 ``python -m venv /tmp/trlvenv && /tmp/trlvenv/bin/pip install torch==2.13.0 transformers trl datasets``;
 without it the result says TRL was not measured.
 
+``--before DIR`` also measures another checkout's famtune (its ``core/`` directory) cold, the same way.
+Wall times on a shared machine follow the other jobs; the ``cpu_s`` fields (this process and its
+workers) do much less, so compare those when the load changes during a run.
+
 Usage: python bench/preprocess_throughput.py [--fixture DIR] [--conversations 100000] [--unique]
-[--no-trl-single].  Prints one line ``RESULT {json}``.
+[--no-trl-single] [--before DIR].  Prints one line ``RESULT {json}``.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ TRL_PYTHON = Path(os.environ.get("TRL_PYTHON", "/tmp/trlvenv/bin/python"))
 
 # Run by TRL's interpreter: the preparation SFTTrainer performs before training, nothing else.
 TRL_PREP = r"""
-import json, sys, time, tempfile
+import json, resource, sys, time, tempfile
 import datasets
 from datasets import load_dataset
 from transformers import AutoTokenizer
@@ -54,6 +58,10 @@ from trl import SFTConfig, SFTTrainer
 datasets.disable_progress_bars()
 data, model, max_length, procs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 tok = AutoTokenizer.from_pretrained(model)
+def cpu():
+    return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for f in ("ru_utime", "ru_stime"))
+c0 = cpu()
 t0 = time.perf_counter()
 with tempfile.TemporaryDirectory() as cache:  # a fresh datasets cache: nothing reused from earlier runs
     ds = load_dataset("json", data_files=data, split="train", cache_dir=cache)
@@ -67,7 +75,7 @@ with tempfile.TemporaryDirectory() as cache:  # a fresh datasets cache: nothing 
     out = SFTTrainer._prepare_dataset(Host(), ds, tok, args, False, None, "train")
     n = len(out)
     elapsed = time.perf_counter() - t0
-print("TRL", json.dumps({"seconds": elapsed, "rows": n}))
+print("TRL", json.dumps({"seconds": elapsed, "cpu_seconds": cpu() - c0, "rows": n}))
 """
 
 
@@ -134,7 +142,19 @@ def unique_file(fixture: Path, n: int) -> Path:
     return out
 
 
-def famtune_prepare(data: Path, model: Path, max_length: int) -> tuple[float, int, list[str]]:
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the encoding workers): on a shared
+    machine this, unlike wall time, does not grow with the other jobs."""
+    import resource
+
+    return sum(
+        getattr(resource.getrusage(who), f)
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        for f in ("ru_utime", "ru_stime")
+    )
+
+
+def famtune_prepare(data: Path, model: Path, max_length: int) -> tuple[float, float, int, list[str]]:
     from famtune.checkpoint import open_checkpoint
     from famtune.samples import prepare_samples
 
@@ -150,9 +170,9 @@ def famtune_prepare(data: Path, model: Path, max_length: int) -> tuple[float, in
         eval_split=0.0,
         seed=0,
     )
-    t0 = time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     train, _, report = prepare_samples(recipe, ckpt.family, tok, "all_assistant")
-    return time.perf_counter() - t0, len(train), report.lines()
+    return time.perf_counter() - t0, cpu_seconds() - c0, len(train), report.lines()
 
 
 def trl_prepare(data: Path, model: Path, max_length: int, procs: int) -> dict | None:
@@ -196,6 +216,20 @@ def tokenizer_floor(data: Path, model: Path) -> float:
     return elapsed
 
 
+def famtune_elsewhere(core: str, argv: list[str]) -> dict:
+    """famtune's cold preparation with another checkout's ``core/`` first on the path."""
+    res = subprocess.run(
+        [sys.executable, __file__, *argv, "--famtune-only"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": core},
+    )
+    for line in res.stdout.splitlines():
+        if line.startswith("FAMTUNE "):
+            return json.loads(line[8:])
+    raise SystemExit(f"famtune from {core} failed:\n{res.stderr[-2000:]}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fixture", default="/tmp/famtune-bench-fixture")
@@ -203,6 +237,8 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--unique", action="store_true", help="distinct conversations instead of a repeated fixture")
     ap.add_argument("--no-trl-single", action="store_true", help="measure TRL with dataset_num_proc only")
+    ap.add_argument("--before", help="another famtune checkout's core/ directory, measured cold the same way")
+    ap.add_argument("--famtune-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     fixture = ensure_fixture(Path(args.fixture))
     data = unique_file(fixture, args.conversations) if args.unique else repeated_file(fixture, args.conversations)
@@ -211,8 +247,11 @@ def main() -> int:
     cache = tempfile.mkdtemp(prefix="famtune-prep-cache-")
     os.environ["FAMTUNE_CACHE"] = cache
     try:
-        cold_s, kept, cold_lines = famtune_prepare(data, model, args.max_length)
-        warm_s, kept_warm, warm_lines = famtune_prepare(data, model, args.max_length)
+        cold_s, cold_cpu, kept, cold_lines = famtune_prepare(data, model, args.max_length)
+        if args.famtune_only:
+            print("FAMTUNE " + json.dumps({"seconds": cold_s, "cpu_seconds": cold_cpu, "samples": kept}))
+            return 0
+        warm_s, _, kept_warm, warm_lines = famtune_prepare(data, model, args.max_length)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     assert kept == kept_warm, (kept, kept_warm)
@@ -229,12 +268,23 @@ def main() -> int:
         "famtune_cold_s": round(cold_s, 2),
         "famtune_warm_s": round(warm_s, 2),
         "famtune_cold_conv_per_s": round(n / cold_s),
+        "famtune_cold_cpu_s": round(cold_cpu, 2),
         "famtune_warm_conv_per_s": round(n / warm_s),
     }
+    if args.before:
+        before = famtune_elsewhere(args.before, sys.argv[1:])
+        result.update(
+            before_cold_s=round(before["seconds"], 2),
+            before_cold_conv_per_s=round(n / before["seconds"]),
+            before_cold_cpu_s=round(before["cpu_seconds"], 2),
+        )
+    floor_c0 = cpu_seconds()
     floor_s = tokenizer_floor(data, model)
+    floor_cpu = cpu_seconds() - floor_c0
     result.update(
         tokenizer_only_s=round(floor_s, 2),
         tokenizer_only_conv_per_s=round(n / floor_s),
+        tokenizer_only_cpu_s=round(floor_cpu, 2),
     )
     if not TRL_PYTHON.exists():
         result["trl"] = f"not measured: no TRL interpreter at {TRL_PYTHON} (set TRL_PYTHON; see the module docstring)"
@@ -244,6 +294,7 @@ def main() -> int:
             trl_s=round(trl["seconds"], 2),
             trl_conv_per_s=round(n / trl["seconds"]),
             ratio_cold_vs_trl=round(trl["seconds"] / cold_s, 2),
+            trl_cpu_s=round(trl["cpu_seconds"], 2),
             ratio_warm_vs_trl=round(trl["seconds"] / warm_s, 2),
         )
     trl_par = trl_prepare(data, model, args.max_length, procs) if procs > 1 else None
@@ -253,8 +304,11 @@ def main() -> int:
             trl_num_proc_s=round(trl_par["seconds"], 2),
             trl_num_proc_conv_per_s=round(n / trl_par["seconds"]),
             ratio_cold_vs_trl_num_proc=round(trl_par["seconds"] / cold_s, 2),
+            trl_num_proc_cpu_s=round(trl_par["cpu_seconds"], 2),
+            cpu_ratio_cold_vs_trl_num_proc=round(trl_par["cpu_seconds"] / cold_cpu, 2),
             # What no preparation that tokenizes every text with this tokenizer can beat.
             ceiling_ratio_vs_trl_num_proc=round(trl_par["seconds"] / (floor_s / procs), 2),
+            cpu_ceiling_ratio_vs_trl_num_proc=round(trl_par["cpu_seconds"] / floor_cpu, 2),
         )
     print("RESULT " + json.dumps(result))
     return 0
