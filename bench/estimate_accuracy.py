@@ -5,21 +5,29 @@ For three random-weight Qwen2-architecture models (8 M to 130 M parameters), run
 steps on the CPU set up as ``famtune train`` does (NF4 double quant, fp32 compute, LoRA r=16 on all
 linear layers, dropout 0.05, gradient checkpointing) and counts live tensor storage bytes during
 the second step (``famtune.estimate.LiveTensorBytes``), then compares with the estimate.
-Then answers the headline question for InternLM2-7B (config only, nothing downloaded): does a
-QLoRA run fit in 8 GB, and why.
+A fourth row is a small Gemma-2 model whose logits are soft-capped (64k vocabulary), so famtune's
+fused head loss cannot be used and the full logits make the peak. Then answers the headline
+question for InternLM2-7B (config only, nothing downloaded): does a QLoRA run fit in 8 GB, and why.
 
-Usage: python bench/estimate_accuracy.py.  Prints one line ``RESULT {json}``.
+``--wide`` adds the shared bench's wide fixture (``make_fixture.py OUT --shape wide``: 172.5 M
+parameters, a 151,936-row head) at batch 8 x 512, as the training benchmark runs it. It is heavy:
+about 4 GB of memory and a few minutes on two cores.
+
+Usage: python bench/estimate_accuracy.py [--wide [--wide-fixture DIR]].  Prints one line ``RESULT {json}``.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 MIB = 2**20
+SHARED_BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench"
 SIZES = [  # hidden, intermediate, layers, vocab, batch, seq
     (256, 704, 4, 8000, 2, 256),  # the shared bench fixture's shape: the loss peak dominates
     (1024, 2816, 4, 4000, 2, 256),  # one recomputed layer dominates
@@ -49,12 +57,45 @@ INTERNLM2_7B = {
 }
 
 
-def accuracy(root: Path) -> list[dict]:
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+def _row(model: Path, *, batch: int, seq: int, family: str | None = None, label: str = "") -> dict:
     from famtune.estimate import estimate_recipe, measure_cpu_peak
     from famtune.recipe import Recipe
+
+    recipe = dataclasses.replace(
+        Recipe(),
+        model=str(model),
+        family=family,
+        data="unused",
+        compute_dtype="fp32",
+        lora_r=16,
+        lora_alpha=32,
+        lora_targets="all-linear",
+        max_length=seq,
+        batch_size=batch,
+    )
+    est = estimate_recipe(recipe)
+    got = measure_cpu_peak(str(model), seq_len=seq, batch=batch, family=family)
+    row = {
+        "model": label,
+        "params_m": round(est.details["params"] / 1e6, 1),
+        "hidden": est.details["hidden"],
+        "layers": est.details["layers"],
+        "vocab": est.details["vocab"],
+        "batch": batch,
+        "seq": seq,
+        "fused_head": est.details["fused_head"],
+        "estimate_mib": round(est.total / MIB, 1),
+        "measured_mib": round(got["total"] / MIB, 1),
+        "error_pct": round(100 * (est.total / got["total"] - 1), 1),
+        "peak": est.details["activation_peak"],
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def accuracy(root: Path) -> list[dict]:
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     rows = []
     for i, (hidden, inter, layers, vocab, batch, seq) in enumerate(SIZES):
@@ -70,35 +111,32 @@ def accuracy(root: Path) -> list[dict]:
         )
         path = root / f"m{i}"
         Qwen2ForCausalLM(config).save_pretrained(path)
-        recipe = dataclasses.replace(
-            Recipe(),
-            model=str(path),
-            data="unused",
-            compute_dtype="fp32",
-            lora_r=16,
-            lora_alpha=32,
-            lora_targets="all-linear",
-            max_length=seq,
-            batch_size=batch,
-        )
-        est = estimate_recipe(recipe)
-        got = measure_cpu_peak(str(path), seq_len=seq, batch=batch)
-        rows.append(
-            {
-                "params_m": round(est.details["params"] / 1e6, 1),
-                "hidden": hidden,
-                "layers": layers,
-                "vocab": vocab,
-                "batch": batch,
-                "seq": seq,
-                "estimate_mib": round(est.total / MIB, 1),
-                "measured_mib": round(got["total"] / MIB, 1),
-                "error_pct": round(100 * (est.total / got["total"] - 1), 1),
-                "peak": est.details["activation_peak"],
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
+        rows.append(_row(path, batch=batch, seq=seq, label="qwen2"))
+    torch.manual_seed(0)
+    capped = Gemma2Config(
+        vocab_size=64000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        final_logit_softcapping=5.0,
+    )
+    Gemma2ForCausalLM(capped).save_pretrained(root / "softcap")
+    # No plugin claims Gemma-2; a family is named so the checkpoint opens (its loader is the default one).
+    rows.append(_row(root / "softcap", batch=2, seq=512, family="qwen2", label="gemma2 soft-capped"))
     return rows
+
+
+def wide(fixture: Path) -> dict:
+    if not (fixture / "model" / "config.json").exists():
+        subprocess.run(
+            [sys.executable, str(SHARED_BENCH / "make_fixture.py"), str(fixture), "--shape", "wide"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    return _row(fixture / "model", batch=8, seq=512, label="wide fixture")
 
 
 def internlm2_7b(root: Path) -> dict:
@@ -123,8 +161,16 @@ def internlm2_7b(root: Path) -> dict:
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--wide", action="store_true", help="add the wide fixture (heavy: ~4 GB, a few minutes)")
+    ap.add_argument(
+        "--wide-fixture", default="/tmp/famtune-bench-wide", help="where the wide fixture is (built if absent)"
+    )
+    args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="famtune-estimate-") as tmp:
         rows = accuracy(Path(tmp))
+        if args.wide:
+            rows.append(wide(Path(args.wide_fixture)))
         headline = internlm2_7b(Path(tmp))
     result = {"sizes": rows, "max_abs_error_pct": max(abs(r["error_pct"]) for r in rows), **headline}
     print("RESULT " + json.dumps(result))

@@ -275,6 +275,44 @@ def test_loftq_runs_where_peft_can_compute_it(tiny, tmp_path):
         assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("entry", ["replace_lora_weights_loftq", "LoftQConfig"])
+def test_peft_computes_loftq_on_cuda_only_which_is_why_famtune_refuses_it_on_cpu(tiny, entry):
+    """Both of PEFT's LoftQ entry points move the weight to a hard-coded CUDA/XPU device (peft 0.21.2,
+    utils/loftq_utils.py lines 70-72 and 112-115). When a PEFT upgrade computes LoftQ on CPU this
+    fails: then drop famtune's CPU guard in AdapterRun.attach and add LoftQ to the adapter matrix."""
+    import torch
+    from peft import LoftQConfig, LoraConfig, get_peft_model, replace_lora_weights_loftq
+
+    from famtune.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(str(tiny))
+
+    def loftq() -> None:
+        if entry == "replace_lora_weights_loftq":  # on an already-quantized NF4 model
+            model = get_peft_model(
+                ckpt.load_model(quantization="nf4", compute_dtype="fp32"),
+                LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"),
+            )
+            replace_lora_weights_loftq(model, model_path=str(tiny))
+        else:  # PEFT quantizes a full-precision weight itself
+            get_peft_model(
+                ckpt.load_model(quantization="none", compute_dtype="fp32"),
+                LoraConfig(
+                    r=4,
+                    target_modules=["q_proj"],
+                    init_lora_weights="loftq",
+                    loftq_config=LoftQConfig(loftq_bits=4),
+                    task_type="CAUSAL_LM",
+                ),
+            )
+
+    if torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        loftq()  # where famtune's guard lets LoftQ through, PEFT computes it
+    else:
+        with pytest.raises((AssertionError, RuntimeError), match="(?i)cuda|xpu"):
+            loftq()
+
+
 @pytest.mark.slow
 def test_bundled_baichuan2_recipe_runs_on_a_tiny_baichuan2(tmp_path):
     from famtune.train import train

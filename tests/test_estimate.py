@@ -82,3 +82,79 @@ def test_bad_budget_is_a_one_line_error():
     with pytest.raises(FamtuneError, match="'lots'"):
         parse_size("lots")
     assert parse_size("8GB") == parse_size("8GiB") == 8 * 1024**3 and parse_size("500MB") == 500 * 1024**2
+
+
+# google/gemma-2-2b config.json, as published (tie_word_embeddings is not in it: it defaults to true).
+GEMMA2_2B = {
+    "architectures": ["Gemma2ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "attn_logit_softcapping": 50.0,
+    "bos_token_id": 2,
+    "cache_implementation": "hybrid",
+    "eos_token_id": 1,
+    "final_logit_softcapping": 30.0,
+    "head_dim": 256,
+    "hidden_act": "gelu_pytorch_tanh",
+    "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 2304,
+    "initializer_range": 0.02,
+    "intermediate_size": 9216,
+    "max_position_embeddings": 8192,
+    "model_type": "gemma2",
+    "num_attention_heads": 8,
+    "num_hidden_layers": 26,
+    "num_key_value_heads": 4,
+    "pad_token_id": 0,
+    "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "torch_dtype": "float32",
+    "use_cache": True,
+    "vocab_size": 256000,
+}
+
+
+def _recipe(model, **kw):
+    # No plugin claims Gemma-2: a family is named so the checkpoint opens; only its loader is used.
+    base = dict(model=str(model), family="qwen2", data="unused", lora_r=16, lora_alpha=32, lora_targets="all-linear")
+    return dataclasses.replace(Recipe(), **{**base, **kw})
+
+
+def test_tied_head_is_counted_once_and_a_soft_capped_head_is_not_fused(tmp_path):
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    (tmp_path / "config.json").write_text(json.dumps(GEMMA2_2B))
+    with torch.device("meta"):
+        truth = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path))
+    est = estimate_recipe(_recipe(tmp_path, max_length=512, batch_size=1))
+    assert est.details["params"] == sum(p.numel() for p in truth.parameters())
+    assert est.details["fused_head"] is False
+    # The full logits (fp32 under QLoRA) are part of the peak.
+    assert est.activations > 512 * GEMMA2_2B["vocab_size"] * 4
+
+
+@pytest.mark.parametrize("softcap", [5.0, None])
+def test_estimate_of_a_soft_capped_head_is_within_bound(tmp_path, softcap):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=16000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        final_logit_softcapping=softcap,
+    )
+    Gemma2ForCausalLM(config).save_pretrained(tmp_path)
+    est = estimate_recipe(_recipe(tmp_path, compute_dtype="fp32", max_length=128, batch_size=2))
+    measured = measure_cpu_peak(str(tmp_path), seq_len=128, batch=2, family="qwen2")
+    assert est.details["fused_head"] is (softcap is None)
+    error = est.total / measured["total"] - 1
+    assert abs(error) <= MAX_ERROR, (est.total, measured, est.details["activation_peak"])

@@ -231,7 +231,10 @@ class AdapterRun:
             from peft import replace_lora_weights_loftq
 
             if not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())):
-                # peft 0.21's _loftq_init_new computes on "cuda" (or "xpu") whatever the model's device
+                # peft 0.21.2 moves W to a hard-coded "cuda" (or "xpu") in both of its LoftQ entry
+                # points: peft/utils/loftq_utils.py lines 70-72 (loftq_init, behind LoraConfig's
+                # init_lora_weights="loftq") and 112-115 (_loftq_init_new, behind
+                # replace_lora_weights_loftq); its CPU quantizer was removed in PEFT 0.20.
                 raise FamtuneError(
                     "lora_init: loftq runs PEFT's LoftQ, which computes on a CUDA or XPU device and "
                     "none is present; use lora_init: default or pissa on this machine"

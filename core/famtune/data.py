@@ -130,15 +130,7 @@ def read_conversations(path: str, fmt: str = "auto", skip_bad_records: bool = Fa
     skipped: list[tuple[int, str]] = []
     for line, value in _records(source, text):
         try:
-            if isinstance(value, _BadRecord):
-                raise value
-            record = _as_object(value)
-            if chosen is None:
-                record_format = _detect_or_explain(record)
-            else:
-                _check_format(record, chosen, origin)
-                record_format = chosen
-            messages = _to_messages(record_format, record)
+            record_format, messages = _read_record(value, chosen, origin)
         except _BadRecord as bad:
             if not skip_bad_records:
                 raise DataError(source, line, bad.problem, bad.advice) from None
@@ -149,16 +141,126 @@ def read_conversations(path: str, fmt: str = "auto", skip_bad_records: bool = Fa
         conversations.append(Conversation(messages=messages, source=source, line=line))
 
     if not conversations:
-        first_line, first_problem = skipped[0]
-        count = f"all {len(skipped)} records are bad" if len(skipped) > 1 else "its only record is bad"
-        raise DataError(
-            source,
-            None,
-            f"no usable conversations: {count} (first at line {first_line}: {first_problem})",
-            "fix the records or check the file's format",
-        )
+        raise no_usable_error(source, skipped)
     assert chosen is not None
     return ReadReport(conversations=conversations, skipped=skipped, format=chosen)
+
+
+def _read_record(value: Any, chosen: str | None, origin: int | None) -> tuple[str, list[dict[str, str]]]:
+    """One decoded record's format and messages; raises ``_BadRecord``."""
+    if isinstance(value, _BadRecord):
+        raise value
+    record = _as_object(value)
+    if chosen is None:
+        record_format = _detect_or_explain(record)
+    else:
+        _check_format(record, chosen, origin)
+        record_format = chosen
+    return record_format, _to_messages(record_format, record)
+
+
+def no_usable_error(source: str, skipped: list[tuple[int, str]]) -> DataError:
+    first_line, first_problem = skipped[0]
+    count = f"all {len(skipped)} records are bad" if len(skipped) > 1 else "its only record is bad"
+    return DataError(
+        source,
+        None,
+        f"no usable conversations: {count} (first at line {first_line}: {first_problem})",
+        "fix the records or check the file's format",
+    )
+
+
+@dataclass
+class LinesPlan:
+    """A JSON Lines file split for reading in parts (by worker processes): its lines, and the format
+    fixed by its first clean record, read here with the bad records before it."""
+
+    source: str
+    lines: list[str]
+    format: str
+    origin: int | None  # the line that fixed the format (None: the format was given)
+    start: int  # index into ``lines`` of the first line not read yet
+    head: ReadReport  # what the lines before ``start`` gave
+    skip_bad_records: bool
+
+
+@dataclass
+class LinesPart:
+    """What :func:`read_lines` read from lines ``[a, b)`` of a plan."""
+
+    conversations: list[Conversation]
+    skipped: list[tuple[int, str]]
+    # The first bad record as (line, problem, advice), unless bad records are skipped: plain
+    # values, so a worker process can send it back.
+    error: tuple[int, str, str] | None
+
+    def raise_error(self, source: str) -> None:
+        if self.error is not None:
+            raise DataError(source, *self.error)
+
+
+def plan_lines(path: str, fmt: str = "auto", skip_bad_records: bool = False) -> LinesPlan | None:
+    """Prepare ``path`` for :func:`read_lines` if it is JSON Lines; None for a JSON array or a
+    single-record file (read those with :func:`read_conversations`). Raises like
+    :func:`read_conversations` for the file and for the records read here."""
+    if fmt != "auto" and fmt not in _formats():
+        raise FamtuneError(f"unknown data format {_quote(fmt)}; expected one of auto, {', '.join(_formats())}")
+    source = os.fspath(path)
+    text = _read_text(source)
+    start = _WHITESPACE_RUN.match(text).end()
+    if text[start] == "[":
+        return None
+    if text[start] == "{":
+        try:
+            json.loads(text)
+            return None
+        except json.JSONDecodeError:
+            pass
+    # Split on "\n" only, as _jsonl_records does (U+2028 and friends may sit raw inside strings).
+    lines = text.split("\n")
+    del text
+    head = ReadReport(conversations=[], skipped=[], format=fmt)
+    if fmt != "auto":
+        return LinesPlan(source, lines, fmt, None, 0, head, skip_bad_records)
+    for index, raw in enumerate(lines):
+        part = _read_line_range(source, lines, index, index + 1, None, None, skip_bad_records)
+        part.raise_error(source)
+        head.skipped += part.skipped
+        if part.conversations:
+            head.conversations = part.conversations
+            head.format = _detect_or_explain(_as_object(json.loads(raw)))
+            return LinesPlan(source, lines, head.format, index + 1, index + 1, head, skip_bad_records)
+    raise no_usable_error(source, head.skipped)
+
+
+def read_lines(plan: LinesPlan, a: int, b: int) -> LinesPart:
+    """Read lines ``[a, b)`` (0-based indexes into ``plan.lines``) as :func:`read_conversations`
+    would; the first bad record is returned, not raised, so a worker can hand it back."""
+    return _read_line_range(plan.source, plan.lines, a, b, plan.format, plan.origin, plan.skip_bad_records)
+
+
+def _read_line_range(
+    source: str, lines: list[str], a: int, b: int, chosen: str | None, origin: int | None, skip: bool
+) -> LinesPart:
+    part = LinesPart([], [], None)
+    for number in range(a + 1, b + 1):
+        raw = lines[number - 1]
+        if not raw.strip(_JSON_WHITESPACE):
+            continue
+        try:
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise _BadRecord(f"invalid JSON ({exc.msg} at column {exc.colno})", _SKIP_ADVICE) from None
+            _, messages = _read_record(value, chosen, origin)
+        except _BadRecord as bad:
+            if not skip:
+                part.error = (number, bad.problem, bad.advice)
+                return part
+            part.skipped.append((number, bad.problem))
+            continue
+        part.conversations.append(Conversation(messages=messages, source=source, line=number))
+    return part
 
 
 # --- reading the file ---------------------------------------------------------------------------

@@ -11,7 +11,11 @@ Nothing is loaded but the module tree on the meta device. The estimate follows w
   (``famtune.loss``) computes the head and the cross-entropy a chunk of rows at a time and keeps
   only the gradient of the hidden states, so the loss peak is one fp32 ``chunk x vocab`` tensor
   (at most ``CHUNK_ELEMENTS`` values) plus a few fp32 ``tokens x hidden`` ones, whatever the
-  vocabulary; every token is counted as supervised (the worst case).
+  vocabulary; every token is counted as supervised (the worst case). A model that changes its
+  head's output (Gemma-2's logit soft-capping, a logit scale) cannot take that loss (the check is
+  ``famtune.loss.head_is_fusable``, the one training makes): its full ``tokens x vocab`` logits, what
+  the model computes from them and the cross-entropy's copies and gradients are counted instead;
+- parameters: a head tied to the input embeddings is one matrix, counted once.
 
 The per-token counts of one recomputed layer (``_HIDDEN_PER_TOKEN``, ``_INTERMEDIATE_PER_TOKEN``) are
 fitted to the measured peaks of famtune's own training step (``measure_cpu_peak``: famtune's loss and
@@ -39,6 +43,10 @@ _KV_PER_TOKEN = 2
 # plus the final hidden states, the supervised rows and their gradient (tokens x hidden each).
 _CHUNK_COPIES = 1
 _HIDDEN_AT_LOSS = 3
+# A head famtune cannot fuse (soft-capped or rescaled logits): tokens x vocab tensors alive at the
+# loss peak, and still held while backward goes through the layers.
+_UNFUSED_LOGIT_COPIES = 4
+_UNFUSED_LOGITS_HELD = 1
 # Bytes per weight of NF4 with double quantization: 4 bits, one uint8 scale per 64-value block and
 # one fp32 scale per 256 blocks.
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -140,14 +148,24 @@ def estimate_model(
     name: str = "",
     adapter: str = "lora",
     lora_init: str = "default",
+    fused_head: bool | None = None,
 ) -> MemoryEstimate:
     """The estimate for a meta-device ``model`` whose ``nf4_modules`` are quantized (empty: none).
+
+    ``fused_head`` says whether training takes famtune's chunked fused loss; None asks
+    ``famtune.loss.head_is_fusable``, the check training itself makes (on the frozen model, as
+    training has it: this freezes ``model``'s parameters; ask before NF4 layers replace the
+    linear ones, which cannot run on the meta device).
 
     ``adapter`` and ``lora_init`` add each method's own memory (see ``_method_memory``); for
     AdaLoRA ``lora_r`` is the initial rank, which the adapter keeps allocated until training ends.
     """
     import torch
 
+    from famtune.loss import CHUNK_ELEMENTS
+
+    if fused_head is None:
+        fused_head = _frozen_head_is_fusable(model)
     quantized = bool(nf4_modules)
     plain_dtype = torch.float32 if quantized else compute_dtype
     modules = dict(model.named_modules())
@@ -186,16 +204,25 @@ def estimate_model(
     copies_hidden = sum(1 for i in lora_in if i == hidden) / max(layers, 1) if lora_dropout > 0 else 0
     copies_inter = sum(1 for i in lora_in if i != hidden) / max(layers, 1) if lora_dropout > 0 else 0
     saved_inputs = (layers + 1) * tokens * hidden * 4  # fp32 residual stream: embeddings are upcast
-    from famtune.loss import CHUNK_ELEMENTS
-
-    chunk = min(tokens, max(1, CHUNK_ELEMENTS // vocab))
-    logits_held = tokens * hidden * 4  # the loss keeps only d loss / d hidden for backward
     head_bytes = 4 if quantized else act  # the head stays fp32 under QLoRA; otherwise it computes in act
-    loss_peak = (
-        _CHUNK_COPIES * chunk * vocab * 4
-        + (2 * chunk * vocab * head_bytes if head_bytes < 4 else 0)
-        + _HIDDEN_AT_LOSS * tokens * hidden * 4
-    )
+    if fused_head:
+        chunk = min(tokens, max(1, CHUNK_ELEMENTS // vocab))
+        logits_held = tokens * hidden * 4  # the loss keeps only d loss / d hidden for backward
+        loss_peak = (
+            _CHUNK_COPIES * chunk * vocab * 4
+            + (2 * chunk * vocab * head_bytes if head_bytes < 4 else 0)
+            + _HIDDEN_AT_LOSS * tokens * hidden * 4
+        )
+    else:
+        # The model's own head runs on every supervised row and its logits stay alive for backward:
+        # the head's output, what the model makes of it (soft-cap, scale), the cross-entropy's
+        # log-softmax and, in backward, their gradients.
+        logits_held = _UNFUSED_LOGITS_HELD * tokens * vocab * head_bytes + tokens * hidden * 4
+        loss_peak = (
+            _UNFUSED_LOGIT_COPIES * tokens * vocab * head_bytes
+            + (2 * tokens * vocab * 4 if head_bytes < 4 else 0)  # the cross-entropy's fp32 copies
+            + _HIDDEN_AT_LOSS * tokens * hidden * 4
+        )
     layer_peak = (
         tokens
         * act
@@ -231,7 +258,12 @@ def estimate_model(
     gradients = lora_params * 4 if layer_phase + lora_params * 4 > loss_phase else 0
     activations = loss_phase if not gradients else layer_phase
     peak_where = (
-        "loss: one chunk of logits and the hidden-state gradient"
+        (
+            "loss: one chunk of logits and the hidden-state gradient"
+            if fused_head
+            else "loss: the full logits and their gradient (the model changes its head's output, so the "
+            "chunked fused loss cannot be used)"
+        )
         if not gradients
         else "backward through one recomputed decoder layer"
         if checkpointing
@@ -256,6 +288,7 @@ def estimate_model(
         "plain_bytes": plain_numel * plain_dtype.itemsize,
         "plain_dtype": str(plain_dtype).split(".")[-1],
         "activation_peak": peak_where,
+        "fused_head": fused_head,
         "lora_per_layer": per_layer_targets,
         "adapter": adapter,
         "lora_init": lora_init,
@@ -362,6 +395,8 @@ def estimate_recipe(recipe: Any, *, seq_len: int | None = None) -> MemoryEstimat
     # "auto" means bf16 on an accelerator, which is what the estimate is for.
     compute = torch.bfloat16 if recipe.compute_dtype == "auto" else resolve_dtype(recipe.compute_dtype)
     model = meta_model(ckpt, compute)
+    # Asked before the NF4 layers replace the linear ones (they cannot run on the meta device).
+    fused_head = _frozen_head_is_fusable(model)
     nf4: set[str] = set()
     if recipe.quantization == "nf4":
         qconf = model_load_kwargs("nf4", str(compute).split(".")[-1], device=torch.device("cpu"))["quantization_config"]
@@ -383,7 +418,16 @@ def estimate_recipe(recipe: Any, *, seq_len: int | None = None) -> MemoryEstimat
         name=recipe.model,
         adapter=getattr(recipe, "adapter", "lora"),
         lora_init=getattr(recipe, "lora_init", "default"),
+        fused_head=fused_head,
     )
+
+
+def _frozen_head_is_fusable(model: Any) -> bool:
+    from famtune.loss import head_is_fusable
+
+    for p in model.parameters():  # frozen as in training, where the fused loss requires it
+        p.requires_grad_(False)
+    return head_is_fusable(model)
 
 
 def meta_model(ckpt: Any, dtype: Any) -> Any:
@@ -398,7 +442,11 @@ def meta_model(ckpt: Any, dtype: Any) -> Any:
         try:
             config = AutoConfig.from_pretrained(ckpt.path, trust_remote_code=ckpt.trust_remote_code)
             with init_empty_weights():
-                return AutoModelForCausalLM.from_config(config, dtype=dtype)
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            # from_config under init_empty_weights leaves a tied head as a second matrix, which
+            # would be counted twice (a Gemma-2-2B config came out at 3.20 B parameters, not 2.61 B).
+            model.tie_weights()
+            return model
         except Exception as exc:
             raise FamtuneError(
                 f"{ckpt.path}: cannot build the model from its config ({type(exc).__name__}: "

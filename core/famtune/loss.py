@@ -35,6 +35,10 @@ from famtune.encoding import IGNORE_INDEX
 
 # Logit values computed at once by the fused loss: 16M fp32 values = 64 MiB per chunk.
 CHUNK_ELEMENTS = 1 << 24
+# Rows the fusability check compares. A few rows decide it as well as all of them,
+# and all of them would materialise the full logits the fused loss exists to avoid (2,300 rows of
+# a 152k vocabulary are 1.4 GB of fp32, twice: the model's and the reference).
+PROBE_ROWS = 16
 
 
 def next_token_targets(labels):
@@ -54,7 +58,8 @@ def _unwrap(model):
 
 class _HeadHook:
     """For one forward pass: the output head sees only the rows in ``mask``; with ``capture``
-    it sees none of them and the selected hidden states are kept in ``hidden`` instead."""
+    it sees none of them and the selected hidden states are kept in ``hidden`` instead. A ``mask``
+    of None selects every row (what a meta-device probe can do: boolean indexing needs values)."""
 
     def __init__(self, head, mask, capture: bool) -> None:
         self.head, self.mask, self.capture = head, mask, capture
@@ -63,7 +68,7 @@ class _HeadHook:
 
     def _select(self, module, args, kwargs):
         self.fired = True
-        rows = args[0][self.mask]
+        rows = args[0].flatten(0, -2) if self.mask is None else args[0][self.mask]
         if self.capture:
             self.hidden = rows
             rows = rows[:0]
@@ -123,36 +128,63 @@ _FUSABLE: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
 def _fusable(model, head, inputs, mask) -> bool:
-    """Whether ``model`` returns exactly ``head(hidden)`` for the selected rows (checked once per
-    model). Both probe passes start from the same random state and leave it as it was, so dropout
-    draws the same masks in both and training's random stream is untouched."""
+    """Whether ``model`` returns exactly ``head(hidden)`` (checked once per model, on the first
+    ``PROBE_ROWS`` positions of a batch; every position when ``mask`` is None). Both probe passes
+    start from the same random state and leave it as it was, so dropout draws the same masks in
+    both and training's random stream is untouched.
+
+    On the meta device (``famtune estimate``) there are no values to compare: the model must
+    return the very tensor its head produced, which a soft-cap or a rescale would replace."""
     import torch
 
     if model in _FUSABLE:
         return _FUSABLE[model]
     ok = False
+    if mask is not None:
+        # The first positions of the batch, supervised or not: any rows show whether the model
+        # returns head(hidden), and the choice must not depend on the labels, or ranks of a
+        # multi-process run holding different labels would run different passes (and collectives).
+        first = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+        first[:PROBE_ROWS] = True
+        mask = first.view(mask.shape)
     if (
         isinstance(head, torch.nn.Linear)
         and not head.weight.requires_grad
         and (head.bias is None or not head.bias.requires_grad)
     ):
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        produced: list[Any] = []
         try:
             with torch.no_grad():
                 with torch.random.fork_rng(devices=devices), _HeadHook(head, mask, capture=True) as probe:
                     model(**inputs)
-                with torch.random.fork_rng(devices=devices), _HeadHook(head, mask, capture=False) as hook:
-                    logits = model(**inputs).logits
-                ok = (
-                    probe.hidden is not None
-                    and hook.fired
-                    and logits.dim() == 2
-                    and torch.equal(logits, head(probe.hidden))
-                )
+                seen = head.register_forward_hook(lambda module, args, out: produced.append(out))
+                try:
+                    with torch.random.fork_rng(devices=devices), _HeadHook(head, mask, capture=False) as hook:
+                        logits = model(**inputs).logits
+                finally:
+                    seen.remove()
+                ok = probe.hidden is not None and hook.fired and logits.dim() == 2
+                if ok:
+                    ok = produced[-1] is logits if logits.is_meta else torch.equal(logits, head(probe.hidden))
         except Exception:  # e.g. a sharded head that only its wrapper can run: use the model's head
             ok = False
     _FUSABLE[model] = ok
     return ok
+
+
+def head_is_fusable(model) -> bool:
+    """Whether :func:`causal_lm_loss` will take the fused head loss for ``model`` (frozen, as in
+    training; on any device, the meta device included): the same check, on a small batch."""
+    import torch
+
+    head = _unwrap(model).get_output_embeddings()
+    if head is None:
+        return False
+    vocab = head.weight.shape[0]
+    ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(head.weight.device)
+    # No attention mask: building one from a meta tensor would read its values.
+    return _fusable(model, head, {"input_ids": ids}, None)
 
 
 def causal_lm_loss(model, batch: dict[str, Any], num_items):
