@@ -61,7 +61,7 @@ def tokenizer_config(control_ids: dict[str, int]) -> dict:
         "eos_token": "</s>",
         "pad_token": "</s>",
         "unk_token": "<unk>",
-        "chat_template": template.CHAT_TEMPLATE,
+        "chat_template": template.PUBLISHED_CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": False,
         "tokenizer_class": "InternLM2Tokenizer",
     }
