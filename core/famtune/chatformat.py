@@ -247,9 +247,7 @@ class ChatFormat:
         self, tokenizer: Any, messages: list[dict[str, str]], masking: str, add_generation_prompt: bool
     ) -> EncodedConversation:
         if masking not in self.masking_policies:
-            raise ValueError(
-                f"unknown masking policy {masking!r}; expected one of {', '.join(self.masking_policies)}"
-            )
+            raise ValueError(f"unknown masking policy {masking!r}; expected one of {', '.join(self.masking_policies)}")
         self.check(messages, add_generation_prompt)
         b = ConversationBuilder(tokenizer, split_special_tokens=not self.control_tokens_in_content)
         ids = {t: b.token_id(t) for t in self.special_tokens}
@@ -328,22 +326,26 @@ class ChatFormat:
             )
         else:
             end = "{{- " + assistant_end + " -}}"
-        return (
-            "{%- if messages and messages[0]['role'] == 'system' -%}"
-            "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
-            "{%- else -%}{%- set system = " + default + " -%}{%- set turns = messages -%}{%- endif -%}"
-            "{{- " + q(self.begin) + " -}}"
-            "{%- if system is not none -%}{%- set c = " + system_content + " -%}" + system_block + "{%- endif -%}"
-            "{%- for message in turns -%}"
-            "{%- set c = " + content + " -%}"
-            "{%- if message['role'] == 'assistant' -%}"
+        assistant_block = (
             "{%- if loop.last -%}{{- " + q(self._last_prefix()) + " -}}"
             "{%- else -%}{{- " + q(self.assistant_prefix) + " -}}{%- endif -%}"
-            "{{- " + q(self.assistant_header) + " + " + shown + " -}}" + end + "{%- elif message['role'] == 'system' -%}" + system_block + "{%- else -%}"
-            "{{- " + q(self.user_prefix) + " + " + shown + " + " + q(self.user_suffix) + " -}}"
-            "{%- endif -%}"
-            "{%- endfor -%}"
-            "{%- if add_generation_prompt -%}{{- " + q(self._gen_prefix()) + " -}}{%- endif -%}"
+            "{{- " + q(self.assistant_header) + " + " + shown + " -}}" + end
+        )
+        user_block = "{{- " + q(self.user_prefix) + " + " + shown + " + " + q(self.user_suffix) + " -}}"
+        return "".join(
+            [
+                "{%- if messages and messages[0]['role'] == 'system' -%}",
+                "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}",
+                "{%- else -%}{%- set system = " + default + " -%}{%- set turns = messages -%}{%- endif -%}",
+                "{{- " + q(self.begin) + " -}}",
+                "{%- if system is not none -%}{%- set c = " + system_content + " -%}" + system_block + "{%- endif -%}",
+                "{%- for message in turns -%}{%- set c = " + content + " -%}",
+                "{%- if message['role'] == 'assistant' -%}" + assistant_block,
+                "{%- elif message['role'] == 'system' -%}" + system_block,
+                "{%- else -%}" + user_block + "{%- endif -%}",
+                "{%- endfor -%}",
+                "{%- if add_generation_prompt -%}{{- " + q(self._gen_prefix()) + " -}}{%- endif -%}",
+            ]
         )
 
     # -- view 3: FastChat ---------------------------------------------------------------------
@@ -364,7 +366,7 @@ class ChatFormat:
         return Conversation(
             name=self.name,
             system_template=_SystemTemplate(block, self.begin),
-            system_message=None if system is None else self._content(system),  # type: ignore[arg-type]
+            system_message=None if system is None else self._content(system),
             roles=(self.user_prefix, self.assistant_prefix),
             sep_style=SeparatorStyle.NO_COLON_TWO,
             sep=self.user_suffix,

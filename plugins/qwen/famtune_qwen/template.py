@@ -92,7 +92,9 @@ def official_labels(tokens: FormatTokens) -> list[int]:
     labels = []
     for tid, (role, part) in zip(tokens.input_ids, tokens.parts):
         keep = role in ("system", "user", "assistant") and (
-            part in ("suffix", "trailer") or (part == "prefix" and tid == start) or (role, part) == ("assistant", "content")
+            part in ("suffix", "trailer")
+            or (part == "prefix" and tid == start)
+            or (role, part) == ("assistant", "content")
         )
         labels.append(tid if keep else IGNORE_INDEX)
     return labels
