@@ -436,3 +436,28 @@ def _cut_after(builder: ConversationBuilder, head: str, text: str) -> tuple[list
 def _jinja_literal(text: str) -> str:
     # Jinja string literals take Python's escapes; JSON's are a subset of them.
     return json.dumps(text)
+
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+
+def chatml(name: str, *, extra_special_tokens: tuple[str, ...] = (), **options: Any) -> ChatFormat:
+    """A ChatML format: ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message.
+
+    The end-of-turn ``<|im_end|>`` is supervised with the reply, the newline after it is not.
+    ``extra_special_tokens`` are the family's other control tokens (a BOS it writes as ``begin``,
+    ``<|endoftext|>``); ``options`` are any other ``ChatFormat`` fields (``default_system``,
+    ``stop_tokens``, ``begin``, ...).
+    """
+    return ChatFormat(
+        name=name,
+        special_tokens=(*extra_special_tokens, IM_START, IM_END),
+        system_prefix=IM_START + "system\n",
+        system_suffix=IM_END + "\n",
+        user_prefix=IM_START + "user\n",
+        user_suffix=IM_END + "\n",
+        assistant_prefix=IM_START + "assistant\n",
+        assistant_suffix=IM_END,
+        assistant_trailer="\n",
+        **options,
+    )

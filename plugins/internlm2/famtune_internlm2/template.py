@@ -25,10 +25,8 @@
 
 from __future__ import annotations
 
-from famtune.chatformat import ChatFormat
+from famtune.chatformat import IM_END, chatml
 
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
 TEMPLATE_NAME = "famtune-internlm2"
 
 #: The template real checkpoints publish (internlm2-chat-7b tokenizer_config.json), for the tiny
@@ -47,17 +45,10 @@ def check_generation_prompt(messages: list[dict[str, str]], add_generation_promp
         )
 
 
-INTERNLM2 = ChatFormat(
-    name=TEMPLATE_NAME,
-    special_tokens=("<s>", IM_START, IM_END),
+INTERNLM2 = chatml(
+    TEMPLATE_NAME,
+    extra_special_tokens=("<s>",),
     begin="<s>",
-    system_prefix=IM_START + "system\n",
-    system_suffix=IM_END + "\n",
-    user_prefix=IM_START + "user\n",
-    user_suffix=IM_END + "\n",
-    assistant_prefix=IM_START + "assistant\n",
-    assistant_suffix=IM_END,
-    assistant_trailer="\n",
     join_assistant_prefix=True,
     # The remote chat() stops on eos or <|im_end|>.
     stop_tokens=("</s>", IM_END),

@@ -3,20 +3,11 @@ conformance suite. Run with ``pytest plugins/internlm2/tests`` after installing 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 pytest_plugins = ["famtune.testing"]
 
 
-def test_famtune_discovers_the_plugin():
-    out = subprocess.run(
-        [sys.executable, "-m", "famtune.cli", "plugins", "--json"], capture_output=True, text=True, check=True
-    )
-    [me] = [p for p in json.loads(out.stdout)["plugins"] if p["name"] == "internlm2"]
-    assert me["distribution"] == "famtune-internlm2" and me["families"] == ["internlm2"]
-    assert me["hooks"] == ["famtune_recipe_dirs", "famtune_register_families"]
+def test_famtune_discovers_the_plugin(famtune_discovery):
+    famtune_discovery("internlm2", "famtune-internlm2", ["internlm2"])
 
 
 def test_conformance(famtune_conformance):

@@ -22,29 +22,25 @@ names and prompt text.
 
 from __future__ import annotations
 
-from famtune.chatformat import ChatFormat, FormatTokens
+from famtune.chatformat import IM_END, IM_START, ChatFormat, FormatTokens, chatml
 from famtune.encoding import IGNORE_INDEX
 from famtune.errors import FamtuneError
 
-IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+ENDOFTEXT = "<|endoftext|>"
 EMPTY_THINK = "<think>\n\n</think>\n\n"
 
 
+# <|im_end|> ends a chat turn; <|endoftext|> ends a document (what base models emit).
+STOP_TOKENS = (IM_END, ENDOFTEXT)
+
+
 def _chatml(family: str, default_system: str | None, final_assistant_prefix: str | None = None) -> ChatFormat:
-    return ChatFormat(
-        name=f"famtune-{family}",
-        special_tokens=(IM_START, IM_END, ENDOFTEXT),
-        system_prefix=IM_START + "system\n",
-        system_suffix=IM_END + "\n",
-        user_prefix=IM_START + "user\n",
-        user_suffix=IM_END + "\n",
-        assistant_prefix=IM_START + "assistant\n",
-        assistant_suffix=IM_END,
-        assistant_trailer="\n",
+    return chatml(
+        f"famtune-{family}",
+        extra_special_tokens=(ENDOFTEXT,),
         default_system=default_system,
         final_assistant_prefix=final_assistant_prefix,
-        # <|im_end|> ends a chat turn; <|endoftext|> ends a document (what base models emit).
-        stop_tokens=(IM_END, ENDOFTEXT),
+        stop_tokens=STOP_TOKENS,
     )
 
 
@@ -100,16 +96,9 @@ def official_labels(tokens: FormatTokens) -> list[int]:
     return labels
 
 
-QWEN1 = ChatFormat(
-    name="famtune-qwen1",
-    special_tokens=(IM_START, IM_END, ENDOFTEXT),
-    system_prefix=IM_START + "system\n",
-    system_suffix=IM_END + "\n",
-    user_prefix=IM_START + "user\n",
-    user_suffix=IM_END + "\n",
-    assistant_prefix=IM_START + "assistant\n",
-    assistant_suffix=IM_END,
-    assistant_trailer="\n",
+QWEN1 = chatml(
+    "famtune-qwen1",
+    extra_special_tokens=(ENDOFTEXT,),
     default_system=QWEN1_SYSTEM,
     content_apart=True,
     control_tokens_in_content=False,
