@@ -1,14 +1,10 @@
-"""The plugin's own tests: famtune discovers it, and every family with a tiny model passes famtune's
-conformance suite. Run with ``pytest plugins/internlm2/tests`` after installing the plugin."""
+"""famtune-internlm2's own tests, run after installing it: ``pytest plugins/internlm2/tests``."""
 
 from __future__ import annotations
 
 pytest_plugins = ["famtune.testing"]
 
 
-def test_famtune_discovers_the_plugin(famtune_discovery):
+def test_famtune_finds_the_plugin_and_its_families_conform(famtune_discovery, famtune_conformance):
     famtune_discovery("internlm2", "famtune-internlm2", ["internlm2"])
-
-
-def test_conformance(famtune_conformance):
     famtune_conformance("internlm2")
