@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pluggy
 
-from famtune.api import Model, fine_tune, generate, load_chat, make_recipe, merge_adapter, open_model, tiny_model
+from famtune import api
+from famtune.api import *  # noqa: F403  (exactly the names in famtune.api.__all__)
 
 __version__ = "0.1.0"
 
@@ -22,16 +23,4 @@ def load_ipython_extension(ipython) -> None:
     load(ipython)
 
 
-__all__ = [
-    "__version__",
-    "hookimpl",
-    # the Python API (famtune.api; docs/users/python-api.md)
-    "Model",
-    "open_model",
-    "tiny_model",
-    "load_chat",
-    "generate",
-    "make_recipe",
-    "fine_tune",
-    "merge_adapter",
-]
+__all__ = ["__version__", "hookimpl", *api.__all__]  # the Python API: docs/users/python-api.md
