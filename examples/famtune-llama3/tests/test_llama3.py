@@ -1,7 +1,6 @@
 """The example plugin's own tests: discovery, Meta's Llama-3 format, and famtune's conformance suite."""
 from __future__ import annotations
 
-
 import pytest
 
 pytest_plugins = ["famtune.testing"]
