@@ -118,3 +118,16 @@ def test_the_example_llama3_format_agrees_id_for_id(tmp_path):
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
+
+
+def test_a_format_whose_turns_end_at_the_next_role_token_needs_role_tokens():
+    with pytest.raises(ValueError, match="'User: ' does not"):
+        ChatFormat(
+            name="bad",
+            special_tokens=("<a>",),
+            user_prefix="User: ",
+            user_suffix="",
+            assistant_prefix="<a>",
+            assistant_suffix="",
+            turn_ends_with_next_role_token=True,
+        )
