@@ -35,6 +35,10 @@ from famtune.encoding import IGNORE_INDEX
 
 # Logit values computed at once by the fused loss: 16M fp32 values = 64 MiB per chunk.
 CHUNK_ELEMENTS = 1 << 24
+# Rows the fusability check compares. A few rows decide it as well as all of them,
+# and all of them would materialise the full logits the fused loss exists to avoid (2,300 rows of
+# a 152k vocabulary are 1.4 GB of fp32, twice: the model's and the reference).
+PROBE_ROWS = 16
 
 
 def next_token_targets(labels):
@@ -123,14 +127,21 @@ _FUSABLE: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
 def _fusable(model, head, inputs, mask) -> bool:
-    """Whether ``model`` returns exactly ``head(hidden)`` for the selected rows (checked once per
-    model). Both probe passes start from the same random state and leave it as it was, so dropout
-    draws the same masks in both and training's random stream is untouched."""
+    """Whether ``model`` returns exactly ``head(hidden)`` (checked once per model, on the first
+    ``PROBE_ROWS`` positions of a batch). Both probe passes start from the same random state and
+    leave it as it was, so dropout draws the same masks in both and training's random stream is
+    untouched."""
     import torch
 
     if model in _FUSABLE:
         return _FUSABLE[model]
     ok = False
+    # The first positions of the batch, supervised or not: any rows show whether the model returns
+    # head(hidden), and the choice must not depend on the labels, or ranks of a multi-process run
+    # holding different labels would run different passes (and different collectives).
+    first = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+    first[:PROBE_ROWS] = True
+    mask = first.view(mask.shape)
     if (
         isinstance(head, torch.nn.Linear)
         and not head.weight.requires_grad
