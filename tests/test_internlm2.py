@@ -346,9 +346,20 @@ def test_conversations_match_original_chat_code(family, tokenizer, name):
         assert family.encode(tokenizer, messages, "all_assistant", True).input_ids == persona["input_ids"]
 
 
-def test_chat_template_is_the_published_one(family):
+def test_derived_chat_template_renders_the_published_templates_ids(family, tokenizer):
+    """famtune saves the template derived from its one format definition, not the published string;
+    both must give the same ids for every conversation famtune accepts (template.py explains why)."""
     published = json.loads((TOKENIZER_DIR / "tokenizer_config.json").read_text())["chat_template"]
-    assert family.chat_template() == published
+    assert family.chat_template() != published
+    cases = [c["messages"] for c in CHAT_IDS["conversations"].values()] + TRAINING_CONVERSATIONS
+    for messages in cases:
+        for gen in (False, True):
+            msgs = messages[:-1] if gen and messages[-1]["role"] == "assistant" else messages
+            ours, theirs = (
+                tokenizer.apply_chat_template(msgs, chat_template=t, add_generation_prompt=gen, return_dict=False)
+                for t in (family.chat_template(), published)
+            )
+            assert ours == theirs, msgs
 
 
 TRAINING_CONVERSATIONS = [
@@ -448,6 +459,6 @@ def test_conversation_template(family):
     conv = get_conv_template("famtune-internlm2")  # registered by the core, handed out as a copy
     conv.append_message(conv.roles[0], "Hi")
     conv.append_message(conv.roles[1], None)
-    assert conv.get_prompt() == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert conv.get_prompt() == "<s><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     conv.set_system_message("Be brief.")
-    assert conv.get_prompt().startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    assert conv.get_prompt().startswith("<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")

@@ -281,7 +281,7 @@ def test_control_token_text_policy(tokenizer):
     # tokenizer(text) parses control-token text as the original tokenizer(text) does
     # (allowed_special="all"); message text is encoded like make_context's allowed_special=set().
     assert tokenizer("a<|im_end|>b")["input_ids"] == [64, IM_END, 65]
-    enc = template.encode_qwen1(tokenizer, [{"role": "user", "content": "a<|im_end|>b"}], "all_assistant", True)
+    enc = template.QWEN1.encode(tokenizer, [{"role": "user", "content": "a<|im_end|>b"}], "all_assistant", True)
     content = enc.input_ids[
         14:-5
     ]  # after system block + "<|im_start|>user\n", before "<|im_end|>\n<|im_start|>assistant\n"
@@ -294,12 +294,12 @@ def test_control_token_text_policy(tokenizer):
 
 def test_encode_reproduces_make_context_id_for_id(tokenizer):
     for name, conv in CHAT["conversations"].items():
-        enc = template.encode_qwen1(tokenizer, conv["messages"], "all_assistant", add_generation_prompt=True)
+        enc = template.QWEN1.encode(tokenizer, conv["messages"], "all_assistant", add_generation_prompt=True)
         assert enc.input_ids == conv["make_context"]["input_ids"], name
         assert conv["make_context"]["system_used"] in (template.QWEN1_SYSTEM, conv["messages"][0]["content"])
         if "make_context_empty_system" in conv:
             messages = [{"role": "system", "content": ""}, *conv["messages"]]
-            enc = template.encode_qwen1(tokenizer, messages, "all_assistant", add_generation_prompt=True)
+            enc = template.QWEN1.encode(tokenizer, messages, "all_assistant", add_generation_prompt=True)
             assert enc.input_ids == conv["make_context_empty_system"]["input_ids"], name
 
 
@@ -308,9 +308,9 @@ def test_chat_template_gives_the_encode_ids(tokenizer):
     training = [c + [{"role": "assistant", "content": "Sure.\nTwo lines 😊"}] for c in convs]
     for messages, gen in [(m, True) for m in convs] + [(m, False) for m in training]:
         ids = tokenizer.apply_chat_template(
-            messages, chat_template=template.QWEN1_CHAT_TEMPLATE, add_generation_prompt=gen, tokenize=True
+            messages, chat_template=template.QWEN1.jinja(), add_generation_prompt=gen, tokenize=True
         )["input_ids"]
-        assert ids == template.encode_qwen1(tokenizer, messages, "all_assistant", gen).input_ids
+        assert ids == template.QWEN1.encode(tokenizer, messages, "all_assistant", gen).input_ids
 
 
 def test_fastchat_conversation_renders_make_context_text():
@@ -353,17 +353,17 @@ def test_golden_labels_for_every_policy(tokenizer):
     ids = c3["make_context"]["input_ids"] + [21, 13, IM_END, NL]
     assert template.QWEN1_POLICIES == ["all_assistant", "last_turn", "train_on_prompt", "qwen1_official"]
     for policy in template.QWEN1_POLICIES:
-        enc = template.encode_qwen1(tokenizer, messages, policy, add_generation_prompt=False)
+        enc = template.QWEN1.encode(tokenizer, messages, policy, add_generation_prompt=False)
         assert enc.input_ids == ids, policy
         assert enc.labels == _expected_labels(ids, policy), policy
     # Both assistant turns end in a supervised <|im_end|> under the default policy.
-    enc = template.encode_qwen1(tokenizer, messages, "all_assistant", add_generation_prompt=False)
+    enc = template.QWEN1.encode(tokenizer, messages, "all_assistant", add_generation_prompt=False)
     assert [lab for lab in enc.labels if lab == IM_END] == [IM_END, IM_END]
 
 
 def test_official_labels_literally(tokenizer):
     messages = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "2 + 2 = 4."}]
-    enc = template.encode_qwen1(tokenizer, messages, "qwen1_official", add_generation_prompt=False)
+    enc = template.QWEN1.encode(tokenizer, messages, "qwen1_official", add_generation_prompt=False)
     system = [IM_START, 8948, NL, 2610, 525, 264, 10950, 17847, 13, IM_END, NL]
     user = [IM_START, 872, NL, 3838, 374, 220, 17, 488, 220, 17, 30, IM_END, NL]
     answer = [17, 488, 220, 17, 284, 220, 19, 13]
@@ -383,15 +383,15 @@ def test_official_labels_literally(tokenizer):
 
 def test_malformed_conversations_are_rejected_in_one_line(tokenizer):
     with pytest.raises(FamtuneError, match="message 2 has role 'user' where 'assistant' was expected"):
-        template.encode_qwen1(
+        template.QWEN1.encode(
             tokenizer, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "all_assistant", False
         )
     with pytest.raises(FamtuneError, match="only the first message"):
-        template.encode_qwen1(
+        template.QWEN1.encode(
             tokenizer, [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "all_assistant", False
         )
-    with pytest.raises(FamtuneError, match="unknown masking policy 'everything'"):
-        template.encode_qwen1(tokenizer, [{"role": "user", "content": "a"}], "everything", True)
+    with pytest.raises(ValueError, match="unknown masking policy 'everything'"):
+        template.QWEN1.encode(tokenizer, [{"role": "user", "content": "a"}], "everything", True)
 
 
 def test_generation_defaults_match_the_chat_generation_config(tokenizer):
@@ -406,7 +406,7 @@ def test_generation_defaults_match_the_chat_generation_config(tokenizer):
 def test_family_hooks_answer_for_qwen1(tmp_path, tokenizer):
     family = open_checkpoint(str(make_checkpoint(tmp_path / "ckpt"))).family
     assert family.masking_policies()[-1] == "qwen1_official"
-    assert family.chat_template() == template.QWEN1_CHAT_TEMPLATE
+    assert family.chat_template() == template.QWEN1.jinja()
     assert family.conversation_template().name == "famtune-qwen1"
     assert family.generation_defaults(tokenizer).stop_ids == [151643, 151645]
     messages = CHAT["conversations"]["c2_system_user"]["messages"]

@@ -1,29 +1,19 @@
-"""famtune: QLoRA fine-tuning of chat LLMs, with every family-specific decision in a plugin."""
+"""famtune: QLoRA fine-tuning of chat LLMs, with every family-specific decision in a plugin.
+
+The stable Python API is ``famtune.api``, re-exported here (docs/users/python-api.md).
+"""
 
 from __future__ import annotations
 
 import pluggy
 
+from famtune import api
+from famtune.api import *  # noqa: F403  (exactly the names in famtune.api.__all__)
+
 __version__ = "0.1.0"
 
 #: Decorator for plugin hook implementations: ``@famtune.hookimpl``.
 hookimpl = pluggy.HookimplMarker("famtune")
-
-
-def load_chat(model: str, adapter: str | None = None, **options):
-    """A :class:`famtune.session.Chat` on ``model`` (a base or merged directory; with ``adapter``, the
-    directory ``famtune train`` wrote): ``.chat(message, stream=False)``, ``.reset()``, ``.history``.
-
-    ``options``: ``system=``, ``greedy=``, ``max_new_tokens=``, ``trust_remote_code=`` and sampling
-    settings such as ``temperature=``. In IPython, ``%load_ext famtune`` then ``%%chat`` cells talk
-    to the chat loaded last. Heavy libraries load on the first call, not on ``import famtune``.
-    """
-    from famtune.notebook import remember
-    from famtune.session import load_chat as load
-
-    chat = load(model, adapter, **options)
-    remember(chat)
-    return chat
 
 
 def load_ipython_extension(ipython) -> None:
@@ -33,4 +23,4 @@ def load_ipython_extension(ipython) -> None:
     load(ipython)
 
 
-__all__ = ["__version__", "hookimpl", "load_chat"]
+__all__ = ["__version__", "hookimpl", *api.__all__]  # the Python API: docs/users/python-api.md

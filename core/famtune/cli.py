@@ -12,27 +12,25 @@ from famtune.errors import FamtuneError
 
 
 def _cmd_train(args, extra: list[str]) -> int:
-    from famtune import distributed, launch
-    from famtune.recipe import load_recipe, parse_overrides
-    from famtune.train import train
+    from famtune import api, distributed, launch
+    from famtune.recipe import parse_overrides
 
     if args.resume and args.overwrite:
         raise FamtuneError("--resume continues a run and --overwrite replaces it; give one of them")
-    recipe = load_recipe(args.recipe, parse_overrides(extra))
+    recipe = api.make_recipe(args.recipe, **parse_overrides(extra))
     opts = launch.LaunchOptions.from_args(args)
     if opts is not None:  # several processes: this one becomes torchrun's agent
         return launch.launch(opts, launch.worker_args(args, extra), recipe.output_dir)
-    train(recipe, resume=distributed.resume_after_restart(args.resume, recipe.output_dir), overwrite=args.overwrite)
+    api.fine_tune(
+        recipe, resume=distributed.resume_after_restart(args.resume, recipe.output_dir), overwrite=args.overwrite
+    )
     return 0
 
 
 def _cmd_merge(args, extra: list[str]) -> int:
-    from famtune.distributed import refuse_when_sharded
-    from famtune.merge import merge
+    from famtune.api import merge_adapter
 
-    refuse_when_sharded("merge")
-
-    merge(
+    merge_adapter(
         args.adapter_dir,
         args.out,
         max_shard_size=args.max_shard_size,

@@ -33,6 +33,9 @@ from famtune.family import MARKER_KEY
 
 #: Bump when the cache layout or key scheme changes; a family bumps its own ``converter_version``.
 CACHE_SCHEME = 1
+#: The config keys that fix a decoder's tensor shapes, under transformers' names (Llama's and most of
+#: its descendants'): a converter copies them across and checks them when converting back.
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_SHARD_BYTES = 4 << 30

@@ -3,7 +3,7 @@
 A family plugin's ``famtune_register_families(register)`` hands ``ModelFamily`` objects to famtune.
 A family is mostly data (its chat format, LoRA targets, sampling defaults, packing support); the
 methods below have defaults built from that data, and a family overrides only what differs
-(a claim rule, a tokenizer or model loader for an original layout, a hand-written encoder).
+(a claim rule, a tokenizer or model loader for an original layout).
 
 The core never calls these objects directly: ``famtune.plugins.Family`` wraps each one and
 validates every answer, naming the plugin, its distribution and version when one is wrong.

@@ -151,11 +151,15 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Recipe:
+def load_recipe(
+    path: str | None, overrides: dict[str, Any] | None = None, *, overrides_from: str = "command line"
+) -> Recipe:
+    """The recipe in ``path`` (or none) with ``overrides`` applied; errors name ``overrides_from``
+    as where an override came from."""
     import yaml
 
     raw: dict[str, Any] = {}
-    where = "command line"
+    where = overrides_from
     if path is not None:
         where = str(path)
         try:
@@ -185,7 +189,7 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
     defaults = Recipe()
     values: dict[str, Any] = {}
     known = set(Recipe.keys())
-    for source, items in ((where, raw), ("command line", overrides or {})):
+    for source, items in ((where, raw), (overrides_from, overrides or {})):
         given: dict[str, str] = {}
         for key, value in items.items():
             if not isinstance(key, str):

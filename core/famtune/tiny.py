@@ -3,6 +3,7 @@ for ``famtune demo`` and for tests. Nothing here is downloaded."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 # GPT-style pre-tokenization: words with an optional leading non-letter, single digits,
@@ -72,3 +73,27 @@ def train_sentencepiece(
         minloglevel=2,
     )
     return model.getvalue()
+
+
+def write_random_original(native_config: dict[str, Any], write_original: Callable[[str], Any], seed: int = 0) -> None:
+    """Build a random-weight model from a native config dict and hand it to the family's writer.
+
+    ``native_config``'s ``model_type`` picks the transformers config class (famtune's family marker,
+    ``architectures`` and dtype keys are left out); the model is seeded with ``seed``, saved in
+    float32 into a temporary directory, and ``write_original(that_directory)`` writes the family's
+    original layout from it. Families with a native layout save the model directly instead.
+    """
+    import tempfile
+
+    import torch
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    from famtune.family import MARKER_KEY
+
+    skip = ("model_type", "architectures", MARKER_KEY, "dtype", "torch_dtype")
+    config = CONFIG_MAPPING[native_config["model_type"]](**{k: v for k, v in native_config.items() if k not in skip})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        write_original(tmp)

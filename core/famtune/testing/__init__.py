@@ -4,6 +4,9 @@ In a plugin's tests::
 
     pytest_plugins = ["famtune.testing"]
 
+    def test_famtune_discovers_the_plugin(famtune_discovery):
+        famtune_discovery("acme", "famtune-acme", ["acme-7b"])  # entry point, distribution, families
+
     def test_conformance(famtune_conformance):
         famtune_conformance("acme")  # the plugin's entry-point name; fails listing every problem
 
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 from famtune.testing.conformance import CONVERSATIONS, CheckResult, Report, check_plugin
 
-__all__ = ["CONVERSATIONS", "CheckResult", "Report", "check_plugin", "assert_conformant"]
+__all__ = ["CONVERSATIONS", "CheckResult", "Report", "check_plugin", "assert_conformant", "assert_discovered"]
 
 
 def assert_conformant(plugin_name: str, workdir, families: list[str] | None = None) -> Report:
@@ -22,6 +25,24 @@ def assert_conformant(plugin_name: str, workdir, families: list[str] | None = No
     report = check_plugin(plugin_name, workdir, families=families)
     assert report.ok, report.text()
     return report
+
+
+def assert_discovered(plugin_name: str, distribution: str, families: list[str]) -> dict:
+    """``famtune plugins --json``, run in a fresh process as a user would, lists the plugin under its
+    entry-point name, from ``distribution``, with exactly ``families`` and the registrar hook."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "famtune.cli", "plugins", "--json"], capture_output=True, text=True, check=True
+    )
+    listed = [p for p in json.loads(out.stdout)["plugins"] if p["name"] == plugin_name]
+    assert len(listed) == 1, f"famtune lists {len(listed)} plugins named {plugin_name!r}"
+    me = listed[0]
+    assert (me["distribution"], me["families"]) == (distribution, families), me
+    assert "famtune_register_families" in me["hooks"], me
+    return me
 
 
 try:
@@ -39,3 +60,8 @@ if pytest is not None:
             return assert_conformant(plugin_name, tmp_path / "conformance", families=families)
 
         return run
+
+    @pytest.fixture
+    def famtune_discovery():
+        """``famtune_discovery(plugin_name, distribution, families)``: famtune finds the installed plugin."""
+        return assert_discovered

@@ -1,20 +1,13 @@
 """The example plugin's own tests: discovery, Meta's Llama-3 format, and famtune's conformance suite."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
 pytest_plugins = ["famtune.testing"]
 
 
-def test_famtune_discovers_the_plugin():
-    out = subprocess.run([sys.executable, "-m", "famtune.cli", "plugins", "--json"], capture_output=True, text=True,
-                         check=True)
-    [me] = [p for p in json.loads(out.stdout)["plugins"] if p["name"] == "llama3"]
-    assert me["distribution"] == "famtune-llama3" and me["families"] == ["llama3"]
+def test_famtune_discovers_the_plugin(famtune_discovery):
+    famtune_discovery("llama3", "famtune-llama3", ["llama3"])
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from typing import Any
 
 from famtune.convert import (
     MARKER_KEY,
+    SHAPE_KEYS,
     TensorReader,
     cache_key,
     cached_copy,
@@ -79,11 +80,7 @@ def native_config(original: dict[str, Any]) -> dict[str, Any]:
     common = {
         key: original[key]
         for key in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
+            *SHAPE_KEYS,
             "hidden_act",
             "rms_norm_eps",
             "initializer_range",

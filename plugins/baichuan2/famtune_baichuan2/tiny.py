@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 from famtune.tiny import train_sentencepiece as train_sentencepiece_model
+from famtune.tiny import write_random_original
 from famtune_baichuan2 import convert, template, tokenizer
 
 SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
@@ -51,9 +51,6 @@ def original_config(family: str, vocab_size: int) -> dict:
 
 
 def write_tiny_checkpoint(family: str, out_dir: str, corpus: list[str], seed: int = 0) -> bool:
-    import torch
-    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
-
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, tokenizer.MODEL_FILE), "wb") as f:
         f.write(train_sentencepiece(corpus))
@@ -76,13 +73,8 @@ def write_tiny_checkpoint(family: str, out_dir: str, corpus: list[str], seed: in
         from famtune_baichuan2.family import register_alibi_model
 
         register_alibi_model()
-    model_config = CONFIG_MAPPING[native["model_type"]](**{k: v for k, v in native.items() if k != "model_type"})
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        # The random head goes out as it is: as raw rows, which the model normalises at load.
-        convert.write_original(tmp, out_dir, config)
+    # The random head goes out as it is: as raw rows, which the model normalises at load.
+    write_random_original(native, lambda tmp: convert.write_original(tmp, out_dir, config), seed)
     # Baichuan2's chat generation_config.json, with this tokenizer's marker ids.
     ids = {
         name: tok.convert_tokens_to_ids(token)

@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from famtune.family import ModelFamily
-from famtune_chatglm.template import SPECS, ChatGLMFormat, masking_policies
+from famtune_chatglm.template import FORMATS, SPECS
 
 ORIGINAL_MODEL_TYPE = "chatglm"
 #: GlmForCausalLM names of what the official recipes adapt (query_key_value, dense,
@@ -31,8 +31,8 @@ class ChatGLM(ModelFamily):
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.chat_format = ChatGLMFormat(name)
-        self.masking_policies = tuple(masking_policies(name))
+        self.chat_format = FORMATS[name]
+        self.masking_policies = tuple(FORMATS[name].masking_policies)
         self.sampling = SPECS[name].sampling
 
     def claims(self, config: dict[str, Any], path: str) -> bool:

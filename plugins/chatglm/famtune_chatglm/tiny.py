@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import base64
 import json
-import tempfile
 from pathlib import Path
 
 from famtune.tiny import train_sentencepiece as train_sentencepiece_model
+from famtune.tiny import write_random_original
 from famtune_chatglm import convert
 from famtune_chatglm.template import SPECS
 
@@ -92,9 +92,6 @@ def original_config(family: str, n_tokens: int, eos_ids: list[int], pad_id: int)
 
 
 def write_tiny_checkpoint(family: str, out_dir: str, corpus: list[str], seed: int = 0) -> bool:
-    import torch
-    from transformers import AutoModelForCausalLM, GlmConfig
-
     from famtune_chatglm import template, tokenizer
 
     out = Path(out_dir)
@@ -125,16 +122,9 @@ def write_tiny_checkpoint(family: str, out_dir: str, corpus: list[str], seed: in
     pad_id = 0 if family == "chatglm3" else eos_ids[0]
     config = original_config(family, len(tok), eos_ids, pad_id)
 
-    native = convert.native_config(config, family)
-    for key in ("model_type", "architectures", convert.MARKER_KEY, "dtype"):
-        native.pop(key, None)
     # A wide init lets the frozen head give confident logits, so a short LoRA run reaches a low loss.
-    native["initializer_range"] = 0.25
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(GlmConfig(**native), dtype=torch.float32)
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        convert.write_original(tmp, out, config)
+    native = {**convert.native_config(config, family), "initializer_range": 0.25}
+    write_random_original(native, lambda tmp: convert.write_original(tmp, out, config), seed)
     (out / "generation_config.json").write_text(
         json.dumps({"eos_token_id": stop_ids, "pad_token_id": pad_id, **spec.sampling}, indent=2), encoding="utf-8"
     )

@@ -16,16 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from famtune.convert import (
-    MARKER_KEY,
-    TensorReader,
-    copy_generation_config,
-    native_copy,
-    read_json,
-    weight_files,
-    write_json,
-    write_shards,
-)
+from famtune import convert as toolkit
 
 FAMILY = "internlm2"
 MODEL_TYPE = "internlm2"
@@ -95,7 +86,7 @@ def to_native_config(original: dict[str, Any]) -> dict[str, Any]:
     native = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        MARKER_KEY: FAMILY,
+        toolkit.MARKER_KEY: FAMILY,
         "vocab_size": original["vocab_size"],
         "hidden_size": original["hidden_size"],
         "intermediate_size": original["intermediate_size"],
@@ -133,15 +124,7 @@ def to_original_config(native: dict[str, Any], original: dict[str, Any] | None =
     heads, kv_heads, head_dim = _geometry(native)
     if original is not None:
         expected = to_native_config(original)
-        for key in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-        ):
+        for key in (*toolkit.SHAPE_KEYS, "num_key_value_heads", "head_dim"):
             if native.get(key, expected[key]) != expected[key]:
                 raise ConversionError(
                     f"native config has {key} {native.get(key)} but the original config has {expected[key]}; "
@@ -277,36 +260,36 @@ CONVERTER_VERSION = 1
 _KV = ("k_proj.weight", "v_proj.weight", "k_proj.bias", "v_proj.bias")
 
 
-def _shard_keys(reader: TensorReader, file: Path) -> list[str]:
+def _shard_keys(reader: toolkit.TensorReader, file: Path) -> list[str]:
     return [k for k, name in reader.weight_map.items() if name == file.name]
 
 
 def write_native_layout(src: str | Path, out_dir: str | Path) -> None:
     """Convert the original checkpoint at ``src`` into a native ``LlamaForCausalLM`` directory."""
-    original = read_json(Path(src) / "config.json")
-    reader = TensorReader(src)
+    original = toolkit.read_json(Path(src) / "config.json")
+    reader = toolkit.TensorReader(src)
 
     def tensors():
-        for f in weight_files(src):  # a fused wqkv never spans two shards, so each converts alone
+        for f in toolkit.weight_files(src):  # a fused wqkv never spans two shards, so each converts alone
             yield from to_native_state_dict(original, {k: reader.get(k) for k in _shard_keys(reader, f)}).items()
 
-    write_shards(tensors(), out_dir)
-    write_json(Path(out_dir) / "config.json", to_native_config(original))
-    copy_generation_config(src, out_dir)
+    toolkit.write_shards(tensors(), out_dir)
+    toolkit.write_json(Path(out_dir) / "config.json", to_native_config(original))
+    toolkit.copy_generation_config(src, out_dir)
 
 
 def native_cache_dir(path: str | Path) -> Path:
     """The native-layout copy of the original checkpoint at ``path``, converted on first use."""
-    return native_copy(path, FAMILY, CONVERTER_VERSION, write_native_layout)
+    return toolkit.native_copy(path, FAMILY, CONVERTER_VERSION, write_native_layout)
 
 
 def write_original_layout(native_dir: str | Path, out_dir: str | Path, original_config: dict[str, Any] | None) -> None:
     """Convert a native-layout directory (e.g. a merged model) back to InternLM2's original layout."""
-    native = read_json(Path(native_dir) / "config.json")
-    reader = TensorReader(native_dir)
+    native = toolkit.read_json(Path(native_dir) / "config.json")
+    reader = toolkit.TensorReader(native_dir)
 
     def tensors():
-        for f in weight_files(native_dir):
+        for f in toolkit.weight_files(native_dir):
             keys = [k for k in _shard_keys(reader, f) if not k.endswith(_KV)]
             # q, k and v of one layer fuse into one wqkv, wherever the native shards put them.
             for k in list(keys):
@@ -317,6 +300,6 @@ def write_original_layout(native_dir: str | Path, out_dir: str | Path, original_
                         keys.append(sibling)
             yield from to_original_state_dict(native, {k: reader.get(k) for k in keys}).items()
 
-    write_shards(tensors(), out_dir)
-    write_json(Path(out_dir) / "config.json", to_original_config(native, original_config))
-    copy_generation_config(native_dir, out_dir)
+    toolkit.write_shards(tensors(), out_dir)
+    toolkit.write_json(Path(out_dir) / "config.json", to_original_config(native, original_config))
+    toolkit.copy_generation_config(native_dir, out_dir)

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
-from famtune.convert import MARKER_KEY, write_json
+from famtune.convert import write_json
 from famtune.tiny import train_sentencepiece as train_sentencepiece_model
+from famtune.tiny import write_random_original
 from famtune_internlm2 import convert, template
 
 CONTROL_TOKENS = ["<|im_start|>", "<|im_end|>"]
@@ -61,7 +61,7 @@ def tokenizer_config(control_ids: dict[str, int]) -> dict:
         "eos_token": "</s>",
         "pad_token": "</s>",
         "unk_token": "<unk>",
-        "chat_template": template.CHAT_TEMPLATE,
+        "chat_template": template.PUBLISHED_CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": False,
         "tokenizer_class": "InternLM2Tokenizer",
     }
@@ -91,9 +91,6 @@ def original_config(vocab_size: int) -> dict:
 
 
 def write_tiny_checkpoint(out_dir: str, corpus: list[str], seed: int = 0) -> bool:
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from famtune_internlm2 import tokenizer
 
     os.makedirs(out_dir, exist_ok=True)
@@ -105,16 +102,9 @@ def write_tiny_checkpoint(out_dir: str, corpus: list[str], seed: int = 0) -> boo
     write_json(os.path.join(out_dir, "tokenizer_config.json"), tokenizer_config(control_ids))
 
     config = original_config(len(pieces))
-    native = convert.to_native_config(config)
-    native.pop("model_type")
-    native.pop(MARKER_KEY)
     # A wide init lets the frozen head give confident logits, so a short LoRA run reaches a low loss.
-    native["initializer_range"] = 0.25
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**native), dtype=torch.float32)
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        convert.write_original_layout(tmp, out_dir, config)
+    native = {**convert.to_native_config(config), "initializer_range": 0.25}
+    write_random_original(native, lambda tmp: convert.write_original_layout(tmp, out_dir, config), seed)
     with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump({"bos_token_id": 1, "eos_token_id": [2, control_ids["<|im_end|>"]], "pad_token_id": 2}, f, indent=2)
     return True

@@ -1,23 +1,10 @@
-"""The plugin's own tests: famtune discovers it, and every family with a tiny model passes famtune's
-conformance suite. Run with ``pytest plugins/qwen/tests`` after installing the plugin."""
+"""famtune-qwen's own tests, run after installing it: ``pytest plugins/qwen/tests``."""
 
 from __future__ import annotations
-
-import json
-import subprocess
-import sys
 
 pytest_plugins = ["famtune.testing"]
 
 
-def test_famtune_discovers_the_plugin():
-    out = subprocess.run(
-        [sys.executable, "-m", "famtune.cli", "plugins", "--json"], capture_output=True, text=True, check=True
-    )
-    [me] = [p for p in json.loads(out.stdout)["plugins"] if p["name"] == "qwen"]
-    assert me["distribution"] == "famtune-qwen" and me["families"] == ["qwen1", "qwen2", "qwen2.5", "qwen3"]
-    assert me["hooks"] == ["famtune_recipe_dirs", "famtune_register_families"]
-
-
-def test_conformance(famtune_conformance):
+def test_famtune_finds_the_plugin_and_its_families_conform(famtune_discovery, famtune_conformance):
+    famtune_discovery("qwen", "famtune-qwen", ["qwen1", "qwen2", "qwen2.5", "qwen3"])
     famtune_conformance("qwen")
