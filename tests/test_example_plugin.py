@@ -6,13 +6,10 @@ from __future__ import annotations
 import ast
 import json
 import math
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from plugin_sites import famtune_on, plugin_site
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "famtune-llama3"
@@ -28,60 +25,15 @@ PUBLIC_API = {
 }
 
 
-def _famtune(target: Path, *args: str):
-    env = {k: v for k, v in os.environ.items() if k != "FAMTUNE_LOAD_PLUGINS"}
-    env["PYTHONPATH"] = str(target)  # entry points are discovered from sys.path
-    return subprocess.run(
-        [sys.executable, "-m", "famtune.cli", *map(str, args)], capture_output=True, text=True, env=env, timeout=600
-    )
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("example")
-    src = root / "src"
-    # Built from a copy so the build leaves nothing in the source tree.
-    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(root / "wheels"),
-            str(src),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    [wheel] = (root / "wheels").glob("famtune_llama3-0.1.0-*.whl")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-index",
-            "--target",
-            str(root / "site"),
-            str(wheel),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return root / "site"
+    return plugin_site(EXAMPLE, tmp_path_factory.mktemp("example"), "famtune_llama3-0.1.0-*.whl")
 
 
 @pytest.fixture(scope="module")
 def checked(site, tmp_path_factory):
     work = tmp_path_factory.mktemp("check")
-    res = _famtune(site, "plugins", "check", "llama3", "--json", "--workdir", work)
+    res = famtune_on(site, "plugins", "check", "llama3", "--json", "--workdir", work)
     return res, work
 
 
@@ -89,7 +41,7 @@ def test_not_installed_here_but_discovered_from_the_target(site):
     import importlib.util
 
     assert importlib.util.find_spec("famtune_llama3") is None  # out of tree: only the target has it
-    listed = json.loads(_famtune(site, "plugins", "--json").stdout)
+    listed = json.loads(famtune_on(site, "plugins", "--json").stdout)
     [me] = [p for p in listed["plugins"] if p["name"] == "llama3"]
     assert (me["distribution"], me["version"], me["families"]) == ("famtune-llama3", "0.1.0", ["llama3"])
     assert me["hooks"] == ["famtune_register_families"]  # contract v2: registration only
@@ -128,7 +80,7 @@ def test_qlora_run_with_the_example(site, checked, tmp_path):
         "compute_dtype: fp32\nmax_steps: 3\nbatch_size: 3\nlearning_rate: 0.01\nlora_r: 4\n"
         "gradient_checkpointing: false\nprogress: false\n"
     )
-    res = _famtune(site, "train", recipe)
+    res = famtune_on(site, "train", recipe)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["steps"] == 3 and math.isfinite(summary["final_loss"])

@@ -253,10 +253,9 @@ def test_fusion_check_leaves_the_random_stream_alone_and_sees_through_dropout():
     model = transformers.AutoModelForCausalLM.from_config(config).train()
     model.lm_head.weight.requires_grad_(False)
     batch = _batch()
-    mask, _ = loss_mod.next_token_targets(batch["labels"])
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     torch.manual_seed(7)
-    assert loss_mod._fusable(model, model.lm_head, inputs, mask) is True
+    assert loss_mod._fusable(model, model.lm_head, inputs) is True
     after = torch.rand(4)
     torch.manual_seed(7)
     assert torch.equal(after, torch.rand(4))

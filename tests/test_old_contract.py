@@ -5,68 +5,21 @@ change, and passes `famtune plugins check`."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from plugin_sites import famtune_on, plugin_site
 
 OLD_PLUGIN = Path(__file__).resolve().parent / "fixtures" / "famtune-oldllama"
 
 
-def _famtune(target: Path, *args: str):
-    env = {k: v for k, v in os.environ.items() if k != "FAMTUNE_LOAD_PLUGINS"}
-    env["PYTHONPATH"] = str(target)  # entry points are discovered from sys.path
-    return subprocess.run(
-        [sys.executable, "-m", "famtune.cli", *map(str, args)], capture_output=True, text=True, env=env, timeout=600
-    )
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("old")
-    src = root / "src"
-    shutil.copytree(OLD_PLUGIN, src, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(root / "wheels"),
-            str(src),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    [wheel] = (root / "wheels").glob("famtune_oldllama-0.1.0-*.whl")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-index",
-            "--target",
-            str(root / "site"),
-            str(wheel),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return root / "site"
+    return plugin_site(OLD_PLUGIN, tmp_path_factory.mktemp("old"), "famtune_oldllama-0.1.0-*.whl")
 
 
 def test_old_plugin_loads_with_a_deprecation_warning(site):
-    res = _famtune(site, "plugins", "--json")
+    res = famtune_on(site, "plugins", "--json")
     assert res.returncode == 0, res.stderr
     listed = json.loads(res.stdout)
     [me] = [p for p in listed["plugins"] if p["name"] == "oldllama"]
@@ -80,7 +33,7 @@ def test_old_plugin_loads_with_a_deprecation_warning(site):
 
 
 def test_old_plugin_passes_famtune_plugins_check(site, tmp_path):
-    res = _famtune(site, "plugins", "check", "oldllama", "--json", "--workdir", tmp_path)
+    res = famtune_on(site, "plugins", "check", "oldllama", "--json", "--workdir", tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.loads(res.stdout)
     assert (report["plugin"], report["distribution"], report["ok"]) == ("oldllama", "famtune-oldllama", True)

@@ -4,12 +4,12 @@ variants of it (real packages, pip-installed) are named and set aside while the 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from plugin_sites import build_wheels, famtune_on, install_wheels, plugin_env
 
 from conftest import famtune_cli
 
@@ -36,18 +36,8 @@ BROKEN = {
 }
 
 
-def _env(target: Path | None = None, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "FAMTUNE_LOAD_PLUGINS"}
-    if target is not None:
-        env["PYTHONPATH"] = str(target)
-    env.update(extra)
-    return env
-
-
 def _famtune(*args: str, target: Path | None = None, python: str = sys.executable, **extra: str):
-    return subprocess.run(
-        [python, "-m", "famtune.cli", *args], capture_output=True, text=True, env=_env(target, **extra)
-    )
+    return famtune_on(target, *args, python=python, **extra)
 
 
 def _edit(pkg: Path, name: str, version: str, edits) -> None:
@@ -75,34 +65,12 @@ def built(tmp_path_factory):
     )
     for name, (version, edits) in BROKEN.items():
         _edit(root / f"famtune-{name}", name, version, edits)
-    wheels = root / "wheels"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(wheels),
-            *(str(p) for p in sorted(root.glob("famtune-*"))),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    wheels = build_wheels(root / "wheels", *sorted(root.glob("famtune-*")))
     return root, wheels
 
 
 def _install(wheels: Path, target: Path, *names: str) -> Path:
-    files = [str(next(wheels.glob(f"famtune_{n}-*.whl"))) for n in names]
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(target), *files],
-        check=True,
-        capture_output=True,
-    )
-    return target
+    return install_wheels(target, *(next(wheels.glob(f"famtune_{n}-*.whl")) for n in names))
 
 
 def test_generated_package_layout(built, tmp_path):
@@ -189,7 +157,7 @@ def test_generated_plugin_passes_its_own_tests(built, tmp_path):
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "famtune-acme" / "tests")],
         capture_output=True,
         text=True,
-        env=_env(target),
+        env=plugin_env(target),
         cwd=tmp_path,
         timeout=600,
     )

@@ -127,9 +127,9 @@ def _fused_head_loss_class():
 _FUSABLE: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
-def _fusable(model, head, inputs, mask) -> bool:
+def _fusable(model, head, inputs, every_row: bool = False) -> bool:
     """Whether ``model`` returns exactly ``head(hidden)`` (checked once per model, on the first
-    ``PROBE_ROWS`` positions of a batch; every position when ``mask`` is None). Both probe passes
+    ``PROBE_ROWS`` positions of a batch; every position with ``every_row``). Both probe passes
     start from the same random state and leave it as it was, so dropout draws the same masks in
     both and training's random stream is untouched.
 
@@ -140,13 +140,15 @@ def _fusable(model, head, inputs, mask) -> bool:
     if model in _FUSABLE:
         return _FUSABLE[model]
     ok = False
-    if mask is not None:
+    mask = None
+    if not every_row:
         # The first positions of the batch, supervised or not: any rows show whether the model
         # returns head(hidden), and the choice must not depend on the labels, or ranks of a
         # multi-process run holding different labels would run different passes (and collectives).
-        first = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
-        first[:PROBE_ROWS] = True
-        mask = first.view(mask.shape)
+        ids = inputs["input_ids"]
+        mask = torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device)
+        mask[:PROBE_ROWS] = True
+        mask = mask.view(ids.shape)
     if (
         isinstance(head, torch.nn.Linear)
         and not head.weight.requires_grad
@@ -184,7 +186,7 @@ def head_is_fusable(model) -> bool:
     vocab = head.weight.shape[0]
     ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(head.weight.device)
     # No attention mask: building one from a meta tensor would read its values.
-    return _fusable(model, head, {"input_ids": ids}, None)
+    return _fusable(model, head, {"input_ids": ids}, every_row=True)
 
 
 def causal_lm_loss(model, batch: dict[str, Any], num_items):
@@ -203,7 +205,7 @@ def causal_lm_loss(model, batch: dict[str, Any], num_items):
     head = _unwrap(model).get_output_embeddings()
     num = num_items if torch.is_tensor(num_items) else torch.tensor(float(num_items), device=labels.device)
     num = num.to(device=labels.device, dtype=torch.float32)
-    if head is not None and _fusable(model, head, inputs, mask):
+    if head is not None and _fusable(model, head, inputs):
         with _HeadHook(head, mask, capture=True) as hook:
             model(**inputs)
         return _fused_head_loss_class().apply(hook.hidden, head.weight, head.bias, targets, num)
