@@ -35,6 +35,74 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_BENCH = ROOT.parent / "shared" / "bench"
 
 
+# The training step's phases, as famtune's trainer names them (torch.profiler.record_function).
+PHASES = ("famtune.collate", "famtune.forward", "famtune.backward", "famtune.clip_grad", "famtune.optimizer")
+# Regions inside a phase reported on their own: the output head with its loss (fused) or the loss.
+REGIONS = ("famtune.head_loss", "famtune.loss")
+GEMM = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_int_mm", "aten::addmv", "aten::mv"}
+COPIES = {"aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::cat", "aten::index"}
+
+
+def kind_of(name: str) -> str:
+    """The kind of work of one profiled op, from its name."""
+    low = name.lower()
+    if "dequant" in low or "bitsandbytes" in low or "quantize_4bit" in low:
+        return "nf4 dequantize"
+    if name in GEMM:
+        return "gemm"
+    if "scaled_dot_product" in low or "attention" in low or "flash" in low:
+        return "attention"
+    if name in COPIES:
+        return "copies and casts"
+    if "embedding" in low:
+        return "embedding"
+    return "other ops"
+
+
+def phase_profile(events, steps: int, wall_s: float) -> dict:
+    """Milliseconds per step of each phase, split by kind of work (ops' self time, the output head
+    and its loss as one kind), and the part of the wall time spent outside the phases (logging,
+    the data order, Python between steps)."""
+    steps = max(steps, 1)
+    phases: dict[str, dict[str, float]] = {p.split(".")[1]: {} for p in PHASES}
+    totals = dict.fromkeys(phases, 0.0)
+    for ev in events:
+        if ev.name in PHASES:
+            totals[ev.name.split(".")[1]] += ev.cpu_time_total
+        phase, region, parent = None, None, ev
+        while parent is not None:
+            if parent.name in REGIONS and region is None:
+                region = "output head + loss" if parent.name == "famtune.head_loss" else "loss"
+            if parent.name in PHASES:
+                phase = parent.name.split(".")[1]
+                break
+            parent = parent.cpu_parent
+        if phase is None or ev.name in PHASES or ev.name in REGIONS:
+            continue
+        kind = region or kind_of(ev.name)
+        phases[phase][kind] = phases[phase].get(kind, 0.0) + ev.self_cpu_time_total
+    ms = 1000.0 * steps
+    out: dict = {"steps": steps, "step_ms": round(wall_s * 1000 / steps, 1), "phases": {}}
+    for name, kinds in phases.items():
+        out["phases"][name] = {
+            "ms": round(totals[name] / ms, 1),
+            "by_kind": {k: round(v / ms, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]) if v / ms >= 0.05},
+        }
+    inside = sum(totals.values()) / ms
+    out["outside_phases_ms"] = round(out["step_ms"] - inside, 1)
+    return out
+
+
+def format_profile(p: dict) -> str:
+    lines = [f"per-step profile over {p['steps']} steps: {p['step_ms']} ms/step"]
+    for name, ph in p["phases"].items():
+        share = 100 * ph["ms"] / p["step_ms"] if p["step_ms"] else 0
+        kinds = ", ".join(f"{k} {v}" for k, v in ph["by_kind"].items())
+        lines.append(f"  {name:<10} {ph['ms']:>9.1f} ms {share:5.1f}%  ({kinds})")
+    lines.append(f"  {'outside':<10} {p['outside_phases_ms']:>9.1f} ms")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/famtune-bench")
@@ -43,6 +111,11 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", choices=["tiny", "wide"], default="tiny", help="the fixture's model shape")
     ap.add_argument("--max-length", type=int, default=512, help="tokens per (packed) row")
     ap.add_argument("--batch", type=int, default=8, help="rows (or samples) per step")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile the steps after the first (torch.profiler) and report each phase's time by kind of work",
+    )
     ap.add_argument("--compute-dtype", default="bf16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
@@ -103,16 +176,27 @@ def main(argv=None) -> int:
     # second from step 1 to the last (the first step's warm-up left out) move less with other load
     # than wall-clock tokens/s.
     cpu_at: dict[int, float] = {}
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if args.profile else None
+    profiled: dict[str, float] = {}
 
     def log(*a):
         print(*a, file=sys.stderr)
         m = re.match(r"step (\d+)/", str(a[0])) if a else None
         if m:
             cpu_at[int(m.group(1))] = time.process_time()
+            if profiler is not None and int(m.group(1)) == 1:  # the first step's warm-up is left out
+                profiler.start()
+                profiled["t0"] = time.perf_counter()
 
     t0 = time.perf_counter()
     summary = train(recipe, log=log, overwrite=True)  # a rerun replaces the previous one
     total_s = time.perf_counter() - t0
+    profile = None
+    if profiler is not None and "t0" in profiled:
+        wall_profiled = time.perf_counter() - profiled["t0"]
+        profiler.stop()
+        profile = phase_profile(profiler.events(), summary["steps"] - 1, wall_profiled)
+        print(format_profile(profile), file=sys.stderr)
     wall = summary["train_wall_s"]
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
@@ -154,6 +238,7 @@ def main(argv=None) -> int:
         "kernels": summary.get("kernels"),
         "torch_threads": torch.get_num_threads(),
         "total_run_s": round(total_s, 1),
+        **({"profile": profile} if profile else {}),
     }
     print("RESULT " + json.dumps(res), flush=True)
     return 0

@@ -252,12 +252,12 @@ class ChatFormat:
         b = ConversationBuilder(tokenizer, split_special_tokens=not self.control_tokens_in_content)
         ids = {t: b.token_id(t) for t in self.special_tokens}
         pattern = re.compile("(" + "|".join(map(re.escape, sorted(self.special_tokens, key=len, reverse=True))) + ")")
-        parts: list[Part] = []
+        origins: list[Part] = []  # the origin of each of the builder's pieces, in order
         chunk: list[_Run] = []  # text runs tokenized as one piece
 
         def add(piece: list[int], turn: int | None, origin: Part) -> None:
             b.prompt_ids(piece) if turn is None else b.assistant_ids(piece, turn)
-            parts.extend([origin] * len(piece))
+            origins.append(origin)
 
         def flush() -> None:
             if not chunk:
@@ -268,7 +268,11 @@ class ChatFormat:
                 add(head_ids, None, (head[0].role, "prefix"))
                 add(rest, chunk[-1].turn, _origin(chunk[len(head) :]))
             else:
-                add(b.tokenize("".join(r.text for r in chunk)), chunk[0].turn, _origin(chunk))
+                # Added as text: while preparing a data file, the builder tokenizes all of a
+                # conversation's text pieces in one call of the tokenizer.
+                text, turn = "".join(r.text for r in chunk), chunk[0].turn
+                b.prompt_text(text) if turn is None else b.assistant_text(text, turn)
+                origins.append(_origin(chunk))
             chunk.clear()
 
         for run in self._runs(messages, add_generation_prompt):
@@ -292,6 +296,7 @@ class ChatFormat:
         if masking in self.policies:
             enc = b.build("all_assistant")
             turns = list(enc.turns or [])
+            parts = [origin for origin, piece in zip(origins, b.pieces) for _ in piece.ids]
             labels = self.policies[masking](FormatTokens(enc.input_ids, turns, parts, b.token_id))
             return EncodedConversation(enc.input_ids, list(labels), turns)
         return b.build(masking)

@@ -94,6 +94,11 @@ def _fused_head_loss_class():
 
         @staticmethod
         def forward(ctx, hidden, weight, bias, targets, num_items):
+            with torch.profiler.record_function("famtune.head_loss"):
+                return FusedHeadLoss._forward(ctx, hidden, weight, bias, targets, num_items)
+
+        @staticmethod
+        def _forward(ctx, hidden, weight, bias, targets, num_items):
             vocab = weight.shape[0]
             rows = max(1, CHUNK_ELEMENTS // vocab)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -212,4 +217,5 @@ def causal_lm_loss(model, batch: dict[str, Any], num_items):
     with _HeadHook(head, mask, capture=False) as hook:
         logits = model(**inputs).logits
     picked = logits if hook.fired and logits.dim() == 2 else logits[mask]
-    return F.cross_entropy(picked.float(), targets, reduction="sum") / num
+    with torch.profiler.record_function("famtune.loss"):  # the head ran inside the model
+        return F.cross_entropy(picked.float(), targets, reduction="sum") / num

@@ -441,7 +441,9 @@ class Trainer:
         import torch
 
         r = self.recipe
-        batches, real = zip(*(self._collate(b.units) for b in group))
+        phase = torch.profiler.record_function  # names the step's phases for a profiler (bench/train_throughput.py --profile)
+        with phase("famtune.collate"):
+            batches, real = zip(*(self._collate(b.units) for b in group))
         for b, batch in zip(group, batches):
             if not b.real:
                 batch["labels"].fill_(IGNORE_INDEX)
@@ -457,9 +459,11 @@ class Trainer:
             sync = k == len(batches) - 1
             ctx = self.accelerator.no_sync(self.model) if not sync else contextlib.nullcontext()
             with ctx:
-                loss = causal_lm_loss(self.model, batch, n_items_t)
+                with phase("famtune.forward"):
+                    loss = causal_lm_loss(self.model, batch, n_items_t)
                 regulariser = self.adapters.take_regulariser()  # AdaLoRA's; once per step, not logged
-                self.accelerator.backward(loss if regulariser is None else loss + regulariser / len(batches))
+                with phase("famtune.backward"):
+                    self.accelerator.backward(loss if regulariser is None else loss + regulariser / len(batches))
             total_loss += float(loss.detach())
             tokens += real[k]
             padded += int(batch["input_ids"].numel()) if group[k].real else 0
@@ -468,17 +472,21 @@ class Trainer:
         if self.dp.world > 1:
             total_loss, tokens_all = self.dp.sum([total_loss / self.dp.world, tokens])
             tokens = int(tokens_all)
-        self.last_grad_norm = float(
-            self.accelerator.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], r.max_grad_norm)
-        )
+        with phase("famtune.clip_grad"):
+            self.last_grad_norm = float(
+                self.accelerator.clip_grad_norm_(
+                    [p for p in self.model.parameters() if p.requires_grad], r.max_grad_norm
+                )
+            )
         self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         if not (math.isfinite(total_loss) and math.isfinite(self.last_grad_norm)):
             self._skip_or_stop_non_finite(group, total_loss)  # raises under nan_policy: stop
             return total_loss, tokens
-        self.optimizer.step()
-        self.adapters.after_optimizer_step(self.accelerator.unwrap_model(self.model), step_index)
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with phase("famtune.optimizer"):
+            self.optimizer.step()
+            self.adapters.after_optimizer_step(self.accelerator.unwrap_model(self.model), step_index)
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return total_loss, tokens
 
     def _evaluate(self, step: int, metrics, bar) -> dict[str, Any]:
