@@ -66,6 +66,7 @@ def phase_profile(events, steps: int, wall_s: float) -> dict:
     steps = max(steps, 1)
     phases: dict[str, dict[str, float]] = {p.split(".")[1]: {} for p in PHASES}
     totals = dict.fromkeys(phases, 0.0)
+    ops: dict[str, dict[str, float]] = {p: {} for p in phases}
     for ev in events:
         if ev.name in PHASES:
             totals[ev.name.split(".")[1]] += ev.cpu_time_total
@@ -81,12 +82,15 @@ def phase_profile(events, steps: int, wall_s: float) -> dict:
             continue
         kind = region or kind_of(ev.name)
         phases[phase][kind] = phases[phase].get(kind, 0.0) + ev.self_cpu_time_total
+        op = f"{region}: {ev.name}" if region else ev.name
+        ops[phase][op] = ops[phase].get(op, 0.0) + ev.self_cpu_time_total
     ms = 1000.0 * steps
     out: dict = {"steps": steps, "step_ms": round(wall_s * 1000 / steps, 1), "phases": {}}
     for name, kinds in phases.items():
         out["phases"][name] = {
             "ms": round(totals[name] / ms, 1),
             "by_kind": {k: round(v / ms, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]) if v / ms >= 0.05},
+            "top_ops": {k: round(v / ms, 1) for k, v in sorted(ops[name].items(), key=lambda kv: -kv[1])[:8]},
         }
     inside = sum(totals.values()) / ms
     out["outside_phases_ms"] = round(out["step_ms"] - inside, 1)
@@ -99,6 +103,8 @@ def format_profile(p: dict) -> str:
         share = 100 * ph["ms"] / p["step_ms"] if p["step_ms"] else 0
         kinds = ", ".join(f"{k} {v}" for k, v in ph["by_kind"].items())
         lines.append(f"  {name:<10} {ph['ms']:>9.1f} ms {share:5.1f}%  ({kinds})")
+        if ph["ms"] >= 0.05 * p["step_ms"]:
+            lines.append("  " + " " * 10 + " top ops: " + ", ".join(f"{k} {v}" for k, v in ph["top_ops"].items()))
     lines.append(f"  {'outside':<10} {p['outside_phases_ms']:>9.1f} ms")
     return "\n".join(lines)
 

@@ -202,6 +202,32 @@ def test_fused_chunked_head_loss_is_used_and_equals_the_models_loss(monkeypatch)
         torch.testing.assert_close(grads[k], p.grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_head_loss_equals_cross_entropy_for_each_head_dtype_and_bias(monkeypatch, dtype, with_bias):
+    """Every chunk (the last one shorter) through the shared logits buffer gives the loss and the
+    hidden-state gradient of the plain head + cross-entropy."""
+    from famtune import loss as loss_mod
+
+    dtype = getattr(torch, dtype)
+    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 37 * 4)  # four rows per chunk, 11 rows: 4 + 4 + 3
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(37, 16, generator=gen).to(dtype)
+    bias = torch.randn(37, generator=gen).to(dtype) if with_bias else None
+    hidden = torch.randn(11, 16, generator=gen).to(dtype).requires_grad_(True)
+    targets = torch.randint(0, 37, (11,), generator=gen)
+    num = torch.tensor(7.0)
+    ours = loss_mod._fused_head_loss_class().apply(hidden, weight, bias, targets, num)
+    (grad_ours,) = torch.autograd.grad(ours, hidden)
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    theirs = torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / num
+    (grad_theirs,) = torch.autograd.grad(theirs, hidden)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(ours, theirs, **tol)
+    assert grad_ours.dtype == hidden.dtype
+    torch.testing.assert_close(grad_ours, grad_theirs, **tol)
+
+
 def test_a_head_whose_logits_the_model_rescales_is_not_fused():
     import transformers
 

@@ -33,8 +33,11 @@ from typing import Any
 
 from famtune.encoding import IGNORE_INDEX
 
-# Logit values computed at once by the fused loss: 16M fp32 values = 64 MiB per chunk.
-CHUNK_ELEMENTS = 1 << 24
+# Logit values computed at once by the fused loss: 64M fp32 values = 256 MiB per chunk, about 440
+# rows of a 152k vocabulary. The head's two GEMMs per chunk are most of the loss's time, and fewer
+# rows make them slower: on the wide bench fixture (fp32 head, 2,187 rows) the loss took 6.3 s at
+# 110 rows per chunk (16M values), 4.6 s at 440 and 4.2 s at 1,100 (bench/train_throughput.py --profile).
+CHUNK_ELEMENTS = 1 << 26
 # Rows the fusability check compares. A few rows decide it as well as all of them,
 # and all of them would materialise the full logits the fused loss exists to avoid (2,300 rows of
 # a 152k vocabulary are 1.4 GB of fp32, twice: the model's and the reference).
@@ -103,10 +106,21 @@ def _fused_head_loss_class():
             rows = max(1, CHUNK_ELEMENTS // vocab)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+            # An fp32 head (QLoRA's) writes every chunk's logits into one buffer: a host allocator
+            # then serves one chunk-sized block per step instead of one per chunk, which fragment.
+            fp32 = weight.dtype == torch.float32
+            buffer = torch.empty((min(rows, hidden.shape[0]), vocab), dtype=torch.float32, device=hidden.device)
             for start in range(0, hidden.shape[0], rows):
                 h = hidden[start : start + rows]
                 t = targets[start : start + rows]
-                logits = torch.nn.functional.linear(h.to(weight.dtype), weight, bias).float()
+                if fp32:  # what F.linear computes (mm, or addmm with the bias), into the buffer
+                    logits = buffer[: len(t)]
+                    if bias is None:
+                        torch.mm(h.float(), weight.t(), out=logits)
+                    else:
+                        torch.addmm(bias, h.float(), weight.t(), out=logits)
+                else:
+                    logits = buffer[: len(t)].copy_(torch.nn.functional.linear(h.to(weight.dtype), weight, bias))
                 # Softmax in place of the logits, so one chunk-sized tensor exists at a time.
                 picked = logits.gather(1, t[:, None]).squeeze(1)
                 top = logits.amax(dim=1, keepdim=True)
@@ -116,6 +130,7 @@ def _fused_head_loss_class():
                 probs.div_(norm)
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
                 grad[start : start + rows] = probs.to(weight.dtype) @ weight
+                del logits, probs
             ctx.save_for_backward(grad, num_items)
             ctx.hidden_dtype = hidden.dtype
             return total / num_items

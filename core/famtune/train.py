@@ -441,7 +441,8 @@ class Trainer:
         import torch
 
         r = self.recipe
-        phase = torch.profiler.record_function  # names the step's phases for a profiler (bench/train_throughput.py --profile)
+        # Names the step's phases for a profiler (bench/train_throughput.py --profile).
+        phase = torch.profiler.record_function
         with phase("famtune.collate"):
             batches, real = zip(*(self._collate(b.units) for b in group))
         for b, batch in zip(group, batches):
