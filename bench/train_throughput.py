@@ -13,10 +13,13 @@ that never attend to each other; ``--mode nopack`` pads each batch of 8 samples 
 Qwen2.5-sized 151,936-row embedding and head); ``--max-length`` and ``--batch`` change the row
 length and rows per step (e.g. ``--max-length 4096 --batch 1`` for long packed rows, whose
 throughput should match 512 x 8 when attention skips the blocks between packed samples). The
-RESULT line names the attention path the run used (summary.json's ``attention``).
+RESULT line names the attention path the run used (summary.json's ``attention``). ``--profile``
+profiles the steps after the first with torch.profiler and reports each phase of a step (the names
+famtune's trainer gives them) in ms per step, split by kind of work, with its most expensive ops
+(docs/users/performance.md).
 
     python bench/train_throughput.py [--mode pack|nopack] [--shape tiny|wide] [--max-length 512]
-        [--batch 8] [--workdir /tmp/famtune-bench] [--steps 30]
+        [--batch 8] [--workdir /tmp/famtune-bench] [--steps 30] [--profile]
 """
 
 from __future__ import annotations
