@@ -197,6 +197,9 @@ def test_terminal_chat_in_a_pseudo_terminal(built, tmp_path):
         encoding="utf-8",
         timeout=180,
         dimensions=(40, 200),
+        # A terminal's Ctrl-C interrupts; a suite started in the background (``cmd &`` in a script)
+        # hands its children SIGINT ignored, which the chat would keep.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         child.expect(">>> ")
@@ -218,7 +221,7 @@ def test_terminal_chat_in_a_pseudo_terminal(built, tmp_path):
             child.sendline("/reset")
             child.expect(r"\(new conversation\)")
         else:
-            pytest.fail("Ctrl-C never landed while a reply was streaming")
+            pytest.fail(f"Ctrl-C never landed while a reply was streaming; the terminal showed {child.before!r}")
         child.expect(">>> ")
         # readline: Ctrl-A moves to the start of the line ("i", then "h" before it)
         child.send("i\x01h\r")
