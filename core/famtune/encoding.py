@@ -178,14 +178,7 @@ class TokenCache:
         self._backend = _rust_backend(tokenizer)
 
     def get(self, text: str, split: bool) -> list[int]:
-        key = (split, text)
-        ids = self.ids.get(key)
-        if ids is None:
-            ids = self._encode(text, split)
-            if len(self.ids) >= self.max_entries:
-                self.ids.clear()
-            self.ids[key] = ids
-        return ids
+        return self.get_many([text], split)[0]
 
     def get_many(self, texts: list[str], split: bool) -> list[list[int]]:
         """``get`` for several texts, the misses tokenized in one call of the Rust tokenizer."""
@@ -219,24 +212,6 @@ class TokenCache:
                 self._backend = None
                 return [tokenize_piece(self.tokenizer, t, split) for t in texts]
         return out
-
-    def _encode(self, text: str, split: bool) -> list[int]:
-        backend = self._backend
-        if backend is None:
-            return tokenize_piece(self.tokenizer, text, split)
-        before = backend.encode_special_tokens
-        backend.encode_special_tokens = split
-        try:
-            ids = backend.encode(text, add_special_tokens=False).ids
-        finally:
-            backend.encode_special_tokens = before
-        if self.checks > 0:
-            self.checks -= 1
-            reference = tokenize_piece(self.tokenizer, text, split)
-            if ids != reference:
-                self._backend = None
-                return reference
-        return ids
 
 
 def _rust_backend(tokenizer: Any) -> Any:

@@ -190,6 +190,11 @@ def _encode_one(conv, family, tokenizer, masking, system, max_length, ids, label
     return int(cut)
 
 
+def _work(conversations: list, plan) -> int:
+    """Conversations to encode: those read already, plus the lines of a plan the workers read."""
+    return len(conversations) + (len(plan.lines) - plan.start if plan is not None else 0)
+
+
 def _processes(n_conversations: int, requested: int | None) -> int:
     if requested is None:
         env = os.environ.get(PROCESSES_ENV)
@@ -250,7 +255,7 @@ def read_and_encode(
     tasks = [("conversations", 0, n)] if n else []
     if plan is not None:
         tasks += [("lines", plan.start, len(plan.lines))]
-    work = n + (len(plan.lines) - plan.start if plan is not None else 0)
+    work = _work(conversations, plan)
     procs = _processes(work, processes)
     _JOB.update(
         family=family,
@@ -327,8 +332,7 @@ def _encode_file_arrays(path: str, recipe, family, tokenizer, masking: str, toke
         head, head_skipped, data_format = read.conversations, list(read.skipped), read.format
     else:
         head, head_skipped, data_format = plan.head.conversations, list(plan.head.skipped), plan.format
-    work = len(head) + (len(plan.lines) - plan.start if plan is not None else 0)
-    procs = _processes(work, None)
+    procs = _processes(_work(head, plan), None)
     ids, labels, lengths, lines, truncated, dropped, read_n, skipped = read_and_encode(
         head, family, tokenizer, masking, recipe.system, recipe.max_length, procs, plan=plan
     )
